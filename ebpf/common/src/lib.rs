@@ -1,0 +1,88 @@
+//! Map keys, values and constants shared by the eBPF programs and the agent.
+//!
+//! Everything is `#[repr(C)]` plain data: the kernel side reads it with no
+//! allocation, and userspace writes the same bytes through aya.
+#![no_std]
+
+pub mod policy;
+pub mod sock;
+
+pub use policy::{Cidr, PodPolicy};
+pub use sock::{Addr, SockKey, SockPairKey};
+
+/// Default port of each pod's outbound listener (Istio's choice, kept for familiarity).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Default port of each pod's inbound listener.
+pub const INBOUND_PORT: u16 = 15006;
+/// Default mark on the proxy's own sockets, so they are never redirected again.
+pub const PROXY_MARK: u32 = 0x539;
+/// Default UID of a per-pod sidecar proxy (Istio's 1337).
+pub const PROXY_UID: u32 = 1337;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Names of the maps, which are also their pin file names under the bpffs dir.
+pub mod map_names {
+    pub const PODS: &str = "PODS";
+    pub const POD_BY_IP: &str = "POD_BY_IP";
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
+    pub const NO_BYPASS: &str = "NO_BYPASS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const ALL: &[&str] =
+        &[PODS, POD_BY_IP, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_PAIRS, NO_BYPASS, INBOUND_LISTENERS, COUNTERS];
+}
+
+/// Names of the programs, which are also their pin and link names.
+pub mod program_names {
+    pub const CONNECT4: &str = "podsteer_connect4";
+    pub const CONNECT6: &str = "podsteer_connect6";
+    pub const GETSOCKOPT: &str = "podsteer_getsockopt";
+    pub const SOCKOPS: &str = "podsteer_sockops";
+    pub const SK_MSG: &str = "podsteer_sk_msg";
+    pub const SK_LOOKUP: &str = "podsteer_sk_lookup";
+}
+
+/// Slots of the per-CPU COUNTERS array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    OutboundRedirects = 0,
+    OrigDstHits = 1,
+    OrigDstMisses = 2,
+    SkMsgRedirects = 3,
+    SkMsgFallbacks = 4,
+    InboundSteers = 5,
+    SkipProxySocket = 6,
+    SkipExcluded = 7,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 8] = [
+        Counter::OutboundRedirects,
+        Counter::OrigDstHits,
+        Counter::OrigDstMisses,
+        Counter::SkMsgRedirects,
+        Counter::SkMsgFallbacks,
+        Counter::InboundSteers,
+        Counter::SkipProxySocket,
+        Counter::SkipExcluded,
+    ];
+    pub const COUNT: u32 = Counter::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::OutboundRedirects => "outbound_redirects",
+            Counter::OrigDstHits => "orig_dst_hits",
+            Counter::OrigDstMisses => "orig_dst_misses",
+            Counter::SkMsgRedirects => "sk_msg_redirects",
+            Counter::SkMsgFallbacks => "sk_msg_fallbacks",
+            Counter::InboundSteers => "inbound_steers",
+            Counter::SkipProxySocket => "skipped_proxy_sockets",
+            Counter::SkipExcluded => "skipped_excluded",
+        }
+    }
+}

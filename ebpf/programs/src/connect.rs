@@ -1,0 +1,89 @@
+//! cgroup connect4/connect6: a meshed app's TCP connect() goes to its proxy.
+
+use aya_ebpf::bindings::bpf_sock_addr;
+use aya_ebpf::helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::macros::cgroup_sock_addr;
+use aya_ebpf::programs::SockAddrContext;
+use podsteer_common::policy::flags;
+use podsteer_common::{AF_INET, Addr, Counter};
+
+use crate::ctx::{field, rd, rd6};
+use crate::maps::{ORIG_BY_COOKIE, count, policy};
+
+const SOCK_STREAM: u32 = 1;
+/// Tells the kernel to go on with the (possibly rewritten) connect.
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn podsteer_connect4(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn podsteer_connect6(ctx: SockAddrContext) -> i32 {
+    redirect(&ctx, true);
+    ALLOW
+}
+
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, v6: bool) {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    if rd(field!((*sa).type_)) != SOCK_STREAM {
+        return;
+    }
+    // SAFETY: the helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
+    let Some(pol) = policy(netns) else { return };
+    if !pol.has(flags::OUTBOUND) {
+        return;
+    }
+    // The proxy's own sockets: marked (shared proxy) or owned by the proxy UID (sidecar).
+    // SAFETY: `sk` is a valid socket pointer in connect hooks.
+    let mark = unsafe { rd(field!((*(*sa).__bindgen_anon_1.sk).mark)) };
+    let uid = bpf_get_current_uid_gid() as u32;
+    if (pol.proxy_mark != 0 && mark == pol.proxy_mark) || (pol.has(flags::SIDECAR) && uid == pol.proxy_uid) {
+        count(Counter::SkipProxySocket);
+        return;
+    }
+    let port_be = rd(field!((*sa).user_port)) as u16;
+    let dst = if v6 { Addr::v6(rd6(field!((*sa).user_ip6)), port_be) } else { Addr::v4(rd(field!((*sa).user_ip4)), 0) };
+    let dst = Addr { port: port_be, ..dst };
+    if dst.is_loopback() || is_pod_ip(pol, &dst) {
+        return;
+    }
+    let port = u16::from_be(port_be);
+    if port == pol.outbound_port || port == pol.inbound_port || pol.excludes_outbound_port(port) || pol.excludes_destination(&dst) {
+        count(Counter::SkipExcluded);
+        return;
+    }
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    if ORIG_BY_COOKIE.insert(&cookie, &dst, 0).is_err() {
+        return; // No record, no redirect: the proxy could not tell where to go.
+    }
+    let proxy_port = (pol.outbound_port.to_be()) as u32;
+    // SAFETY: writes to user_ip4/user_ip6/user_port are allowed in connect hooks.
+    unsafe {
+        if v6 {
+            let ip6 = field!((*sa).user_ip6) as *mut u32;
+            core::ptr::write_volatile(ip6, 0);
+            core::ptr::write_volatile(ip6.add(1), 0);
+            core::ptr::write_volatile(ip6.add(2), 0);
+            core::ptr::write_volatile(ip6.add(3), 1u32.to_be());
+        } else {
+            core::ptr::write_volatile(field!((*sa).user_ip4) as *mut u32, 0x7f00_0001u32.to_be());
+        }
+        core::ptr::write_volatile(field!((*sa).user_port) as *mut u32, proxy_port);
+    }
+    count(Counter::OutboundRedirects);
+}
+
+#[inline(always)]
+fn is_pod_ip(pol: &podsteer_common::PodPolicy, dst: &Addr) -> bool {
+    if dst.family == AF_INET {
+        pol.ipv4 != 0 && dst.ip[0] == pol.ipv4
+    } else {
+        dst.ip[0] == pol.ipv6[0] && dst.ip[1] == pol.ipv6[1] && dst.ip[2] == pol.ipv6[2] && dst.ip[3] == pol.ipv6[3]
+    }
+}

@@ -1,0 +1,83 @@
+//! cgroup getsockopt: answers SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST for the
+//! proxy's accepted socket, so any proxy written for iptables works unchanged.
+
+use aya_ebpf::bindings::bpf_sockopt;
+use aya_ebpf::helpers::bpf_get_netns_cookie;
+use aya_ebpf::macros::cgroup_sockopt;
+use aya_ebpf::programs::SockoptContext;
+use podsteer_common::{AF_INET, AF_INET6, Counter, SockKey};
+
+use crate::ctx::{addr, field, rd};
+use crate::maps::{ORIG_BY_TUPLE, count};
+
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST share the number.
+const SO_ORIGINAL_DST: i32 = 80;
+const SOCKADDR_IN_LEN: usize = 16;
+const SOCKADDR_IN6_LEN: usize = 28;
+/// Lets the (possibly rewritten) result reach the caller.
+const PASS: i32 = 1;
+
+#[cgroup_sockopt(getsockopt)]
+pub fn podsteer_getsockopt(ctx: SockoptContext) -> i32 {
+    answer(&ctx);
+    PASS
+}
+
+#[inline(always)]
+fn answer(ctx: &SockoptContext) {
+    let so: *mut bpf_sockopt = ctx.sockopt;
+    let level = rd(field!((*so).level));
+    if rd(field!((*so).optname)) != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
+        return;
+    }
+    // SAFETY: `sk` is valid in sockopt hooks.
+    let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    // The accepted socket's peer is the app's socket: the key sockops stored.
+    // SAFETY: reading fields of the socket the kernel handed us.
+    let peer = unsafe {
+        let family = rd(field!((*sk).family));
+        let port = rd(field!((*sk).dst_port));
+        addr(family, field!((*sk).dst_ip4), field!((*sk).dst_ip6), port)
+    };
+    // SAFETY: the helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(so.cast()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&SockKey { netns, addr: peer, _pad: 0 }) }).copied() else {
+        count(Counter::OrigDstMisses);
+        return;
+    };
+    // SAFETY: optval/optval_end bound the kernel buffer; every write below is checked against them.
+    unsafe {
+        let start = (*so).__bindgen_anon_2.optval as *mut u8;
+        let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
+        let len = if orig.family == AF_INET { SOCKADDR_IN_LEN } else { SOCKADDR_IN6_LEN };
+        if start.add(len) > end || (level == SOL_IP) != (orig.family == AF_INET) {
+            count(Counter::OrigDstMisses);
+            return;
+        }
+        let family = if orig.family == AF_INET { AF_INET } else { AF_INET6 };
+        core::ptr::write_volatile(start as *mut u16, family);
+        core::ptr::write_volatile(start.add(2) as *mut u16, orig.port);
+        if orig.family == AF_INET {
+            core::ptr::write_volatile(start.add(4) as *mut u32, orig.ip[0]);
+            core::ptr::write_volatile(start.add(8) as *mut u64, 0);
+        } else {
+            core::ptr::write_volatile(start.add(4) as *mut u32, 0); // flowinfo
+            let mut i = 0;
+            while i < 4 {
+                core::ptr::write_volatile(start.add(8 + 4 * i) as *mut u32, orig.ip[i]);
+                i += 1;
+            }
+            core::ptr::write_volatile(start.add(24) as *mut u32, 0); // scope id
+        }
+        // Two separate 4-byte stores: a merged 8-byte store is rejected by the verifier.
+        core::ptr::write_volatile(field!((*so).optlen) as *mut i32, len as i32);
+        core::ptr::write_volatile(field!((*so).retval) as *mut i32, 0);
+    }
+    count(Counter::OrigDstHits);
+}

@@ -1,0 +1,51 @@
+//! sk_lookup: a new inbound connection to a meshed pod's address goes to the
+//! pod's proxy listener; the proxy reads the original destination as its local address.
+
+use aya_ebpf::bindings::{bpf_sk_lookup, sk_action};
+use aya_ebpf::helpers::bpf_get_netns_cookie;
+use aya_ebpf::macros::sk_lookup;
+use aya_ebpf::programs::SkLookupContext;
+use podsteer_common::policy::flags;
+use podsteer_common::{Addr, Counter, SockKey};
+
+use crate::ctx::{addr, field, rd};
+use crate::maps::{INBOUND_LISTENERS, count, policy};
+
+const IPPROTO_TCP: u32 = 6;
+
+#[sk_lookup]
+pub fn podsteer_sk_lookup(ctx: SkLookupContext) -> u32 {
+    steer(&ctx);
+    // Always pass: an unsteered connection takes the normal socket lookup.
+    sk_action::SK_PASS
+}
+
+#[inline(always)]
+fn steer(ctx: &SkLookupContext) {
+    let lk: *mut bpf_sk_lookup = ctx.lookup;
+    if rd(field!((*lk).protocol)) != IPPROTO_TCP {
+        return;
+    }
+    // SAFETY: the helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(lk.cast()) };
+    let Some(pol) = policy(netns) else { return };
+    if !pol.has(flags::INBOUND) {
+        return;
+    }
+    let family = rd(field!((*lk).family));
+    let port = rd(field!((*lk).local_port)) as u16;
+    let local = addr(family, field!((*lk).local_ip4), field!((*lk).local_ip6), 0);
+    let remote = addr(family, field!((*lk).remote_ip4), field!((*lk).remote_ip6), 0);
+    // The pod talking to itself, including the proxy's passthrough to the app, stays put.
+    if local.is_loopback() || remote.is_loopback() || remote.same_ip(&local) {
+        return;
+    }
+    if port == pol.inbound_port || port == pol.outbound_port || pol.excludes_inbound_port(port) {
+        count(Counter::SkipExcluded);
+        return;
+    }
+    let key = SockKey { netns, addr: Addr { family: local.family, ..Addr::default() }, _pad: 0 };
+    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+        count(Counter::InboundSteers);
+    }
+}

@@ -1,0 +1,70 @@
+//! sock_ops: on establishment, re-key the original destination by the app's
+//! address (what the proxy sees as its peer) and enrol local pairs for sk_msg.
+
+use aya_ebpf::bindings::{
+    BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+    BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
+};
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::macros::sock_ops;
+use aya_ebpf::programs::SockOpsContext;
+use podsteer_common::policy::flags;
+use podsteer_common::{SockKey, SockPairKey};
+
+use crate::ctx::{addr, field, rd};
+use crate::maps::{NO_BYPASS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_PAIRS, policy};
+
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn podsteer_sockops(ctx: SockOpsContext) -> u32 {
+    on_event(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_event(ctx: &SockOpsContext) {
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    let op = rd(field!((*ops).op));
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return;
+    }
+    // SAFETY: the helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    let Some(pol) = policy(netns) else { return };
+    let family = rd(field!((*ops).family));
+    // local_port is host order; remote_port holds the network-order port in its high half.
+    let local_port = (rd(field!((*ops).local_port)) as u16).to_be();
+    let remote_port = (rd(field!((*ops).remote_port)) >> 16) as u16;
+    let local = addr(family, field!((*ops).local_ip4), field!((*ops).local_ip6), local_port);
+    let remote = addr(family, field!((*ops).remote_ip4), field!((*ops).remote_ip6), remote_port);
+    let pair = SockPairKey { netns, local, remote };
+
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // args[1] is the new state; the sockets leave SOCK_PAIRS by themselves.
+        // SAFETY: reading the args array of the context.
+        let new_state = unsafe { rd(field!((*ops).__bindgen_anon_1.args[1])) };
+        if new_state == TCP_CLOSE {
+            let _ = ORIG_BY_TUPLE.remove(&SockKey { netns, addr: local, _pad: 0 });
+            let _ = NO_BYPASS.remove(&pair);
+        }
+        return;
+    }
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // SAFETY: the helper only reads the context.
+        let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+        // SAFETY: copied out at once.
+        if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+            let orig = *orig;
+            let _ = ORIG_BY_TUPLE.insert(&SockKey { netns, addr: local, _pad: 0 }, &orig, 0);
+            let _ = ORIG_BY_COOKIE.remove(&cookie);
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+    }
+    // Only pairs whose both ends live on this host (same IP or loopback) can be spliced.
+    if pol.has(flags::SK_MSG) && (remote.is_loopback() || remote.same_ip(&local)) {
+        let mut key = pair;
+        // SAFETY: `ops` is the live context the helper expects.
+        let _ = SOCK_PAIRS.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64);
+    }
+}

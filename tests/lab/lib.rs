@@ -1,0 +1,22 @@
+//! The lab: a Kubernetes node simulated on one machine.
+//!
+//! A [`Node`] is a network namespace whose bridge and pod wiring are made by the
+//! real CNI plugins (`bridge`, `host-local`, `loopback`, `portmap`), driven the
+//! way a container runtime drives a conflist. A [`Pod`] is a network namespace
+//! plus a cgroup v2 directory under the lab's own subtree.
+//!
+//! Every resource is named with [`names::PREFIX`] and removed by a guard on drop,
+//! also when a test panics; [`sweep::sweep`] removes whatever a killed run left.
+
+pub mod cgroup;
+pub mod cni;
+pub mod names;
+pub mod netns;
+pub mod node;
+pub mod pod;
+pub mod process;
+pub mod sweep;
+pub mod wait;
+
+pub use node::{Node, NodeOptions};
+pub use pod::{Pod, PodSpec};

@@ -1,0 +1,89 @@
+//! `cargo xtask`: the project's tasks. The README documents `setup`, `demo` and `test`.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "podsteer project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (apt packages, rust-src, bpf-linker). Idempotent.
+    Setup,
+    /// Build every crate, eBPF included.
+    Build,
+    /// Build and run the demo on a simulated node, then clean up.
+    Demo,
+    /// Run every test: unit tests and lab suites against the real kernel and plugins.
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, say).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The lab's own maintenance.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Remove every lab leftover by name prefix: netns, cgroups, pins, state, recorded processes.
+    Clean,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            cargo(&["build", "--workspace", "--release"])
+        }
+        Task::Demo => {
+            setup::run()?;
+            cargo(&["build", "--workspace", "--release"])?;
+            cargo(&["run", "--release", "--quiet", "-p", "podsteer-lab", "--bin", "podsteer-demo"])
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            let mut test = vec!["test", "--workspace"];
+            test.extend(args.iter().map(String::as_str));
+            let result = cargo(&test);
+            // A test that leaked lab resources has a cleanup bug, even if it passed.
+            let leftovers = podsteer_lab::sweep::sweep()?;
+            result?;
+            if !leftovers.is_empty() {
+                bail!("tests left lab resources behind (now removed):\n  {}", leftovers.join("\n  "));
+            }
+            println!("lab: no leftovers after the tests");
+            Ok(())
+        }
+        Task::Lab { cmd: LabCmd::Clean } => {
+            let removed = podsteer_lab::sweep::sweep()?;
+            if removed.is_empty() {
+                println!("lab clean: nothing to remove");
+            } else {
+                println!("lab clean: removed\n  {}", removed.join("\n  "));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo).args(args).status().with_context(|| format!("running cargo {args:?}"))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
