@@ -1,4 +1,14 @@
 //! podsteer's node agent: picks the interception mode, programs it per pod and
-//! tells the proxy about each pod.
+//! answers the CNI plugin, the proxy and the debug CLI on its socket.
 
+pub mod api;
+pub mod config;
+pub mod controller;
 pub mod ebpf;
+pub mod iptables;
+pub mod mode;
+pub mod policy;
+pub mod redirect;
+pub mod registry;
+pub mod server;
+pub mod sys;

@@ -100,10 +100,18 @@ impl Runtime {
     }
 
     /// DEL in reverse order with the cached ADD result; the cache goes only when all succeeded.
+    /// Unlike libcni, a failing plugin does not stop the others: the lab's guards
+    /// must release addresses and links even when one plugin of the chain is broken.
     pub fn del(&self, att: &Attachment) -> Result<(), CniError> {
         let prev = self.cached_result(att);
+        let mut first_err = None;
         for plugin in self.plugins().iter().rev() {
-            self.exec(plugin, "DEL", att, prev.as_ref())?;
+            if let Err(e) = self.exec(plugin, "DEL", att, prev.as_ref()) {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
         }
         let path = self.cache_path(att);
         match fs::remove_file(&path) {

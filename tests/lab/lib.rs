@@ -8,6 +8,7 @@
 //! Every resource is named with [`names::PREFIX`] and removed by a guard on drop,
 //! also when a test panics; [`sweep::sweep`] removes whatever a killed run left.
 
+pub mod agent;
 pub mod cgroup;
 pub mod cni;
 pub mod names;
@@ -17,6 +18,7 @@ pub mod pod;
 pub mod process;
 pub mod sweep;
 pub mod wait;
+pub mod workload;
 
 pub use node::{Node, NodeOptions};
 pub use pod::{Pod, PodSpec};

@@ -45,6 +45,7 @@ impl Default for NodeOptions {
 pub(crate) struct NodeInner {
     // Field order is drop order: processes end before their cgroups and netns go.
     pub(crate) processes: Mutex<Vec<LabProcess>>,
+    pub(crate) proxy_cgroup: CgroupDir,
     pub(crate) pods_cgroup: CgroupDir,
     pub(crate) lab_cgroup: CgroupDir,
     pub(crate) netns: NetNs,
@@ -67,6 +68,7 @@ impl Node {
         let netns = NetNs::create(&id.netns_name("node"))?;
         let lab_cgroup = CgroupDir::create(cgroup2_root()?.join(id.as_str()))?;
         let pods_cgroup = CgroupDir::create(lab_cgroup.path().join("pods"))?;
+        let proxy_cgroup = CgroupDir::create(pods_cgroup.path().join("podsteer-proxy"))?;
 
         let mut plugin_dirs = opts.extra_plugin_dirs.clone();
         plugin_dirs.extend(SYSTEM_PLUGIN_DIRS.iter().map(PathBuf::from));
@@ -82,6 +84,7 @@ impl Node {
         Ok(Node {
             inner: Arc::new(NodeInner {
                 processes: Mutex::new(Vec::new()),
+                proxy_cgroup,
                 pods_cgroup,
                 lab_cgroup,
                 netns,
@@ -112,6 +115,12 @@ impl Node {
     /// The parent cgroup of every pod: where a node agent attaches cgroup programs.
     pub fn pods_cgroup(&self) -> &Path {
         self.inner.pods_cgroup.path()
+    }
+
+    /// Where the shared proxy runs: under the pods' parent, as a DaemonSet pod
+    /// sits under kubepods, so the sockops programs see its sockets too.
+    pub fn proxy_cgroup(&self) -> &Path {
+        self.inner.proxy_cgroup.path()
     }
 
     /// The lab's own cgroup: node-level processes run here, outside the pods' subtree.

@@ -136,9 +136,15 @@ impl Pod {
 
     /// A command that runs as a pod process: in the pod's netns and cgroup.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        self.command_in_cgroup(program, self.cgroup.path())
+    }
+
+    /// A command in the pod's netns but another cgroup: the shared proxy's
+    /// listeners live in each pod's netns while the proxy itself is a node process.
+    pub fn command_in_cgroup(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: &Path) -> anyhow::Result<Command> {
         let mut cmd = Command::new(program);
         let ns = fs::File::open(self.netns.path())?.into();
-        let procs = fs::OpenOptions::new().write(true).open(self.cgroup.path().join("cgroup.procs"))?;
+        let procs = fs::OpenOptions::new().write(true).open(cgroup.join("cgroup.procs"))?;
         enter_before_exec(&mut cmd, Some(ns), Some(procs));
         Ok(cmd)
     }

@@ -139,12 +139,18 @@ fn failed_add_is_rolled_back_like_a_runtime_does() -> anyhow::Result<()> {
     assert!(format!("{err:#}").contains("no-such-plugin"), "{err:#}");
     let netns = node.id().netns_name("doomed");
     assert!(!Path::new("/run/netns").join(&netns).exists());
-    let pods: Vec<_> = std::fs::read_dir(node.pods_cgroup())?.filter_map(Result::ok).filter(|e| e.path().is_dir()).collect();
+    let pods: Vec<_> = std::fs::read_dir(node.pods_cgroup())?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir() && e.path() != node.proxy_cgroup())
+        .collect();
     assert!(pods.is_empty(), "{pods:?}");
-    // host-local released the address: the next pod gets the first one again.
-    let opts_ok = Node::new(NodeOptions::default())?;
-    let ok = opts_ok.add_pod(PodSpec::new("default", "fine"))?;
-    assert!(ok.ipv4().is_some());
+    // DEL after the failed ADD released the addresses host-local had handed out.
+    let ipam = node.state_dir().join("ipam").join("podsteer-lab");
+    let held: Vec<String> = std::fs::read_dir(&ipam)?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    assert!(held.is_empty(), "addresses still allocated: {held:?}");
     Ok(())
 }
 

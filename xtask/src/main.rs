@@ -55,6 +55,9 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup::run()?;
+            // Lab suites run the real binaries (agent, plugin, proxy), which
+            // `cargo test` alone does not build for packages without tests of their own.
+            cargo(&["build", "--workspace", "--bins"])?;
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
             let result = cargo(&test);

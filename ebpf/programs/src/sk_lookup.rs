@@ -2,14 +2,13 @@
 //! pod's proxy listener; the proxy reads the original destination as its local address.
 
 use aya_ebpf::bindings::{bpf_sk_lookup, sk_action};
-use aya_ebpf::helpers::bpf_get_netns_cookie;
 use aya_ebpf::macros::sk_lookup;
 use aya_ebpf::programs::SkLookupContext;
 use podsteer_common::policy::flags;
 use podsteer_common::{Addr, Counter, SockKey};
 
 use crate::ctx::{addr, field, rd};
-use crate::maps::{INBOUND_LISTENERS, count, policy};
+use crate::maps::{INBOUND_LISTENERS, POD_BY_IP, count, policy};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -26,16 +25,18 @@ fn steer(ctx: &SkLookupContext) {
     if rd(field!((*lk).protocol)) != IPPROTO_TCP {
         return;
     }
-    // SAFETY: the helper only reads the context.
-    let netns = unsafe { bpf_get_netns_cookie(lk.cast()) };
-    let Some(pol) = policy(netns) else { return };
-    if !pol.has(flags::INBOUND) {
-        return;
-    }
     let family = rd(field!((*lk).family));
     let port = rd(field!((*lk).local_port)) as u16;
     let local = addr(family, field!((*lk).local_ip4), field!((*lk).local_ip6), 0);
     let remote = addr(family, field!((*lk).remote_ip4), field!((*lk).remote_ip6), 0);
+    // sk_lookup may not call bpf_get_netns_cookie, so the pod is found by the
+    // address the connection is for: only a meshed pod's own IP is steered.
+    // SAFETY: copied out at once.
+    let Some(netns) = (unsafe { POD_BY_IP.get(&local) }).copied() else { return };
+    let Some(pol) = policy(netns) else { return };
+    if !pol.has(flags::INBOUND) {
+        return;
+    }
     // The pod talking to itself, including the proxy's passthrough to the app, stays put.
     if local.is_loopback() || remote.is_loopback() || remote.same_ip(&local) {
         return;

@@ -1,0 +1,90 @@
+//! The agent's configuration: flags, each with an environment variable, parsed
+//! once into a frozen struct that `podsteer status` can show.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::iptables::Backend;
+use crate::mode::ModeRequest;
+use crate::policy::{NodeDefaults, ProxyMode};
+
+/// Default paths on a real node; the lab passes its own.
+pub mod defaults {
+    pub const SOCKET: &str = "/var/run/podsteer/agent.sock";
+    pub const STATE_DIR: &str = "/var/run/podsteer";
+    pub const BPFFS: &str = "/sys/fs/bpf";
+    pub const CGROUP: &str = "/sys/fs/cgroup/kubepods.slice";
+}
+
+#[derive(Args, Clone, Debug, Serialize)]
+pub struct AgentConfig {
+    /// Interception mode; auto probes the kernel and falls back to iptables.
+    #[arg(long, env = "PODSTEER_MODE", value_enum, default_value = "auto")]
+    pub mode: ModeRequest,
+    /// The pods' parent cgroup, where the cgroup programs attach once.
+    #[arg(long, env = "PODSTEER_CGROUP", default_value = defaults::CGROUP)]
+    pub cgroup: PathBuf,
+    /// bpffs mount; pins go in its `podsteer/` directory (mounted if absent).
+    #[arg(long, env = "PODSTEER_BPFFS", default_value = defaults::BPFFS)]
+    pub bpffs: PathBuf,
+    /// The socket the CNI plugin, the proxy and the CLI talk to (mode 0600).
+    #[arg(long, env = "PODSTEER_SOCKET", default_value = defaults::SOCKET)]
+    pub socket: PathBuf,
+    /// Where the pod registry is saved across restarts.
+    #[arg(long, env = "PODSTEER_STATE_DIR", default_value = defaults::STATE_DIR)]
+    pub state_dir: PathBuf,
+    #[arg(long, env = "PODSTEER_OUTBOUND_PORT", default_value_t = podsteer_common::OUTBOUND_PORT)]
+    pub outbound_port: u16,
+    #[arg(long, env = "PODSTEER_INBOUND_PORT", default_value_t = podsteer_common::INBOUND_PORT)]
+    pub inbound_port: u16,
+    /// SO_MARK on the proxy's own sockets; they are never redirected.
+    #[arg(long, env = "PODSTEER_PROXY_MARK", default_value_t = podsteer_common::PROXY_MARK)]
+    pub proxy_mark: u32,
+    /// UID of per-pod sidecar proxies; their sockets are never redirected.
+    #[arg(long, env = "PODSTEER_PROXY_UID", default_value_t = podsteer_common::PROXY_UID)]
+    pub proxy_uid: u32,
+    /// Default proxy shape for pods without the proxy-mode annotation.
+    #[arg(long, env = "PODSTEER_PROXY_MODE", value_enum, default_value = "shared")]
+    pub proxy_mode: ProxyModeArg,
+    /// Turns off the sk_msg splice of local socket pairs.
+    #[arg(long, env = "PODSTEER_NO_SK_MSG")]
+    pub no_sk_msg: bool,
+    /// iptables backend; detected from the node's rules when unset.
+    #[arg(long, env = "PODSTEER_IPTABLES_BACKEND", value_enum)]
+    pub iptables_backend: Option<Backend>,
+    /// Report these probed features as absent (rehearses the iptables fallback).
+    #[arg(long = "mask-feature", env = "PODSTEER_MASK_FEATURES", value_delimiter = ',')]
+    pub mask_features: Vec<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "PODSTEER_LOG_JSON")]
+    pub log_json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyModeArg {
+    Shared,
+    Sidecar,
+}
+
+impl AgentConfig {
+    pub fn node_defaults(&self) -> NodeDefaults {
+        NodeDefaults {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            proxy_mark: self.proxy_mark,
+            proxy_uid: self.proxy_uid,
+            sk_msg: !self.no_sk_msg,
+            proxy_mode: match self.proxy_mode {
+                ProxyModeArg::Shared => ProxyMode::Shared,
+                ProxyModeArg::Sidecar => ProxyMode::Sidecar,
+            },
+        }
+    }
+
+    pub fn registry_path(&self) -> PathBuf {
+        self.state_dir.join("pods.json")
+    }
+}

@@ -1,0 +1,189 @@
+//! The agent's decisions: validate, program the kernel, then record. Nothing is
+//! changed until the whole request has been validated.
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use serde::Serialize;
+use tracing::{info, info_span, warn};
+
+use crate::api::{ErrorKind, PodInfo, Response};
+use crate::config::AgentConfig;
+use crate::ebpf::EbpfDataPath;
+use crate::iptables::Backend;
+use crate::mode::{self, Mode, ModeChoice};
+use crate::policy::{Policy, inject_disabled};
+use crate::redirect::{PodNet, Redirector};
+use crate::registry::{PodRecord, Registry};
+use crate::sys;
+
+pub struct Controller {
+    config: AgentConfig,
+    choice: ModeChoice,
+    redirector: Redirector,
+    registry: Registry,
+    origin: Option<crate::ebpf::loader::Origin>,
+}
+
+#[derive(Serialize)]
+pub struct Status<'a> {
+    pub mode: Mode,
+    pub reason: &'a str,
+    pub features: &'a [mode::Feature],
+    pub pins: Option<String>,
+    pub pins_origin: Option<crate::ebpf::loader::Origin>,
+    pub cgroup: String,
+    pub pods: usize,
+    pub config: &'a AgentConfig,
+}
+
+impl Controller {
+    /// Chooses the mode and readies the data path. A forced eBPF mode on a
+    /// kernel that lacks a feature fails here, naming it.
+    pub fn start(config: AgentConfig) -> anyhow::Result<Controller> {
+        let cgroup_ok = config.cgroup.join("cgroup.procs").exists();
+        let features = mode::probe(cgroup_ok.then_some(config.cgroup.as_path()), &config.mask_features);
+        let choice = mode::choose(config.mode, features)?;
+        info!(mode = ?choice.mode, reason = %choice.reason, "interception mode chosen");
+        let (redirector, origin) = match choice.mode {
+            Mode::Ebpf => {
+                let dp = EbpfDataPath::start(&config.bpffs, &config.cgroup)?;
+                let origin = dp.origin();
+                (Redirector::Ebpf(Box::new(dp)), Some(origin))
+            }
+            Mode::Iptables => {
+                let backend = config.iptables_backend.unwrap_or_else(Backend::detect);
+                info!(?backend, "iptables backend");
+                (Redirector::Iptables(backend), None)
+            }
+        };
+        std::fs::create_dir_all(&config.state_dir)?;
+        let registry = Registry::load(Some(config.registry_path()));
+        Ok(Controller { config, choice, redirector, registry, origin })
+    }
+
+    pub fn status(&self) -> Status<'_> {
+        Status {
+            mode: self.choice.mode,
+            reason: &self.choice.reason,
+            features: &self.choice.features,
+            pins: matches!(self.redirector, Redirector::Ebpf(_)).then(|| crate::ebpf::pins::PinDir::new(&self.config.bpffs).root().display().to_string()),
+            pins_origin: self.origin,
+            cgroup: self.config.cgroup.display().to_string(),
+            pods: self.registry.all().count(),
+            config: &self.config,
+        }
+    }
+
+    pub fn pods(&self) -> Vec<PodRecord> {
+        self.registry.all().cloned().collect()
+    }
+
+    pub fn add(&mut self, pod: PodInfo) -> Response {
+        let span = info_span!("add", pod = %format!("{}/{}", pod.namespace, pod.name), netns = %pod.netns.display(), mode = ?self.choice.mode);
+        let _g = span.enter();
+        if inject_disabled(&pod.annotations) {
+            return Response::ok(serde_json::json!({"meshed": false, "reason": "podsteer.io/inject is false"}));
+        }
+        if let Some(existing) = self.registry.get(&pod.uid) {
+            if existing.netns == pod.netns {
+                return Response::ok(existing);
+            }
+            return Response::err(ErrorKind::BadRequest, format!("pod {} is already registered with netns {}", pod.uid, existing.netns.display()));
+        }
+        // Validate everything before touching the kernel.
+        let policy = match Policy::from_annotations(&self.config.node_defaults(), &pod.annotations, &pod.ips) {
+            Ok(p) => p,
+            Err(e) => return Response::err(ErrorKind::InvalidPolicy, e.to_string()),
+        };
+        let netns = match sys::open_netns(&pod.netns) {
+            Ok(f) => f,
+            Err(e) => return Response::err(ErrorKind::BadNetns, error_chain(&e)),
+        };
+        let cookie = match sys::netns_cookie(netns.as_fd()) {
+            Ok(c) => c,
+            Err(e) => return Response::err(ErrorKind::BadNetns, error_chain(&e)),
+        };
+        if let Some(other) = self.registry.all().find(|p| p.netns_cookie == cookie) {
+            return Response::err(ErrorKind::BadRequest, format!("netns {} already belongs to pod {}/{}", pod.netns.display(), other.namespace, other.name));
+        }
+        let net = PodNet { netns, cookie };
+        if let Err(e) = self.redirector.enroll(&net, &policy) {
+            warn!(error = %error_chain(&e), "enrolment failed; rolling back");
+            let _ = self.redirector.unenroll(Some(&net), cookie, &policy);
+            return Response::err(ErrorKind::Internal, error_chain(&e));
+        }
+        let rec = PodRecord {
+            uid: pod.uid,
+            name: pod.name,
+            namespace: pod.namespace,
+            netns: pod.netns,
+            netns_cookie: cookie,
+            ips: pod.ips,
+            mode: self.redirector.mode(),
+            policy,
+            proxy_ready: false,
+            last_error: None,
+        };
+        if let Err(e) = self.registry.insert(rec.clone()) {
+            return Response::err(ErrorKind::Internal, error_chain(&e));
+        }
+        info!(cookie, "pod enrolled");
+        Response::ok(rec)
+    }
+
+    /// Idempotent: an unknown pod is already removed.
+    pub fn del(&mut self, uid: &str) -> Response {
+        let Some(rec) = self.registry.get(uid).cloned() else {
+            return Response::ok(serde_json::json!({"removed": false}));
+        };
+        let span = info_span!("del", pod = %format!("{}/{}", rec.namespace, rec.name), netns = %rec.netns.display(), mode = ?rec.mode);
+        let _g = span.enter();
+        let net = sys::open_netns(&rec.netns).ok().map(|netns| PodNet { netns, cookie: rec.netns_cookie });
+        if let Err(e) = self.redirector.unenroll(net.as_ref(), rec.netns_cookie, &rec.policy) {
+            return Response::err(ErrorKind::Internal, error_chain(&e));
+        }
+        if let Err(e) = self.registry.remove(uid) {
+            return Response::err(ErrorKind::Internal, error_chain(&e));
+        }
+        info!("pod removed");
+        Response::ok(serde_json::json!({"removed": true}))
+    }
+
+    pub fn check(&self, uid: &str) -> Response {
+        let Some(rec) = self.registry.get(uid) else {
+            return Response::err(ErrorKind::NotFound, format!("pod {uid} is not registered"));
+        };
+        let net = sys::open_netns(&rec.netns).ok().map(|netns| PodNet { netns, cookie: rec.netns_cookie });
+        match self.redirector.verify(net.as_ref(), rec.netns_cookie, &rec.policy) {
+            Ok(true) => Response::ok(rec),
+            Ok(false) => Response::err(ErrorKind::NotReady, format!("interception for pod {uid} is not in place")),
+            Err(e) => Response::err(ErrorKind::Internal, error_chain(&e)),
+        }
+    }
+
+    pub fn register_listener(&mut self, uid: &str, family: u16, fd: Option<BorrowedFd<'_>>) -> Response {
+        let Some(rec) = self.registry.get(uid) else {
+            return Response::err(ErrorKind::NotFound, format!("pod {uid} is not registered"));
+        };
+        let Some(fd) = fd else { return Response::err(ErrorKind::BadRequest, "register_listener needs a socket fd (SCM_RIGHTS)") };
+        if family != podsteer_common::AF_INET && family != podsteer_common::AF_INET6 {
+            return Response::err(ErrorKind::BadRequest, format!("family {family} is neither 2 nor 10"));
+        }
+        match self.redirector.set_inbound_listener(rec.netns_cookie, family, fd) {
+            Ok(()) => Response::ok(serde_json::json!({"registered": true})),
+            Err(e) => Response::err(ErrorKind::BadRequest, error_chain(&e)),
+        }
+    }
+}
+
+/// An error with its causes on one line, for replies and logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,138 @@
+//! Typed access to every map: the agent writes through it, the debug CLI reads
+//! the same maps from their pins while the agent is down.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use aya::Ebpf;
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, SockHash};
+use podsteer_common::{Addr, Counter, PodPolicy, SockKey, SockPairKey, map_names as names};
+
+use super::loader::EbpfError;
+use super::pins::PinDir;
+use crate::policy::ip6_words;
+
+pub struct Maps {
+    pub pods: HashMap<MapData, u64, PodPolicy>,
+    pub pod_by_ip: HashMap<MapData, Addr, u64>,
+    pub orig_by_cookie: HashMap<MapData, u64, Addr>,
+    pub orig_by_tuple: HashMap<MapData, SockKey, Addr>,
+    pub sock_pairs: SockHash<MapData, SockPairKey>,
+    pub no_bypass: HashMap<MapData, SockPairKey, u8>,
+    pub inbound_listeners: SockHash<MapData, SockKey>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+    move |e| EbpfError::Map { name, source: Box::new(e) }
+}
+
+/// Where a map comes from: the freshly loaded object or a pin.
+trait Source {
+    fn get(&mut self, name: &'static str) -> Result<Map, EbpfError>;
+}
+
+impl Source for Ebpf {
+    fn get(&mut self, name: &'static str) -> Result<Map, EbpfError> {
+        self.take_map(name).ok_or(EbpfError::Map { name, source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }) })
+    }
+}
+
+impl Source for PinDir {
+    fn get(&mut self, name: &'static str) -> Result<Map, EbpfError> {
+        let data = MapData::from_pin(self.map(name)).map_err(map_err(name))?;
+        Map::from_map_data(data).map_err(map_err(name))
+    }
+}
+
+macro_rules! typed {
+    ($src:expr, $name:expr) => {
+        $src.get($name)?.try_into().map_err(map_err($name))?
+    };
+}
+
+impl Maps {
+    fn from_source(src: &mut impl Source) -> Result<Self, EbpfError> {
+        Ok(Maps {
+            pods: typed!(src, names::PODS),
+            pod_by_ip: typed!(src, names::POD_BY_IP),
+            orig_by_cookie: typed!(src, names::ORIG_BY_COOKIE),
+            orig_by_tuple: typed!(src, names::ORIG_BY_TUPLE),
+            sock_pairs: typed!(src, names::SOCK_PAIRS),
+            no_bypass: typed!(src, names::NO_BYPASS),
+            inbound_listeners: typed!(src, names::INBOUND_LISTENERS),
+            counters: typed!(src, names::COUNTERS),
+        })
+    }
+
+    pub(crate) fn take(bpf: &mut Ebpf) -> Result<Self, EbpfError> {
+        Self::from_source(bpf)
+    }
+
+    /// Opens the pinned maps without loading anything (the debug CLI's way in).
+    pub fn open_pinned(bpffs: &Path) -> Result<Self, EbpfError> {
+        Self::from_source(&mut PinDir::new(bpffs))
+    }
+
+    pub(crate) fn sock_pairs_fd(&self) -> &aya::maps::sock::SockMapFd {
+        self.sock_pairs.fd()
+    }
+
+    /// Registers a pod: its policy, then its addresses. A pod is live for the
+    /// programs once PODS has it, so that write comes last.
+    pub fn enroll(&mut self, cookie: u64, policy: &PodPolicy, ips: &[IpAddr]) -> Result<(), EbpfError> {
+        for ip in ips {
+            self.pod_by_ip.insert(ip_key(*ip), cookie, 0).map_err(map_err(names::POD_BY_IP))?;
+        }
+        self.pods.insert(cookie, *policy, 0).map_err(map_err(names::PODS))
+    }
+
+    /// Unregisters a pod: PODS first, so the programs stop acting on it at once.
+    pub fn unenroll(&mut self, cookie: u64, ips: &[IpAddr]) -> Result<(), EbpfError> {
+        ignore_missing(self.pods.remove(&cookie)).map_err(map_err(names::PODS))?;
+        for ip in ips {
+            ignore_missing(self.pod_by_ip.remove(&ip_key(*ip))).map_err(map_err(names::POD_BY_IP))?;
+        }
+        for family in [podsteer_common::AF_INET, podsteer_common::AF_INET6] {
+            ignore_missing(self.inbound_listeners.remove(&listener_key(cookie, family))).map_err(map_err(names::INBOUND_LISTENERS))?;
+        }
+        Ok(())
+    }
+
+    /// Points a pod's sk_lookup at the proxy's inbound listener for one family.
+    pub fn set_inbound_listener(&mut self, cookie: u64, family: u16, listener: std::os::fd::BorrowedFd<'_>) -> Result<(), EbpfError> {
+        self.inbound_listeners.insert(listener_key(cookie, family), listener, 0).map_err(map_err(names::INBOUND_LISTENERS))
+    }
+
+    /// Sums each per-CPU counter.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, EbpfError> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let v = self.counters.get(&(*c as u32), 0).map_err(map_err(names::COUNTERS))?;
+                Ok((*c, v.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+pub fn listener_key(cookie: u64, family: u16) -> SockKey {
+    SockKey { netns: cookie, addr: Addr { family, ..Addr::default() }, _pad: 0 }
+}
+
+pub fn ip_key(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(a) => Addr::v4(u32::from(a).to_be(), 0),
+        IpAddr::V6(a) => Addr::v6(ip6_words(a), 0),
+    }
+}
+
+/// Removal is idempotent: a key already gone is success (hash maps say
+/// KeyNotFound, sock maps pass the kernel's ENOENT through).
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

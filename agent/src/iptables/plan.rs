@@ -1,0 +1,156 @@
+//! Rules as data. Every podsteer rule carries a `podsteer/<why>` comment, and
+//! podsteer owns only its two chains plus one jump into each.
+
+use std::net::IpAddr;
+
+use crate::policy::Policy;
+
+pub const OUTPUT_CHAIN: &str = "PODSTEER_OUTPUT";
+pub const INBOUND_CHAIN: &str = "PODSTEER_INBOUND";
+
+const JUMP_OUTPUT: &str = "OUTPUT -p tcp -m comment --comment podsteer/outbound -j PODSTEER_OUTPUT";
+const JUMP_INBOUND: &str = "PREROUTING -p tcp -m comment --comment podsteer/inbound -j PODSTEER_INBOUND";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    fn has(self, ip: &IpAddr) -> bool {
+        ip.is_ipv4() == (self == Family::V4)
+    }
+}
+
+fn rule(chain: &str, spec: &str, why: &str, target: &str) -> String {
+    let spec = if spec.is_empty() { String::new() } else { format!("{spec} ") };
+    format!("-A {chain} {spec}-m comment --comment podsteer/{why} -j {target}")
+}
+
+/// The restore input that installs podsteer's rules for one family. Re-running it
+/// is a no-op: declaring a chain flushes it, and jumps are added only when absent.
+pub fn install_plan(policy: &Policy, family: Family, current_save: &str) -> String {
+    let mut out = vec!["*nat".to_owned(), format!(":{OUTPUT_CHAIN} - [0:0]"), format!(":{INBOUND_CHAIN} - [0:0]")];
+    let o = OUTPUT_CHAIN;
+    out.push(rule(o, &format!("-m mark --mark {:#x}", policy.proxy_mark), "proxy-mark", "RETURN"));
+    out.push(rule(o, &format!("-m owner --uid-owner {}", policy.proxy_uid), "proxy-uid", "RETURN"));
+    out.push(rule(o, &format!("-d {}", family.loopback()), "loopback", "RETURN"));
+    for ip in policy.ips.iter().filter(|ip| family.has(ip)) {
+        out.push(rule(o, &format!("-d {ip}/{}", family.host_prefix()), "own-ip", "RETURN"));
+    }
+    for port in &policy.excluded_outbound_ports {
+        out.push(rule(o, &format!("-p tcp --dport {port}"), "excluded-outbound-port", "RETURN"));
+    }
+    for net in policy.excluded_outbound_cidrs.iter().filter(|n| family.has(&n.addr)) {
+        out.push(rule(o, &format!("-d {net}"), "excluded-outbound-cidr", "RETURN"));
+    }
+    out.push(rule(o, "-p tcp", "redirect-outbound", &format!("REDIRECT --to-ports {}", policy.outbound_port)));
+
+    let i = INBOUND_CHAIN;
+    out.push(rule(i, "-i lo", "loopback", "RETURN"));
+    for port in [policy.outbound_port, policy.inbound_port].iter().chain(&policy.excluded_inbound_ports) {
+        out.push(rule(i, &format!("-p tcp --dport {port}"), "excluded-inbound-port", "RETURN"));
+    }
+    out.push(rule(i, "-p tcp", "redirect-inbound", &format!("REDIRECT --to-ports {}", policy.inbound_port)));
+    for jump in [JUMP_OUTPUT, JUMP_INBOUND] {
+        if !has_rule(current_save, jump) {
+            out.push(format!("-A {jump}"));
+        }
+    }
+    out.push("COMMIT".into());
+    out.join("\n") + "\n"
+}
+
+/// The restore input that removes exactly what [`install_plan`] added, or None
+/// when nothing of podsteer's is there.
+pub fn remove_plan(current_save: &str) -> Option<String> {
+    let mut out = vec!["*nat".to_owned()];
+    for jump in [JUMP_OUTPUT, JUMP_INBOUND] {
+        if has_rule(current_save, jump) {
+            out.push(format!("-D {jump}"));
+        }
+    }
+    for chain in [OUTPUT_CHAIN, INBOUND_CHAIN] {
+        if current_save.lines().any(|l| l.starts_with(&format!(":{chain} "))) {
+            out.push(format!(":{chain} - [0:0]"));
+            out.push(format!("-X {chain}"));
+        }
+    }
+    if out.len() == 1 {
+        return None;
+    }
+    out.push("COMMIT".into());
+    Some(out.join("\n") + "\n")
+}
+
+/// iptables-save prints comments quoted or not depending on the backend; compare without quotes.
+fn has_rule(save: &str, spec: &str) -> bool {
+    let want = format!("-A {spec}");
+    save.lines().any(|l| l.replace('"', "") == want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{NodeDefaults, Policy};
+    use std::collections::BTreeMap;
+
+    fn policy(ann: &[(&str, &str)]) -> Policy {
+        let a: BTreeMap<String, String> = ann.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let ips = ["10.244.0.7".parse().unwrap(), "fd00:10:244::7".parse().unwrap()];
+        Policy::from_annotations(&NodeDefaults::default(), &a, &ips).unwrap()
+    }
+
+    const EMPTY_SAVE: &str = include_str!("../../../tests/testdata/iptables-save-empty.txt");
+    const INSTALLED_SAVE: &str = include_str!("../../../tests/testdata/iptables-save-installed.txt");
+
+    #[test]
+    fn install_plan_matches_the_fixture() {
+        let p = policy(&[("podsteer.io/exclude-outbound-ports", "5432"), ("podsteer.io/exclude-outbound-cidrs", "192.168.0.0/16")]);
+        let plan = install_plan(&p, Family::V4, EMPTY_SAVE);
+        let want = include_str!("../../../tests/testdata/iptables-plan-v4.txt");
+        assert_eq!(plan, want);
+    }
+
+    #[test]
+    fn reinstall_adds_no_second_jump() {
+        let plan = install_plan(&policy(&[]), Family::V4, INSTALLED_SAVE);
+        assert!(!plan.contains("-A OUTPUT"), "{plan}");
+        assert!(!plan.contains("-A PREROUTING"), "{plan}");
+    }
+
+    #[test]
+    fn v6_plan_has_only_v6_addresses() {
+        let p = policy(&[("podsteer.io/exclude-outbound-cidrs", "192.168.0.0/16,fd00:ab::/32")]);
+        let plan = install_plan(&p, Family::V6, EMPTY_SAVE);
+        assert!(plan.contains("-d ::1/128") && plan.contains("-d fd00:10:244::7/128") && plan.contains("-d fd00:ab::/32"), "{plan}");
+        assert!(!plan.contains("192.168") && !plan.contains("10.244.0.7"), "{plan}");
+    }
+
+    #[test]
+    fn remove_plan_undoes_exactly_the_install() {
+        let plan = remove_plan(INSTALLED_SAVE).expect("something to remove");
+        assert_eq!(
+            plan,
+            "*nat\n-D OUTPUT -p tcp -m comment --comment podsteer/outbound -j PODSTEER_OUTPUT\n\
+             -D PREROUTING -p tcp -m comment --comment podsteer/inbound -j PODSTEER_INBOUND\n\
+             :PODSTEER_OUTPUT - [0:0]\n-X PODSTEER_OUTPUT\n:PODSTEER_INBOUND - [0:0]\n-X PODSTEER_INBOUND\nCOMMIT\n"
+        );
+        assert_eq!(remove_plan(EMPTY_SAVE), None);
+    }
+}

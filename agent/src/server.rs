@@ -1,0 +1,62 @@
+//! Serves the agent socket: owner-only, one thread per connection (CNI calls
+//! are few, and fd passing is simplest on blocking sockets).
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tracing::warn;
+
+use crate::api::{self, ErrorKind, Request, Response};
+use crate::controller::Controller;
+
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let ctl = ctl.clone();
+                std::thread::spawn(move || handle(stream, &ctl));
+            }
+            Err(e) => warn!(error = %e, "accept on agent socket"),
+        }
+    }
+}
+
+fn handle(stream: UnixStream, ctl: &Mutex<Controller>) {
+    let resp = match api::read_request(&stream) {
+        Err(e) => Response::err(ErrorKind::BadRequest, format!("reading request: {e}")),
+        Ok((line, fds)) => match serde_json::from_slice::<Request>(&line) {
+            Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
+            Ok(req) => match ctl.lock() {
+                Err(_) => Response::err(ErrorKind::Internal, "agent state poisoned by an earlier panic"),
+                Ok(mut c) => dispatch(&mut c, req, fds.first().map(|f| f.as_fd())),
+            },
+        },
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    let _ = std::io::Write::write_all(&mut &stream, &out);
+}
+
+fn dispatch(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Response {
+    match req {
+        Request::Add { pod } => c.add(pod),
+        Request::Del { uid } => c.del(&uid),
+        Request::Check { uid } => c.check(&uid),
+        Request::Status => Response::ok(c.status()),
+        Request::Pods => Response::ok(c.pods()),
+        Request::RegisterListener { uid, family } => c.register_listener(&uid, family, fd),
+    }
+}

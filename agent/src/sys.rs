@@ -1,0 +1,160 @@
+//! The agent's only home for raw syscalls: entering a netns, reading its cookie,
+//! and the bpf link calls aya 0.14 does not expose for every program type.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::sched::{CloneFlags, setns};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    #[error("opening netns {path}")]
+    OpenNetns { path: String, #[source] source: std::io::Error },
+    #[error("{path} is not a network namespace")]
+    NotNetns { path: String },
+    #[error("{call}")]
+    Syscall { call: &'static str, #[source] source: std::io::Error },
+    #[error("thread in netns {path} panicked")]
+    ThreadPanic { path: String },
+}
+
+fn syscall(call: &'static str) -> SysError {
+    SysError::Syscall { call, source: std::io::Error::last_os_error() }
+}
+
+/// Opens a netns by path and checks it really is one (NS_GET_NSTYPE).
+pub fn open_netns(path: &Path) -> Result<File, SysError> {
+    let shown = path.display().to_string();
+    let f = File::open(path).map_err(|source| SysError::OpenNetns { path: shown.clone(), source })?;
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: ioctl on an fd we own, no memory arguments.
+    let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(SysError::NotNetns { path: shown });
+    }
+    Ok(f)
+}
+
+/// Runs `f` on a short-lived thread inside `netns`; the caller's thread never moves.
+pub fn in_netns<T: Send>(netns: BorrowedFd<'_>, f: impl FnOnce() -> T + Send) -> Result<T, SysError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            setns(netns, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| SysError::Syscall { call: "setns", source: e.into() })?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| SysError::ThreadPanic { path: format!("fd {}", netns.as_raw_fd()) })?
+    })
+}
+
+/// The netns cookie the BPF programs key pods by (SO_NETNS_COOKIE, Linux 5.14).
+pub fn netns_cookie(netns: BorrowedFd<'_>) -> Result<u64, SysError> {
+    in_netns(netns, || {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"));
+        let sock = sock.map_err(|source| SysError::Syscall { call: "socket", source })?;
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: cookie and len are valid for the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+        };
+        if rc != 0 {
+            return Err(syscall("getsockopt(SO_NETNS_COOKIE)"));
+        }
+        Ok(cookie)
+    })?
+}
+
+/// Attach types from the kernel's uapi (stable ABI).
+pub mod attach_type {
+    pub const CGROUP_SOCK_OPS: u32 = 3;
+    pub const CGROUP_INET4_CONNECT: u32 = 10;
+    pub const CGROUP_INET6_CONNECT: u32 = 11;
+    pub const CGROUP_GETSOCKOPT: u32 = 21;
+    pub const SK_LOOKUP: u32 = 36;
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Large enough for every bpf_attr variant used here; the kernel checks the tail is zero.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Attr([0; 128])
+    }
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr, call: &'static str) -> Result<libc::c_long, SysError> {
+    // SAFETY: attr is a properly sized, zero-tailed bpf_attr for `cmd`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len()) };
+    if rc < 0 { Err(syscall(call)) } else { Ok(rc) }
+}
+
+/// BPF_LINK_CREATE: a link owns the attachment, so it can be pinned and outlive the agent.
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u32) -> Result<OwnedFd, SysError> {
+    let mut a = Attr::new();
+    a.put_u32(0, prog.as_raw_fd() as u32); // prog_fd
+    a.put_u32(4, target.as_raw_fd() as u32); // target_fd
+    a.put_u32(8, attach_type);
+    let fd = bpf(BPF_LINK_CREATE, &mut a, "bpf(BPF_LINK_CREATE)")?;
+    // SAFETY: the kernel returned a fresh fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_UPDATE: swaps the program behind a link atomically (agent upgrade).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<(), SysError> {
+    let mut a = Attr::new();
+    a.put_u32(0, link.as_raw_fd() as u32);
+    a.put_u32(4, prog.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut a, "bpf(BPF_LINK_UPDATE)").map(drop)
+}
+
+fn path_attr(path: &Path) -> Result<std::ffi::CString, SysError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| SysError::Syscall { call: "pin path", source: std::io::Error::other(e) })
+}
+
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), SysError> {
+    let p = path_attr(path)?;
+    let mut a = Attr::new();
+    a.put_u64(0, p.as_ptr() as u64);
+    a.put_u32(8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut a, "bpf(BPF_OBJ_PIN)").map(drop)
+}
+
+pub fn obj_get(path: &Path) -> Result<OwnedFd, SysError> {
+    let p = path_attr(path)?;
+    let mut a = Attr::new();
+    a.put_u64(0, p.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut a, "bpf(BPF_OBJ_GET)")?;
+    // SAFETY: the kernel returned a fresh fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Mounts a bpffs at `dir` unless one is there already.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), SysError> {
+    std::fs::create_dir_all(dir).map_err(|source| SysError::Syscall { call: "mkdir bpffs", source })?;
+    let st = nix::sys::statfs::statfs(dir).map_err(|e| SysError::Syscall { call: "statfs", source: e.into() })?;
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpffs"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| SysError::Syscall { call: "mount bpffs", source: e.into() })
+}
+

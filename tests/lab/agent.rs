@@ -1,0 +1,139 @@
+//! Runs the real `podsteer-agent` binary as a node process of a lab node.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use podsteer_agent::api::{self, ApiError, PodInfo, Request};
+use serde_json::Value;
+
+use crate::node::Node;
+use crate::pod::Pod;
+use crate::process::LabProcess;
+
+/// Where the workspace's binaries are: `PODSTEER_BIN_DIR`, else next to the
+/// running test (target/<profile>/deps/..).
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("PODSTEER_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+pub const CALL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A running agent, killed on drop. Its pins and state live in the node's state dir.
+pub struct Agent {
+    process: Option<LabProcess>,
+    node: Node,
+    args: Vec<String>,
+    pub socket: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent for `node` in `mode` (auto, ebpf, iptables) and waits until it answers.
+    pub fn start(node: &Node, mode: &str, extra: &[&str]) -> anyhow::Result<Agent> {
+        let dir = node.state_dir().join("agent");
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("agent.sock");
+        let bpffs = node.state_dir().join("bpffs");
+        let mut args: Vec<String> = vec![
+            "--mode".into(),
+            mode.into(),
+            "--cgroup".into(),
+            node.pods_cgroup().display().to_string(),
+            "--bpffs".into(),
+            bpffs.display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--state-dir".into(),
+            dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = Agent { process: None, node: node.clone(), args, socket, bpffs, state_dir: dir.clone(), log: dir.join("agent.log") };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = self.node.command(bin("podsteer-agent"))?;
+        cmd.args(&self.args).stdout(Stdio::null()).stderr(log);
+        let mut p = self.node.spawn_owned("podsteer-agent", cmd)?;
+        let socket = self.socket.clone();
+        let ready = crate::wait::until("agent to answer on its socket", Duration::from_secs(20), || {
+            if let Ok(Some(st)) = p.child_mut().try_wait() {
+                return Some(Err(anyhow::anyhow!("agent exited with {st}")));
+            }
+            api::call(&socket, &Request::Status, CALL_DEADLINE, None).ok().map(|_| Ok(()))
+        });
+        let outcome = ready.and_then(|r| r);
+        if let Err(e) = outcome {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            return Err(e.context(format!("agent log:\n{log}")));
+        }
+        self.process = Some(p);
+        Ok(())
+    }
+
+    /// Starts the agent the same way and returns the exit status and log, for
+    /// configurations that must refuse to start.
+    pub fn start_expect_failure(node: &Node, mode: &str, extra: &[&str]) -> anyhow::Result<String> {
+        match Agent::start(node, mode, extra) {
+            Ok(_) => anyhow::bail!("agent started but was expected to fail"),
+            Err(e) => Ok(format!("{e:#}")),
+        }
+    }
+
+    pub fn call(&self, req: &Request) -> anyhow::Result<Result<Value, ApiError>> {
+        Ok(api::call(&self.socket, req, CALL_DEADLINE, None).context("agent call")?.into_result())
+    }
+
+    /// Registers a lab pod as the CNI plugin would, with extra annotations.
+    pub fn add_pod(&self, pod: &Pod, annotations: &[(&str, &str)]) -> anyhow::Result<Result<Value, ApiError>> {
+        self.call(&Request::Add { pod: pod_info(pod, annotations) })
+    }
+
+    pub fn status(&self) -> anyhow::Result<Value> {
+        self.call(&Request::Status)?.map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    pub fn pods(&self) -> anyhow::Result<Value> {
+        self.call(&Request::Pods)?.map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// What the CNI plugin would send for a lab pod.
+pub fn pod_info(pod: &Pod, annotations: &[(&str, &str)]) -> PodInfo {
+    PodInfo {
+        uid: pod.uid().into(),
+        name: pod.name().into(),
+        namespace: pod.namespace().into(),
+        netns: pod.netns().path().to_owned(),
+        ips: pod.ips().to_vec(),
+        annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}

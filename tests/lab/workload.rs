@@ -1,0 +1,46 @@
+//! Starting the lab tool's workloads in pods and reading what they report.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::Context as _;
+
+use crate::pod::Pod;
+use crate::process::LabProcess;
+
+pub const TOOL: &str = "podsteer-lab-tool";
+
+/// Runs `podsteer-lab-tool ARGS` in `pod` (in `cgroup`, default the pod's own)
+/// and returns once it printed its "listening" line.
+pub fn start_server(pod: &Pod, cgroup: Option<&Path>, args: &[&str]) -> anyhow::Result<LabProcess> {
+    let tool = crate::agent::bin(TOOL);
+    let mut cmd = match cgroup {
+        Some(cg) => pod.command_in_cgroup(&tool, cg)?,
+        None => pod.command(&tool)?,
+    };
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut p = pod.spawn(args[0], cmd)?;
+    let mut line = String::new();
+    let stdout = p.child_mut().stdout.take().context("stdout is piped")?;
+    BufReader::new(stdout).read_line(&mut line)?;
+    if !line.starts_with("listening") {
+        let mut err = String::new();
+        if let Some(e) = p.child_mut().stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut BufReader::new(e), &mut err);
+        }
+        anyhow::bail!("{args:?} did not start: {line}{err}");
+    }
+    Ok(p)
+}
+
+/// Runs a client to completion in the pod's netns and cgroup; stdout on success.
+pub fn run_client(pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = pod.command(crate::agent::bin(TOOL))?;
+    let out = cmd.args(args).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        anyhow::bail!("{args:?} in pod {} failed: {}{}", pod.name(), stdout, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(stdout)
+}

@@ -1,0 +1,299 @@
+//! Interception, in both modes, against the real kernel: where connections land,
+//! what is left alone, restart, clean removal and bad input.
+
+use std::net::{IpAddr, SocketAddr};
+
+use podsteer_agent::api::ErrorKind;
+use podsteer_agent::ebpf::maps::Maps;
+use podsteer_lab::agent::Agent;
+use podsteer_lab::process::LabProcess;
+use podsteer_lab::workload::{run_client, start_server};
+use podsteer_lab::{Node, NodeOptions, Pod, PodSpec};
+
+/// A node with an agent, a meshed client pod `a` with its proxy's outbound
+/// listener, and an unmeshed server pod `b` that names itself.
+struct Scene {
+    _procs: Vec<LabProcess>,
+    a: Pod,
+    b: Pod,
+    agent: Agent,
+    node: Node,
+}
+
+fn addr(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}
+
+impl Scene {
+    fn new(mode: &str, annotations: &[(&str, &str)]) -> anyhow::Result<Scene> {
+        let owned: Vec<(String, String)> = annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Scene::with(mode, |_| owned)
+    }
+
+    /// Like `new`, with annotations for `a` computed from pod `b` (its address, say).
+    fn with(mode: &str, annotations: impl FnOnce(&Pod) -> Vec<(String, String)>) -> anyhow::Result<Scene> {
+        let node = Node::new(NodeOptions::default())?;
+        let agent = Agent::start(&node, mode, &[])?;
+        let a = node.add_pod(PodSpec::new("default", "a"))?;
+        let b = node.add_pod(PodSpec::new("default", "b"))?;
+        let ann = annotations(&b);
+        let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        agent.add_pod(&a, &ann)?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let procs = vec![
+            start_server(&b, None, &["whoami", "[::]:8080", "b"])?,
+            start_server(&a, Some(node.proxy_cgroup()), &["whoami", "127.0.0.1:15001", "proxy"])?,
+            start_server(&a, Some(node.proxy_cgroup()), &["whoami", "[::1]:15001", "proxy"])?,
+        ];
+        Ok(Scene { _procs: procs, a, b, agent, node })
+    }
+
+    fn b4(&self) -> IpAddr {
+        self.b.ipv4().expect("b has IPv4")
+    }
+
+    fn b6(&self) -> IpAddr {
+        self.b.ipv6().expect("b has IPv6")
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("")
+}
+
+/// Generates one test per mode from a body taking the mode name.
+macro_rules! both_modes {
+    ($body:ident) => {
+        mod $body {
+            #[test]
+            fn ebpf() -> anyhow::Result<()> {
+                super::$body("ebpf")
+            }
+            #[test]
+            fn iptables() -> anyhow::Result<()> {
+                super::$body("iptables")
+            }
+        }
+    };
+}
+
+fn outbound_lands_on_the_proxy_with_the_original_destination(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    for dst in [addr(s.b4(), 8080), addr(s.b6(), 8080)] {
+        let line = run_client(&s.a, &["hello", &dst])?;
+        assert_eq!(field(&line, "server="), "proxy", "{mode} {dst}: {line}");
+        assert_eq!(field(&line, "orig="), dst, "{mode}: {line}");
+    }
+    if mode == "ebpf" {
+        let save = podsteer_agent::iptables::Backend::Nft.save(s.a.netns().fd(), podsteer_agent::iptables::Family::V4)?;
+        assert!(!save.contains("PODSTEER"), "eBPF mode must not add iptables rules: {save}");
+    }
+    Ok(())
+}
+both_modes!(outbound_lands_on_the_proxy_with_the_original_destination);
+
+fn inbound_lands_on_the_inbound_listener(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    let c = s.node.add_pod(PodSpec::new("default", "c"))?;
+    let uid = s.a.uid().to_string();
+    let sock = s.agent.socket.display().to_string();
+    let mut args = vec!["whoami", "0.0.0.0:15006", "inbound"];
+    if mode == "ebpf" {
+        args.extend(["--register", &sock, &uid]);
+    }
+    let _inbound = start_server(&s.a, Some(s.node.proxy_cgroup()), &args)?;
+    let _app = start_server(&s.a, None, &["whoami", "0.0.0.0:8080", "app"])?;
+    let dst = addr(s.a.ipv4().expect("v4"), 8080);
+    let line = run_client(&c, &["hello", &dst])?;
+    assert_eq!(field(&line, "server="), "inbound", "{mode}: {line}");
+    assert!(field(&line, "orig=").ends_with(&dst), "{mode}: {line}");
+    // The pod reaching its own address is not inbound traffic.
+    let own = run_client(&s.a, &["hello", &dst])?;
+    assert_eq!(field(&own, "server="), "app", "{mode}: {own}");
+    Ok(())
+}
+both_modes!(inbound_lands_on_the_inbound_listener);
+
+fn ipv6_inbound_lands_on_the_inbound_listener(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    let c = s.node.add_pod(PodSpec::new("default", "c6"))?;
+    let uid = s.a.uid().to_string();
+    let sock = s.agent.socket.display().to_string();
+    let mut args = vec!["whoami", "[::]:15006", "inbound"];
+    if mode == "ebpf" {
+        args.extend(["--register", &sock, &uid]);
+    }
+    let _inbound = start_server(&s.a, Some(s.node.proxy_cgroup()), &args)?;
+    let dst = addr(s.a.ipv6().expect("v6"), 8080);
+    let line = run_client(&c, &["hello", &dst])?;
+    assert_eq!(field(&line, "server="), "inbound", "{mode}: {line}");
+    assert!(field(&line, "orig=").ends_with(&dst), "{mode}: {line}");
+    Ok(())
+}
+both_modes!(ipv6_inbound_lands_on_the_inbound_listener);
+
+/// Each case: annotations for pod a, extra client flags, and where to connect.
+fn not_intercepted(mode: &str) -> anyhow::Result<()> {
+    type Annotate = fn(&Pod) -> Vec<(String, String)>;
+    struct Case {
+        name: &'static str,
+        annotations: Annotate,
+        flags: Vec<&'static str>,
+    }
+    let cases = [
+        Case { name: "excluded port", annotations: |_| vec![("podsteer.io/exclude-outbound-ports".into(), "8080".into())], flags: vec![] },
+        Case {
+            name: "excluded CIDR",
+            annotations: |b| vec![("podsteer.io/exclude-outbound-cidrs".into(), format!("{}/32", b.ipv4().expect("v4")))],
+            flags: vec![],
+        },
+        Case { name: "proxy mark", annotations: |_| vec![], flags: vec!["--mark", "0x539"] },
+        Case { name: "proxy UID (sidecar)", annotations: |_| vec![("podsteer.io/proxy-mode".into(), "sidecar".into())], flags: vec!["--uid", "1337"] },
+    ];
+    for case in cases {
+        let s = Scene::with(mode, case.annotations)?;
+        let dst = addr(s.b4(), 8080);
+        let mut args = vec!["hello", dst.as_str()];
+        args.extend(&case.flags);
+        let line = run_client(&s.a, &args)?;
+        assert_eq!(field(&line, "server="), "b", "{mode} / {}: {line}", case.name);
+        // The same pod without the exemption is intercepted (nothing listens on 9999 but the proxy).
+        let line = run_client(&s.a, &["hello", &addr(s.b6(), 9999)])?;
+        assert_eq!(field(&line, "server="), "proxy", "{mode} / {} control: {line}", case.name);
+    }
+
+    let s = Scene::new(mode, &[])?;
+    let unmeshed = s.node.add_pod(PodSpec::new("default", "unmeshed"))?;
+    let line = run_client(&unmeshed, &["hello", &addr(s.b4(), 8080)])?;
+    assert_eq!(field(&line, "server="), "b", "{mode} / unmeshed pod: {line}");
+    let _local = start_server(&s.a, None, &["whoami", "127.0.0.1:7777", "local"])?;
+    let line = run_client(&s.a, &["hello", "127.0.0.1:7777"])?;
+    assert_eq!(field(&line, "server="), "local", "{mode} / loopback: {line}");
+    Ok(())
+}
+both_modes!(not_intercepted);
+
+fn two_pods_with_the_same_local_tuple_are_kept_apart(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    let a2 = s.node.add_pod(PodSpec::new("default", "a2"))?;
+    s.agent.add_pod(&a2, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _p2 = start_server(&a2, Some(s.node.proxy_cgroup()), &["whoami", "127.0.0.1:15001", "proxy2"])?;
+    let (d1, d2) = (addr(s.b4(), 8080), addr(s.b4(), 9090));
+    let (r1, r2) = std::thread::scope(|sc| {
+        let h1 = sc.spawn(|| run_client(&s.a, &["hello", &d1, "--bind-port", "40000"]));
+        let h2 = sc.spawn(|| run_client(&a2, &["hello", &d2, "--bind-port", "40000"]));
+        (h1.join(), h2.join())
+    });
+    let (l1, l2) = (r1.expect("thread")?, r2.expect("thread")?);
+    assert_eq!((field(&l1, "server="), field(&l1, "orig=")), ("proxy", d1.as_str()), "{mode}: {l1}");
+    assert_eq!((field(&l2, "server="), field(&l2, "orig=")), ("proxy2", d2.as_str()), "{mode}: {l2}");
+    assert!(field(&l1, "peer=").ends_with(":40000") && field(&l2, "peer=").ends_with(":40000"), "{l1} {l2}");
+    if mode == "ebpf" {
+        // After connect4's rewrite both apps are 127.0.0.1:40000 -> 127.0.0.1:15001 in their own netns.
+        assert_eq!(field(&l1, "peer="), "127.0.0.1:40000");
+        assert_eq!(field(&l2, "peer="), "127.0.0.1:40000");
+    }
+    Ok(())
+}
+both_modes!(two_pods_with_the_same_local_tuple_are_kept_apart);
+
+fn removal_leaves_nothing(mode: &str) -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let mut agent = Agent::start(&node, mode, &[])?;
+    let a = node.add_pod(PodSpec::new("default", "a"))?;
+    let backend = podsteer_agent::iptables::Backend::Nft;
+    let fam = [podsteer_agent::iptables::Family::V4, podsteer_agent::iptables::Family::V6];
+    let before: Vec<String> = fam.iter().map(|f| backend.save(a.netns().fd(), *f)).collect::<Result<_, _>>()?;
+    let rec = agent.add_pod(&a, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cookie = rec["netns_cookie"].as_u64().expect("cookie");
+    agent.call(&podsteer_agent::api::Request::Del { uid: a.uid().into() })?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let after: Vec<String> = fam.iter().map(|f| backend.save(a.netns().fd(), *f)).collect::<Result<_, _>>()?;
+    let strip = |v: &[String]| v.iter().map(|s| s.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")).collect::<Vec<_>>();
+    assert_eq!(strip(&before), strip(&after), "{mode}: iptables-save differs after removal");
+    if mode == "ebpf" {
+        let maps = Maps::open_pinned(&agent.bpffs)?;
+        assert!(maps.pods.get(&cookie, 0).is_err(), "PODS still has the pod");
+        assert_eq!(maps.pod_by_ip.keys().count(), 0);
+        let pins = podsteer_agent::ebpf::pins::PinDir::new(&agent.bpffs);
+        assert!(!pins.pod_link(cookie).exists());
+        drop(maps);
+        agent.kill();
+        let out = node.command(podsteer_lab::agent::bin("podsteer-agent"))?
+            .args(["--bpffs", &agent.bpffs.display().to_string(), "remove-pins"])
+            .output()?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!pins.root().exists(), "pins survived remove-pins");
+        // With the links gone, the pod's traffic is no longer touched even if re-registered nowhere.
+    }
+    Ok(())
+}
+both_modes!(removal_leaves_nothing);
+
+fn bad_input_is_refused_and_changes_nothing(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    let victim = s.node.add_pod(PodSpec::new("default", "victim"))?;
+    let pods_before = s.agent.pods()?;
+    let save_before = podsteer_agent::iptables::Backend::Nft.save(victim.netns().fd(), podsteer_agent::iptables::Family::V4)?;
+    let cases: Vec<(&str, Vec<(&str, &str)>, Option<std::path::PathBuf>, ErrorKind)> = vec![
+        ("port 0", vec![("podsteer.io/exclude-outbound-ports", "0")], None, ErrorKind::InvalidPolicy),
+        ("overlapping CIDRs", vec![("podsteer.io/exclude-outbound-cidrs", "10.0.0.0/8,10.2.0.0/16")], None, ErrorKind::InvalidPolicy),
+        ("unknown netns", vec![], Some("/run/netns/podsteer-no-such-netns".into()), ErrorKind::BadNetns),
+        ("not a netns", vec![], Some("/proc/self/status".into()), ErrorKind::BadNetns),
+    ];
+    for (name, ann, netns, want) in cases {
+        let mut info = podsteer_lab::agent::pod_info(&victim, &ann);
+        if let Some(n) = netns {
+            info.netns = n;
+        }
+        let got = s.agent.call(&podsteer_agent::api::Request::Add { pod: info })?;
+        let err = got.err().unwrap_or_else(|| panic!("{mode} / {name}: accepted"));
+        assert_eq!(err.kind, want, "{mode} / {name}: {}", err.message);
+        assert!(!err.message.is_empty());
+    }
+    assert_eq!(s.agent.pods()?, pods_before, "{mode}: registry changed");
+    let save_after = podsteer_agent::iptables::Backend::Nft.save(victim.netns().fd(), podsteer_agent::iptables::Family::V4)?;
+    assert_eq!(save_before.lines().filter(|l| l.starts_with('-')).count(), save_after.lines().filter(|l| l.starts_with('-')).count());
+    // The victim is still unmeshed, and the meshed pod still works.
+    let line = run_client(&victim, &["hello", &addr(s.b4(), 8080)])?;
+    assert_eq!(field(&line, "server="), "b", "{mode}: {line}");
+    let line = run_client(&s.a, &["hello", &addr(s.b4(), 8080)])?;
+    assert_eq!(field(&line, "server="), "proxy", "{mode}: {line}");
+    Ok(())
+}
+both_modes!(bad_input_is_refused_and_changes_nothing);
+
+#[test]
+fn agent_restart_keeps_interception_and_adopts_pins() -> anyhow::Result<()> {
+    let mut s = Scene::new("ebpf", &[])?;
+    assert_eq!(s.agent.status()?["pins_origin"], "attached");
+    let dst = addr(s.b4(), 8080);
+    s.agent.kill();
+    let line = run_client(&s.a, &["hello", &dst])?;
+    assert_eq!(field(&line, "server="), "proxy", "while the agent is down: {line}");
+    s.agent.restart()?;
+    assert_eq!(s.agent.status()?["pins_origin"], "adopted");
+    assert_eq!(s.agent.pods()?.as_array().map(Vec::len), Some(1), "the restarted agent knows the pod");
+    let line = run_client(&s.a, &["hello", &dst])?;
+    assert_eq!(field(&line, "server="), "proxy", "after restart: {line}");
+    assert_eq!(field(&line, "orig="), dst);
+    Ok(())
+}
+
+#[test]
+fn forced_ebpf_on_a_kernel_without_a_feature_fails_naming_it() -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let err = Agent::start_expect_failure(&node, "ebpf", &["--mask-feature", "prog:sk_lookup"])?;
+    assert!(err.contains("kernel lacks: prog:sk_lookup"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn auto_mode_falls_back_to_iptables_and_says_why() -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let agent = Agent::start(&node, "auto", &["--mask-feature", "helper:sk_assign(sk_lookup)"])?;
+    let st = agent.status()?;
+    assert_eq!(st["mode"], "iptables");
+    assert!(st["reason"].as_str().unwrap_or("").contains("helper:sk_assign(sk_lookup)"), "{st}");
+    let full = Agent::start(&Node::new(NodeOptions::default())?, "auto", &[])?;
+    assert_eq!(full.status()?["mode"], "ebpf", "this kernel has every feature");
+    Ok(())
+}
