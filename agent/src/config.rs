@@ -32,6 +32,13 @@ pub struct AgentConfig {
     /// The socket the CNI plugin, the proxy and the CLI talk to (mode 0600).
     #[arg(long, env = "PODSTEER_SOCKET", default_value = defaults::SOCKET)]
     pub socket: PathBuf,
+    /// The shared proxy's control socket (SOCK_SEQPACKET). With it, a pod is
+    /// ready only once the proxy has opened its listeners.
+    #[arg(long, env = "PODSTEER_PROXY_SOCKET")]
+    pub proxy_socket: Option<PathBuf>,
+    /// How long a pod add waits for a proxy to be connected.
+    #[arg(long, env = "PODSTEER_PROXY_WAIT_MS", default_value_t = 10_000)]
+    pub proxy_wait_ms: u64,
     /// Where the pod registry is saved across restarts.
     #[arg(long, env = "PODSTEER_STATE_DIR", default_value = defaults::STATE_DIR)]
     pub state_dir: PathBuf,

@@ -2,6 +2,10 @@
 //! changed until the whole request has been validated.
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use podsteer_proxy::control::wire::PodSpec;
 
 use serde::Serialize;
 use tracing::{info, info_span, warn};
@@ -11,12 +15,14 @@ use crate::config::AgentConfig;
 use crate::ebpf::EbpfDataPath;
 use crate::iptables::Backend;
 use crate::mode::{self, Mode, ModeChoice};
-use crate::policy::{Policy, inject_disabled};
+use crate::policy::{Policy, ProxyMode, inject_disabled};
+use crate::proxy_link::{LinkError, ProxyConn, ProxyLink};
 use crate::redirect::{PodNet, Redirector};
 use crate::registry::{PodRecord, Registry};
 use crate::sys;
 
 pub struct Controller {
+    proxy: Option<Arc<ProxyLink>>,
     config: AgentConfig,
     choice: ModeChoice,
     redirector: Redirector,
@@ -33,6 +39,8 @@ pub struct Status<'a> {
     pub pins_origin: Option<crate::ebpf::loader::Origin>,
     pub cgroup: String,
     pub pods: usize,
+    /// PID of the connected shared proxy, if any.
+    pub proxy_pid: Option<u32>,
     pub config: &'a AgentConfig,
 }
 
@@ -58,7 +66,8 @@ impl Controller {
         };
         std::fs::create_dir_all(&config.state_dir)?;
         let registry = Registry::load(Some(config.registry_path()));
-        Ok(Controller { config, choice, redirector, registry, origin })
+        let proxy = config.proxy_socket.as_ref().map(|_| Arc::new(ProxyLink::default()));
+        Ok(Controller { proxy, config, choice, redirector, registry, origin })
     }
 
     pub fn status(&self) -> Status<'_> {
@@ -70,6 +79,7 @@ impl Controller {
             pins_origin: self.origin,
             cgroup: self.config.cgroup.display().to_string(),
             pods: self.registry.all().count(),
+            proxy_pid: self.proxy.as_ref().and_then(|p| p.connected()),
             config: &self.config,
         }
     }
@@ -112,6 +122,19 @@ impl Controller {
             let _ = self.redirector.unenroll(Some(&net), cookie, &policy);
             return Response::err(ErrorKind::Internal, error_chain(&e));
         }
+        // A handover between proxies must not drop queued connections: let the
+        // kernel move them to the other listener of the SO_REUSEPORT group.
+        if let Err(e) = sys::in_netns(net.netns.as_fd(), || std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
+            warn!(error = %error_chain(&e), "tcp_migrate_req");
+        }
+        let proxy_ready = match self.hand_to_proxy(&pod.uid, &pod.name, &pod.namespace, &policy, &net) {
+            Ok(ready) => ready,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "proxy did not take the pod; rolling back");
+                let _ = self.redirector.unenroll(Some(&net), cookie, &policy);
+                return Response::err(ErrorKind::NotReady, error_chain(&e));
+            }
+        };
         let rec = PodRecord {
             uid: pod.uid,
             name: pod.name,
@@ -121,7 +144,7 @@ impl Controller {
             ips: pod.ips,
             mode: self.redirector.mode(),
             policy,
-            proxy_ready: false,
+            proxy_ready,
             last_error: None,
         };
         if let Err(e) = self.registry.insert(rec.clone()) {
@@ -138,6 +161,12 @@ impl Controller {
         };
         let span = info_span!("del", pod = %format!("{}/{}", rec.namespace, rec.name), netns = %rec.netns.display(), mode = ?rec.mode);
         let _g = span.enter();
+        if let Some(link) = &self.proxy {
+            // Best effort: a missing proxy has no listeners to close.
+            if let Err(e) = link.with_proxy(Duration::ZERO, |p| p.del_pod(uid)) {
+                warn!(error = %error_chain(&e), "proxy did not confirm the removal");
+            }
+        }
         let net = sys::open_netns(&rec.netns).ok().map(|netns| PodNet { netns, cookie: rec.netns_cookie });
         if let Err(e) = self.redirector.unenroll(net.as_ref(), rec.netns_cookie, &rec.policy) {
             return Response::err(ErrorKind::Internal, error_chain(&e));
@@ -158,6 +187,79 @@ impl Controller {
             Ok(true) => Response::ok(rec),
             Ok(false) => Response::err(ErrorKind::NotReady, format!("interception for pod {uid} is not in place")),
             Err(e) => Response::err(ErrorKind::Internal, error_chain(&e)),
+        }
+    }
+
+    /// Hands a pod to the shared proxy and, in eBPF mode, points sk_lookup at
+    /// the inbound listeners it opened. Ok(false): no shared proxy for this pod.
+    fn hand_to_proxy(&mut self, uid: &str, name: &str, namespace: &str, policy: &Policy, net: &PodNet) -> Result<bool, LinkError> {
+        let Some(link) = self.proxy.clone() else { return Ok(false) };
+        if policy.proxy_mode != ProxyMode::Shared {
+            return Ok(false);
+        }
+        let spec = self.proxy_spec(uid, name, namespace, policy);
+        let deadline = Duration::from_millis(self.config.proxy_wait_ms);
+        let listeners = link.with_proxy(deadline, |p| p.add_pod(&spec, net.netns.as_fd()))?;
+        self.install_listeners(net.cookie, &listeners);
+        Ok(true)
+    }
+
+    fn proxy_spec(&self, uid: &str, name: &str, namespace: &str, policy: &Policy) -> PodSpec {
+        PodSpec {
+            uid: uid.into(),
+            name: name.into(),
+            namespace: namespace.into(),
+            outbound_port: policy.outbound_port,
+            inbound_port: policy.inbound_port,
+            return_inbound_listeners: self.redirector.mode() == Mode::Ebpf,
+        }
+    }
+
+    fn install_listeners(&mut self, cookie: u64, listeners: &[(u16, std::os::fd::OwnedFd)]) {
+        for (family, fd) in listeners {
+            if let Err(e) = self.redirector.set_inbound_listener(cookie, *family, fd.as_fd()) {
+                warn!(error = %error_chain(&e), family, "inbound listener");
+            }
+        }
+    }
+
+    /// A proxy connected: replay every shared-mode pod to it, make it current,
+    /// then tell the one it replaces to drain. New listeners exist before old
+    /// ones close, so no connection is refused during the handover.
+    pub fn on_proxy(&mut self, conn: ProxyConn) {
+        let Some(link) = self.proxy.clone() else { return };
+        let pods: Vec<PodRecord> = self.registry.all().filter(|p| p.policy.proxy_mode == ProxyMode::Shared).cloned().collect();
+        for rec in pods {
+            let span = info_span!("replay", pod = %format!("{}/{}", rec.namespace, rec.name), netns = %rec.netns.display(), mode = ?rec.mode);
+            let _g = span.enter();
+            let Ok(netns) = sys::open_netns(&rec.netns) else {
+                warn!("netns gone; the pod will be removed by repair");
+                continue;
+            };
+            let spec = self.proxy_spec(&rec.uid, &rec.name, &rec.namespace, &rec.policy);
+            match conn.add_pod(&spec, netns.as_fd()) {
+                Ok(listeners) => {
+                    self.install_listeners(rec.netns_cookie, &listeners);
+                    if let Some(r) = self.registry.get_mut(&rec.uid) {
+                        r.proxy_ready = true;
+                        r.last_error = None;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "replay");
+                    if let Some(r) = self.registry.get_mut(&rec.uid) {
+                        r.last_error = Some(error_chain(&e));
+                    }
+                }
+            }
+        }
+        let _ = self.registry.save();
+        info!(pid = conn.pid, "proxy connected and replayed");
+        if let Some(old) = link.promote(conn) {
+            info!(pid = old.pid, "draining the previous proxy");
+            if let Err(e) = old.drain() {
+                warn!(error = %error_chain(&e), "drain");
+            }
         }
     }
 

@@ -8,6 +8,7 @@ pub mod ebpf;
 pub mod iptables;
 pub mod mode;
 pub mod policy;
+pub mod proxy_link;
 pub mod redirect;
 pub mod registry;
 pub mod server;

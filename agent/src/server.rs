@@ -60,3 +60,24 @@ fn dispatch(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd
         Request::RegisterListener { uid, family } => c.register_listener(&uid, family, fd),
     }
 }
+
+/// Accepts proxies on the control socket; each is replayed under the controller lock.
+pub fn serve_proxies(listener: std::os::fd::OwnedFd, ctl: &Mutex<Controller>) {
+    use crate::proxy_link::{self, ProxyConn, REPLY_TIMEOUT};
+    loop {
+        let fd = match proxy_link::accept(listener.as_fd()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %e, "accept on proxy socket");
+                continue;
+            }
+        };
+        match ProxyConn::handshake(fd, REPLY_TIMEOUT) {
+            Ok(conn) => match ctl.lock() {
+                Ok(mut c) => c.on_proxy(conn),
+                Err(_) => warn!("agent state poisoned; proxy not replayed"),
+            },
+            Err(e) => warn!(error = %e, "proxy handshake"),
+        }
+    }
+}

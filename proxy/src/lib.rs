@@ -1,1 +1,14 @@
-//! podsteer-proxy
+//! podsteer-proxy: where intercepted connections land. Shared per node (pods
+//! arrive over the control socket and get listeners inside their netns) or per
+//! pod as a sidecar.
+
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod inpod;
+pub mod listeners;
+pub mod metrics;
+pub mod pods;
+pub mod relay;
+pub mod socket;
+pub mod state;

@@ -34,6 +34,8 @@ pub struct Agent {
     node: Node,
     args: Vec<String>,
     pub socket: PathBuf,
+    /// The shared proxy's control socket, when started with one.
+    pub proxy_socket: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
@@ -59,7 +61,8 @@ impl Agent {
             dir.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut agent = Agent { process: None, node: node.clone(), args, socket, bpffs, state_dir: dir.clone(), log: dir.join("agent.log") };
+        let proxy_socket = args.iter().position(|a| a == "--proxy-socket").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+        let mut agent = Agent { process: None, node: node.clone(), args, socket, proxy_socket, bpffs, state_dir: dir.clone(), log: dir.join("agent.log") };
         agent.spawn()?;
         Ok(agent)
     }
@@ -83,6 +86,14 @@ impl Agent {
         }
         self.process = Some(p);
         Ok(())
+    }
+
+    /// Starts an agent that hands pods to a shared proxy on `<state>/agent/proxy.sock`.
+    pub fn start_with_proxy(node: &Node, mode: &str, extra: &[&str]) -> anyhow::Result<Agent> {
+        let sock = node.state_dir().join("agent").join("proxy.sock").display().to_string();
+        let mut args = vec!["--proxy-socket", sock.as_str()];
+        args.extend_from_slice(extra);
+        Agent::start(node, mode, &args)
     }
 
     /// Starts the agent the same way and returns the exit status and log, for

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod node;
 pub mod pod;
 pub mod process;
+pub mod proxy;
 pub mod sweep;
 pub mod wait;
 pub mod workload;

@@ -62,15 +62,7 @@ impl NetNs {
 
     /// Runs `f` on a thread that has entered this netns; sockets made there stay in it.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-        std::thread::scope(|s| {
-            s.spawn(|| -> anyhow::Result<T> {
-                setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("setns into {}", self.name))?;
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))?
-        })
+        run_in(self.file.as_fd(), &self.name, f)
     }
 
     /// Reads one interface's counters from /proc/thread-self/net/dev inside this netns.
@@ -78,6 +70,18 @@ impl NetNs {
         let text = self.run(|| fs::read_to_string("/proc/thread-self/net/dev"))??;
         parse_net_dev(&text, ifname).with_context(|| format!("no interface {ifname} in {}", self.name))
     }
+}
+
+/// Runs `f` on a fresh thread inside the netns `fd`; the caller's thread never moves.
+pub fn run_in<T: Send>(fd: BorrowedFd<'_>, name: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<T> {
+            setns(fd, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns into {name}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns {name} panicked"))?
+    })
 }
 
 impl Drop for NetNs {

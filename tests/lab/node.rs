@@ -15,7 +15,7 @@ use crate::cni::Runtime;
 use crate::names::LabId;
 use crate::netns::NetNs;
 use crate::pod::{Pod, PodSpec};
-use crate::process::{LabProcess, enter_before_exec};
+use crate::process::{LabProcess, command_in};
 
 /// Where Debian installs containernetworking-plugins, then the upstream default.
 pub const SYSTEM_PLUGIN_DIRS: &[&str] = &["/usr/lib/cni", "/opt/cni/bin"];
@@ -145,11 +145,12 @@ impl Node {
 
     /// A command that runs in the node netns and the lab's cgroup.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
-        let mut cmd = Command::new(program);
-        let ns = fs::File::open(self.inner.netns.path())?.into();
-        let procs = fs::OpenOptions::new().write(true).open(self.lab_cgroup().join("cgroup.procs"))?;
-        enter_before_exec(&mut cmd, Some(ns), Some(procs));
-        Ok(cmd)
+        command_in(program, self.inner.netns.path(), self.lab_cgroup())
+    }
+
+    /// A node-netns command in the proxy cgroup: how the shared proxy runs.
+    pub fn proxy_command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        command_in(program, self.inner.netns.path(), self.proxy_cgroup())
     }
 
     /// Starts a node-level process that lives as long as the node.

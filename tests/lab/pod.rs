@@ -2,7 +2,6 @@
 //! cgroup under the node's pods subtree, and Kubernetes metadata in CNI_ARGS.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
@@ -15,7 +14,7 @@ use crate::cgroup::CgroupDir;
 use crate::cni::{Attachment, result_ips};
 use crate::netns::NetNs;
 use crate::node::NodeInner;
-use crate::process::{LabProcess, enter_before_exec};
+use crate::process::{LabProcess, command_in};
 
 #[derive(Clone, Debug, Default)]
 pub struct PodSpec {
@@ -142,11 +141,7 @@ impl Pod {
     /// A command in the pod's netns but another cgroup: the shared proxy's
     /// listeners live in each pod's netns while the proxy itself is a node process.
     pub fn command_in_cgroup(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: &Path) -> anyhow::Result<Command> {
-        let mut cmd = Command::new(program);
-        let ns = fs::File::open(self.netns.path())?.into();
-        let procs = fs::OpenOptions::new().write(true).open(cgroup.join("cgroup.procs"))?;
-        enter_before_exec(&mut cmd, Some(ns), Some(procs));
-        Ok(cmd)
+        command_in(program, self.netns.path(), cgroup)
     }
 
     /// Starts a pod process, recorded with the node so a sweep can find it.

@@ -116,3 +116,13 @@ pub fn enter_before_exec(cmd: &mut Command, netns: Option<OwnedFd>, cgroup_procs
         });
     }
 }
+
+/// A command that enters the netns at `netns` and joins `cgroup` before exec:
+/// how the lab starts every pod and node process.
+pub fn command_in(program: impl AsRef<std::ffi::OsStr>, netns: &Path, cgroup: &Path) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(program);
+    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?.into();
+    let procs = OpenOptions::new().write(true).open(cgroup.join("cgroup.procs")).with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+    enter_before_exec(&mut cmd, Some(ns), Some(procs));
+    Ok(cmd)
+}

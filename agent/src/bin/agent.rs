@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use podsteer_agent::config::AgentConfig;
 use podsteer_agent::controller::Controller;
 use podsteer_agent::ebpf::EbpfDataPath;
-use podsteer_agent::server;
+use podsteer_agent::{proxy_link, server};
 use tracing::info;
 
 #[derive(Parser)]
@@ -37,9 +37,14 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Run => {
             let listener = server::bind(&cli.config.socket)?;
-            let ctl = Controller::start(cli.config)?;
+            let proxy_listener = cli.config.proxy_socket.as_deref().map(proxy_link::bind).transpose()?;
+            let ctl = Arc::new(Mutex::new(Controller::start(cli.config)?));
+            if let Some(l) = proxy_listener {
+                let ctl = ctl.clone();
+                std::thread::Builder::new().name("proxy-link".into()).spawn(move || server::serve_proxies(l, &ctl))?;
+            }
             info!("ready");
-            server::serve(listener, Arc::new(Mutex::new(ctl)));
+            server::serve(listener, ctl);
             Ok(())
         }
     }
@@ -47,6 +52,8 @@ fn main() -> anyhow::Result<()> {
 
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a terminal: logs usually land in files and collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json { b.json().init() } else { b.init() }
 }

@@ -9,6 +9,15 @@
 //!                                 listener to the agent as the pod's inbound listener.
 //! `hello ADDR [--mark N] [--bind-port P] [--uid U]`
 //!                                 connect, print the first line the server sends.
+//! `bulk ADDR BYTES`               stream BYTES pseudo-random bytes to an echo server while
+//!                                 checking every byte that comes back; print "ok <n> <hash>".
+//! `halfclose-server ADDR`         "A": read to EOF, answer "got N", close.
+//!                                 "B": say "bye", shut writes, read to EOF, remember N.
+//!                                 "C": answer the N remembered from the last "B".
+//! `halfclose ADDR client|server`  exercise one direction of half-close, print "ok ...".
+//! `expect-reset ADDR [--quiet]`   connect, send (or stay quiet), report how the proxy ended it.
+//! `concurrent ADDR N`             N connections open at once, each echoing a message.
+//! `loop ADDR MILLIS`              connect/echo/close in a loop; print "ok n=.. failures=..".
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,6 +25,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 fn main() -> anyhow::Result<()> {
+    // Tests hold a thousand connections open at once.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
@@ -23,6 +35,13 @@ fn main() -> anyhow::Result<()> {
         ["request", addr, bytes] => request(addr, bytes.parse()?),
         ["whoami", addr, name, rest @ ..] => whoami(addr, name, rest),
         ["hello", addr, rest @ ..] => hello(addr.parse()?, rest),
+        ["bulk", addr, bytes] => bulk(addr, bytes.parse()?),
+        ["halfclose-server", addr] => halfclose_server(addr),
+        ["halfclose", addr, side] => halfclose(addr, side),
+        ["expect-reset", addr] => expect_reset(addr, false),
+        ["expect-reset", addr, "--quiet"] => expect_reset(addr, true),
+        ["concurrent", addr, n] => concurrent(addr, n.parse()?),
+        ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
         _ => anyhow::bail!("usage: see the module doc of podsteer-lab-tool"),
     }
 }
@@ -157,4 +176,232 @@ fn connect(fd: std::os::fd::OwnedFd, addr: SocketAddr) -> anyhow::Result<TcpStre
     use nix::sys::socket::{SockaddrStorage, connect};
     connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     Ok(TcpStream::from(fd))
+}
+
+/// read(2) on a blocking socket, retrying the spurious EAGAIN that tcp_bpf's
+/// recvmsg returns when a peer's FIN or RST wakes a reader whose socket sits in a
+/// SockHash (seen on 6.18). Epoll-driven apps never see it; blocking ones do.
+fn read_retrying(c: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match (&*c).read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < end => continue,
+            other => return other,
+        }
+    }
+}
+
+fn read_to_end_retrying(c: &TcpStream) -> std::io::Result<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = read_retrying(c, &mut buf)?;
+        if n == 0 {
+            return Ok(String::from_utf8_lossy(&out).into_owned());
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A reproducible byte stream indexed by position, so writer and reader agree
+/// however the bytes are chunked on the way.
+fn fill_at(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let pos = offset + i as u64;
+        let mut x = (pos >> 3).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        *b = (x >> ((pos & 7) * 8)) as u8;
+    }
+}
+
+fn bulk(addr: &str, total: u64) -> anyhow::Result<()> {
+    let c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = c.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < total {
+            let n = (total - sent).min(buf.len() as u64) as usize;
+            fill_at(sent, &mut buf[..n]);
+            w.write_all(&buf[..n])?;
+            sent += n as u64;
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let (mut got, mut buf, mut want) = (0u64, vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    loop {
+        let n = read_retrying(&c, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        fill_at(got, &mut want[..n]);
+        anyhow::ensure!(buf[..n] == want[..n], "byte mismatch at offset {got}");
+        for b in &buf[..n] {
+            hash = (hash ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        got += n as u64;
+    }
+    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    anyhow::ensure!(got == total, "sent {total} bytes, got {got} back");
+    println!("ok {got} {hash:016x}");
+    Ok(())
+}
+
+fn halfclose_server(addr: &str) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr)?;
+    println!("listening {}", l.local_addr()?);
+    let remembered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    for conn in l.incoming() {
+        let mut c = conn?;
+        let remembered = remembered.clone();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut kind = [0u8; 1];
+            c.read_exact(&mut kind)?;
+            match &kind {
+                b"A" => {
+                    let mut n = 0u64;
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let k = c.read(&mut buf)?;
+                        if k == 0 { break; }
+                        n += k as u64;
+                    }
+                    writeln!(c, "got {n}")?;
+                }
+                b"B" => {
+                    c.write_all(b"bye\n")?;
+                    c.shutdown(std::net::Shutdown::Write)?;
+                    let mut n = 0u64;
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let k = c.read(&mut buf)?;
+                        if k == 0 { break; }
+                        n += k as u64;
+                    }
+                    remembered.store(n, std::sync::atomic::Ordering::SeqCst);
+                }
+                _ => writeln!(c, "{}", remembered.load(std::sync::atomic::Ordering::SeqCst))?,
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+fn halfclose(addr: &str, side: &str) -> anyhow::Result<()> {
+    let mut c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    match side {
+        "client" => {
+            c.write_all(b"A")?;
+            c.write_all(&[7u8; 1000])?;
+            c.shutdown(std::net::Shutdown::Write)?;
+            let s = read_to_end_retrying(&c)?;
+            anyhow::ensure!(s == "got 1000\n", "after our FIN the server still answered: {s:?}");
+            println!("ok client half-close: {}", s.trim());
+        }
+        "server" => {
+            c.write_all(b"B")?;
+            let s = read_to_end_retrying(&c)?;
+            anyhow::ensure!(s == "bye\n", "{s:?}");
+            // The server has shut its side; ours must still carry data.
+            c.write_all(&[9u8; 777])?;
+            drop(c);
+            let n = poll_remembered(addr)?;
+            anyhow::ensure!(n == 777, "server got {n} bytes after its FIN, want 777");
+            println!("ok server half-close: server read {n} after its FIN");
+        }
+        _ => anyhow::bail!("side is client or server"),
+    }
+    Ok(())
+}
+
+fn poll_remembered(addr: &str) -> anyhow::Result<u64> {
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = TcpStream::connect(addr)?;
+        c.write_all(b"C")?;
+        let s = read_to_end_retrying(&c)?;
+        let n: u64 = s.trim().parse()?;
+        if n != u64::MAX || std::time::Instant::now() > end {
+            return Ok(n);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn expect_reset(addr: &str, quiet: bool) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(20)))?;
+    if !quiet {
+        // A reset that arrives before this write is reported by the write.
+        if let Err(e) = c.write_all(b"x") {
+            if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) {
+                println!("reset after {}ms (on write)", started.elapsed().as_millis());
+                return Ok(());
+            }
+        }
+    }
+    let mut buf = [0u8; 16];
+    let how = match read_retrying(&c, &mut buf) {
+        Ok(0) => "eof".to_owned(),
+        Ok(n) => format!("data {n}"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".to_owned(),
+        Err(e) => format!("error {e}"),
+    };
+    println!("{how} after {}ms", started.elapsed().as_millis());
+    Ok(())
+}
+
+fn concurrent(addr: &str, n: usize) -> anyhow::Result<()> {
+    // Open all first, so the proxy really holds n connections at once.
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = TcpStream::connect(addr)?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conns.push(c);
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(format!("{i:08}").as_bytes())?;
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut back = [0u8; 8];
+        c.read_exact(&mut back)?;
+        anyhow::ensure!(back == *format!("{i:08}").as_bytes(), "connection {i} got another's bytes");
+    }
+    println!("ok {n} concurrent");
+    Ok(())
+}
+
+fn connect_loop(addr: &str, millis: u64) -> anyhow::Result<()> {
+    let end = std::time::Instant::now() + Duration::from_millis(millis);
+    let (mut n, mut failures) = (0u64, 0u64);
+    let mut first_error = String::new();
+    while std::time::Instant::now() < end {
+        n += 1;
+        let r = (|| -> std::io::Result<()> {
+            let mut c = TcpStream::connect(addr)?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(b"ping")?;
+            let mut back = [0u8; 4];
+            c.read_exact(&mut back)?;
+            if &back != b"ping" {
+                return Err(std::io::Error::other("bad echo"));
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            failures += 1;
+            if first_error.is_empty() {
+                first_error = e.to_string();
+            }
+        }
+    }
+    println!("ok n={n} failures={failures} first_error={first_error:?}");
+    Ok(())
 }

@@ -1,0 +1,143 @@
+//! The agent's end of the proxy control socket. Proxies connect here; the
+//! newest one gets every pod replayed, then any older one is told to drain.
+//! A pod is reported ready only after the proxy acknowledged its listeners.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use podsteer_proxy::control::wire::{self, FromProxy, PodSpec, ToProxy, WireError};
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("no proxy connected within {0:?}")]
+    NoProxy(Duration),
+    #[error("proxy refused pod {uid}: {error}")]
+    Nack { uid: String, error: String },
+    #[error("proxy answered out of turn: {0}")]
+    Unexpected(String),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// One connected proxy.
+pub struct ProxyConn {
+    fd: OwnedFd,
+    pub pid: u32,
+}
+
+impl ProxyConn {
+    /// Waits for the proxy's hello, bounded so a stuck client cannot block accepting.
+    pub fn handshake(fd: OwnedFd, deadline: Duration) -> Result<ProxyConn, LinkError> {
+        set_timeout(fd.as_fd(), deadline)?;
+        let (bytes, _) = wire::recv_raw(fd.as_fd())?;
+        match wire::decode::<FromProxy>(&bytes)? {
+            FromProxy::Hello { pid, .. } => Ok(ProxyConn { fd, pid }),
+            other => Err(LinkError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends one pod (with its netns fd) and returns the inbound listeners it opened.
+    pub fn add_pod(&self, spec: &PodSpec, netns: BorrowedFd<'_>) -> Result<Vec<(u16, OwnedFd)>, LinkError> {
+        wire::send(self.fd.as_fd(), &ToProxy::AddPod(spec.clone()), &[netns])?;
+        let (bytes, fds) = wire::recv_raw(self.fd.as_fd())?;
+        match wire::decode::<FromProxy>(&bytes)? {
+            FromProxy::Ack { uid, families } if uid == spec.uid => Ok(families.into_iter().zip(fds).collect()),
+            FromProxy::Nack { uid, error } => Err(LinkError::Nack { uid, error }),
+            other => Err(LinkError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn del_pod(&self, uid: &str) -> Result<(), LinkError> {
+        wire::send(self.fd.as_fd(), &ToProxy::DelPod { uid: uid.into() }, &[])?;
+        let (bytes, _) = wire::recv_raw(self.fd.as_fd())?;
+        match wire::decode::<FromProxy>(&bytes)? {
+            FromProxy::Ack { .. } => Ok(()),
+            other => Err(LinkError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn drain(&self) -> Result<(), LinkError> {
+        Ok(wire::send(self.fd.as_fd(), &ToProxy::Drain, &[])?)
+    }
+}
+
+/// The proxy currently serving the node, if any.
+#[derive(Default)]
+pub struct ProxyLink {
+    current: Mutex<Option<ProxyConn>>,
+    arrived: Condvar,
+}
+
+/// How long a control reply may take before the proxy is considered gone.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl ProxyLink {
+    /// Makes `conn` the node's proxy; returns the one it replaces, to be drained.
+    pub fn promote(&self, conn: ProxyConn) -> Option<ProxyConn> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let old = cur.replace(conn);
+        self.arrived.notify_all();
+        old
+    }
+
+    pub fn connected(&self) -> Option<u32> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.pid)
+    }
+
+    /// Runs `f` on the current proxy, waiting up to `deadline` for one to connect.
+    /// A proxy whose socket fails is dropped, and the next one is waited for.
+    pub fn with_proxy<T>(&self, deadline: Duration, mut f: impl FnMut(&ProxyConn) -> Result<T, LinkError>) -> Result<T, LinkError> {
+        let end = Instant::now() + deadline;
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(conn) = cur.as_ref() {
+                match f(conn) {
+                    Err(LinkError::Wire(e)) => {
+                        warn!(error = %e, pid = conn.pid, "proxy connection lost");
+                        *cur = None;
+                    }
+                    other => return other,
+                }
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LinkError::NoProxy(deadline));
+            }
+            cur = self.arrived.wait_timeout(cur, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// Binds the SOCK_SEQPACKET control socket, owner-only.
+pub fn bind(path: &Path) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listen(&fd, Backlog::new(16).map_err(std::io::Error::from)?)?;
+    info!(socket = %path.display(), "proxy control socket");
+    Ok(fd)
+}
+
+pub fn accept(listener: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let fd = nix::sys::socket::accept4(listener.as_raw_fd(), nix::sys::socket::SockFlag::SOCK_CLOEXEC)?;
+    // SAFETY: accept4 returned a fresh fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_timeout(fd: BorrowedFd<'_>, t: Duration) -> Result<(), WireError> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let tv = nix::sys::time::TimeVal::new(t.as_secs() as i64, t.subsec_micros() as i64);
+    setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
+    setsockopt(&fd, sockopt::SendTimeout, &tv)?;
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! The proxy's flags, each with an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser, Clone, Debug)]
+#[command(name = "podsteer-proxy", version, about = "podsteer's transparent L4 proxy")]
+pub struct ProxyConfig {
+    /// Shared mode: the agent's proxy control socket. Pods arrive over it.
+    #[arg(long, env = "PODSTEER_PROXY_CONTROL", conflicts_with = "sidecar")]
+    pub control: Option<PathBuf>,
+    /// Per-pod mode: serve the netns the proxy runs in.
+    #[arg(long, env = "PODSTEER_PROXY_SIDECAR")]
+    pub sidecar: bool,
+    /// Per-pod mode: drop to this UID after binding (the interception skips it).
+    #[arg(long, env = "PODSTEER_PROXY_UID")]
+    pub run_as_uid: Option<u32>,
+    /// Metrics and readiness, in the proxy's own netns.
+    #[arg(long, env = "PODSTEER_PROXY_ADMIN", default_value = "127.0.0.1:15020")]
+    pub admin: SocketAddr,
+    #[arg(long, env = "PODSTEER_OUTBOUND_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    #[arg(long, env = "PODSTEER_INBOUND_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// SO_MARK for upstream sockets; 0 turns marking off (sidecars rely on their UID).
+    #[arg(long, env = "PODSTEER_PROXY_MARK", default_value_t = 0x539)]
+    pub mark: u32,
+    #[arg(long, env = "PODSTEER_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+    #[arg(long, env = "PODSTEER_IDLE_TIMEOUT_MS", default_value_t = 3_600_000)]
+    pub idle_timeout_ms: u64,
+    #[arg(long, env = "PODSTEER_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+    /// Data-plane worker threads; 0 means one per CPU.
+    #[arg(long, env = "PODSTEER_PROXY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+    /// Log (and access-log) as JSON lines.
+    #[arg(long, env = "PODSTEER_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl ProxyConfig {
+    pub fn settings(&self) -> crate::relay::Settings {
+        crate::relay::Settings {
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            mark: (self.mark != 0).then_some(self.mark),
+        }
+    }
+}

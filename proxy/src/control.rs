@@ -1,0 +1,96 @@
+//! The proxy's side of the control socket: connect to the agent, say hello, then
+//! open and close pods' listeners as told. A malformed message gets an error
+//! reply and changes nothing. When the agent goes away the pods keep being
+//! served, and a reconnect gets the full replay.
+
+pub mod wire;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use self::wire::{FromProxy, ToProxy, WireError};
+use crate::inpod::netns::PodNetns;
+use crate::pods::PodRequest;
+use crate::state::State;
+
+/// Pause between attempts to reach the agent, so a restarting agent is not hammered.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// Runs until the agent tells the proxy to drain.
+pub fn run(socket: &Path, state: &State) {
+    loop {
+        match wire::connect(socket) {
+            Ok(conn) => {
+                info!(socket = %socket.display(), "connected to the agent");
+                match session(&conn, state) {
+                    Ok(()) => return,
+                    Err(e) => warn!(error = %e, "control session ended; reconnecting"),
+                }
+                state.connected.store(false, Ordering::Relaxed);
+            }
+            Err(e) => tracing::debug!(error = %e, "agent not reachable yet"),
+        }
+        std::thread::sleep(RECONNECT_PAUSE);
+    }
+}
+
+/// One connection to the agent. Returns Ok only after a Drain.
+fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
+    wire::send(conn.as_fd(), &FromProxy::Hello { pid: std::process::id(), version: env!("CARGO_PKG_VERSION").into() }, &[])?;
+    state.connected.store(true, Ordering::Relaxed);
+    loop {
+        let (bytes, mut fds) = wire::recv_raw(conn.as_fd())?;
+        let msg: ToProxy = match wire::decode(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                wire::send(conn.as_fd(), &FromProxy::Error { error: e.to_string() }, &[])?;
+                continue;
+            }
+        };
+        match msg {
+            ToProxy::AddPod(spec) => {
+                let uid = spec.uid.clone();
+                let reply = if fds.len() != 1 {
+                    Err(format!("AddPod carries {} fds; it needs exactly the pod's netns", fds.len()))
+                } else {
+                    add_pod(state, spec, fds.remove(0))
+                };
+                match reply {
+                    Ok(listeners) => {
+                        let families = listeners.iter().map(|(f, _)| *f).collect();
+                        let borrowed: Vec<_> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
+                        wire::send(conn.as_fd(), &FromProxy::Ack { uid, families }, &borrowed)?;
+                    }
+                    Err(error) => wire::send(conn.as_fd(), &FromProxy::Nack { uid, error }, &[])?,
+                }
+            }
+            ToProxy::DelPod { uid } => {
+                state.with_pods(|p| p.remove(&uid));
+                wire::send(conn.as_fd(), &FromProxy::Ack { uid, families: vec![] }, &[])?;
+            }
+            ToProxy::Drain => {
+                info!("drain requested: a newer proxy took over");
+                state.draining.store(true, Ordering::Relaxed);
+                state.with_pods(|p| p.remove_all());
+                state.drained.notify_one();
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd) -> Result<Vec<(u16, OwnedFd)>, String> {
+    let netns = PodNetns::enter(netns).map_err(|e| e.to_string())?;
+    let req = PodRequest {
+        label: format!("{}/{}", spec.namespace, spec.name),
+        uid: spec.uid,
+        outbound_port: spec.outbound_port,
+        inbound_port: spec.inbound_port,
+    };
+    let listeners = state.with_pods(|p| p.add(req, netns)).map_err(|e| format!("{e}: {}", e.source))?;
+    Ok(if spec.return_inbound_listeners { listeners } else { Vec::new() })
+}

@@ -1,0 +1,107 @@
+//! The agent⇄proxy control protocol. One JSON message per SOCK_SEQPACKET record,
+//! so message boundaries and the fds that travel with them (SCM_RIGHTS) never
+//! blur. The agent imports this module; the proxy keeps no state the agent
+//! cannot send again.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+
+/// Largest control message; a pod description is a few hundred bytes.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Agent → proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToProxy {
+    /// Open this pod's listeners inside the netns sent with the message.
+    AddPod(PodSpec),
+    /// Close the pod's listeners and drain its connections.
+    DelPod { uid: String },
+    /// A newer proxy has taken over: stop accepting, finish open connections, exit.
+    Drain,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// The agent wants the inbound listeners back (eBPF mode steers to them with sk_lookup).
+    pub return_inbound_listeners: bool,
+}
+
+/// Proxy → agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromProxy {
+    Hello { pid: u32, version: String },
+    /// Listeners are open. With `return_inbound_listeners`, the fds follow in `families` order.
+    Ack { uid: String, families: Vec<u16> },
+    Nack { uid: String, error: String },
+    /// The message could not be understood; nothing was changed.
+    Error { error: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("control socket")]
+    Io(#[from] std::io::Error),
+    #[error("control socket closed")]
+    Closed,
+    #[error("malformed control message: {0}")]
+    Decode(String),
+}
+
+impl From<nix::Error> for WireError {
+    fn from(e: nix::Error) -> Self {
+        WireError::Io(e.into())
+    }
+}
+
+/// Sends one record with optional fds.
+pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| WireError::Decode(e.to_string()))?;
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&raw)] };
+    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&bytes)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    Ok(())
+}
+
+/// Receives one record: its bytes and fds. Decoding is the caller's, so a
+/// malformed message can be answered instead of dropping the connection.
+pub fn recv_raw(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let n = msg.bytes;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel just installed these fds for us.
+            fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+        }
+    }
+    if n == 0 {
+        return Err(WireError::Closed);
+    }
+    buf.truncate(n);
+    Ok((buf, fds))
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
+    serde_json::from_slice(bytes).map_err(|e| WireError::Decode(e.to_string()))
+}
+
+/// A connected SOCK_SEQPACKET Unix socket to `path`.
+pub fn connect(path: &std::path::Path) -> Result<OwnedFd, WireError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}

@@ -1,0 +1,3 @@
+//! Working inside a pod's network namespace from a node-level process.
+
+pub mod netns;

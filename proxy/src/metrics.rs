@@ -1,0 +1,167 @@
+//! Prometheus metrics. Data-plane tasks only bump atomics; encoding happens on
+//! the admin thread, so a scrape cannot add latency to traffic.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both sides closed cleanly.
+    Ok,
+    /// The client reset or vanished.
+    ClientDisconnected,
+    /// The upstream reset or vanished.
+    BackendDisconnected,
+    /// The upstream could not be reached.
+    ConnectFailed,
+    IdleTimeout,
+    /// The pod went away or the proxy was told to drain.
+    Drained,
+    /// No original destination could be found.
+    NoOriginalDst,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::BackendDisconnected => "backend_disconnected",
+            Outcome::ConnectFailed => "connect_failed",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::Drained => "drained",
+            Outcome::NoOriginalDst => "no_original_dst",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ConnectError {
+    Refused,
+    Timeout,
+    Unreachable,
+    Other,
+}
+
+/// Label values are the snake_case names, as Prometheus users expect.
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )*};
+}
+label_value!(Direction, Outcome, ConnectError);
+
+impl ConnectError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectError::Refused => "refused",
+            ConnectError::Timeout => "timeout",
+            ConnectError::Unreachable => "unreachable",
+            ConnectError::Other => "other",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub pod: String,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub pod: String,
+    pub direction: Direction,
+    pub result: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectErrorLabels {
+    pub pod: String,
+    pub kind: ConnectError,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+fn connect_histogram() -> Histogram {
+    // 50 µs to ~1.6 s: loopback connects up to a black-holed peer's timeout.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+}
+
+pub struct Metrics {
+    pub opened: Family<ConnLabels, Counter>,
+    pub active: Family<ConnLabels, Gauge>,
+    pub closed: Family<ClosedLabels, Counter>,
+    pub bytes_from_client: Family<ConnLabels, Counter>,
+    pub bytes_to_client: Family<ConnLabels, Counter>,
+    pub connect_errors: Family<ConnectErrorLabels, Counter>,
+    pub connect_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
+    pub pods: Gauge,
+    pub registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("podsteer_proxy");
+        let m = Metrics {
+            opened: Family::default(),
+            active: Family::default(),
+            closed: Family::default(),
+            bytes_from_client: Family::default(),
+            bytes_to_client: Family::default(),
+            connect_errors: Family::default(),
+            connect_duration: Family::new_with_constructor(connect_histogram as fn() -> Histogram),
+            pods: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("connections_opened", "Connections accepted", m.opened.clone());
+        registry.register("connections_active", "Connections being relayed", m.active.clone());
+        registry.register("connections_closed", "Connections ended, by result", m.closed.clone());
+        registry.register("bytes_from_client", "Bytes relayed client to upstream", m.bytes_from_client.clone());
+        registry.register("bytes_to_client", "Bytes relayed upstream to client", m.bytes_to_client.clone());
+        registry.register("connect_errors", "Upstream connects that failed, by kind", m.connect_errors.clone());
+        registry.register("connect_duration_seconds", "Time to connect upstream", m.connect_duration.clone());
+        registry.register("pods", "Pods with open listeners", m.pods.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

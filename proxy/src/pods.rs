@@ -1,0 +1,103 @@
+//! The proxy's pods: listeners per pod, opened on request and closed on removal.
+//! Everything here can be rebuilt from the agent's replay.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::inpod::netns::PodNetns;
+use crate::listeners::{self, ListenError};
+use crate::metrics::{Direction, Metrics};
+use crate::relay::{PodCtx, Settings};
+
+struct Pod {
+    stop: watch::Sender<bool>,
+    /// Duplicates of the inbound listeners, by family (2, 10), for the agent.
+    inbound: Vec<(u16, OwnedFd)>,
+}
+
+pub struct Pods {
+    pods: BTreeMap<String, Pod>,
+    rt: Handle,
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+}
+
+pub struct PodRequest {
+    pub uid: String,
+    pub label: String,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+}
+
+impl Pods {
+    pub fn new(rt: Handle, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Pods {
+        Pods { pods: BTreeMap::new(), rt, settings, metrics }
+    }
+
+    /// Opens the pod's listeners (or finds them open: replays are idempotent)
+    /// and returns the inbound ones' fds.
+    pub fn add(&mut self, req: PodRequest, netns: PodNetns) -> Result<Vec<(u16, OwnedFd)>, ListenError> {
+        if let Some(p) = self.pods.get(&req.uid) {
+            return Ok(dup_all(&p.inbound));
+        }
+        // Bind all four before listening on any: a pod gets every listener or none.
+        let mut bound = Vec::new();
+        for (dir, addr) in listeners::addresses(req.outbound_port, req.inbound_port) {
+            bound.push((dir, addr, listeners::bind(&netns, dir, addr)?));
+        }
+        let (stop, stopping) = watch::channel(false);
+        let ctx = Arc::new(PodCtx { label: req.label.clone(), netns, inbound_port: req.inbound_port, stopping });
+        let _rt = self.rt.enter();
+        let mut inbound = Vec::new();
+        let mut ready = Vec::new();
+        for (dir, addr, sock) in bound {
+            let l = listeners::listen(sock, dir, addr)?;
+            if dir == Direction::Inbound {
+                let fd = listeners::dup(&l).map_err(|source| ListenError { direction: dir, addr, source })?;
+                inbound.push((if addr.is_ipv4() { 2 } else { 10 }, fd));
+            }
+            ready.push((l, dir));
+        }
+        for (l, dir) in ready {
+            self.rt.spawn(listeners::accept_loop(l, dir, ctx.clone(), self.settings.clone(), self.metrics.clone()));
+        }
+        info!(pod = %req.label, uid = %req.uid, "listeners open");
+        let out = dup_all(&inbound);
+        self.pods.insert(req.uid, Pod { stop, inbound });
+        self.metrics.pods.set(self.pods.len() as i64);
+        Ok(out)
+    }
+
+    /// Closes the pod's listeners now; its connections finish or are reset after the drain timeout.
+    pub fn remove(&mut self, uid: &str) -> bool {
+        let Some(p) = self.pods.remove(uid) else { return false };
+        let _ = p.stop.send(true);
+        self.metrics.pods.set(self.pods.len() as i64);
+        info!(uid, "listeners closed, draining");
+        true
+    }
+
+    pub fn remove_all(&mut self) {
+        let uids: Vec<String> = self.pods.keys().cloned().collect();
+        for uid in uids {
+            self.remove(&uid);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+}
+
+fn dup_all(fds: &[(u16, OwnedFd)]) -> Vec<(u16, OwnedFd)> {
+    fds.iter().filter_map(|(f, fd)| fd.try_clone().ok().map(|d| (*f, d))).collect()
+}

@@ -1,0 +1,40 @@
+//! What the control, admin and data-plane threads share.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::pods::Pods;
+
+pub struct State {
+    pods: Mutex<Pods>,
+    pub metrics: Arc<Metrics>,
+    /// Shared mode: the agent's control session is up.
+    pub connected: AtomicBool,
+    /// Sidecar mode has no agent session and is ready once its listeners are.
+    pub needs_agent: bool,
+    pub draining: AtomicBool,
+    /// Signalled when a drain was requested, so main can wait for connections to end.
+    pub drained: Notify,
+}
+
+impl State {
+    pub fn new(pods: Pods, metrics: Arc<Metrics>, needs_agent: bool) -> State {
+        State { pods: Mutex::new(pods), metrics, connected: AtomicBool::new(false), needs_agent, draining: AtomicBool::new(false), drained: Notify::new() }
+    }
+
+    pub fn with_pods<T>(&self, f: impl FnOnce(&mut Pods) -> T) -> T {
+        // A panic while holding the lock leaves the map usable: recover it.
+        let mut g = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// Ready: every pod the agent registered has open listeners (adds return only
+    /// after that), the agent session is up, and no drain is under way.
+    pub fn ready(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        !self.draining.load(Relaxed) && (!self.needs_agent || self.connected.load(Relaxed))
+    }
+}

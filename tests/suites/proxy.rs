@@ -1,0 +1,278 @@
+//! The proxy in the lab, behind both interception modes: byte-exact relay,
+//! half-close, resets, timeouts, scale, both deployment shapes, haproxy as a
+//! drop-in sidecar, handover without refusals, exact metrics, bad control input.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use podsteer_lab::agent::Agent;
+use podsteer_lab::process::LabProcess;
+use podsteer_lab::proxy::Proxy;
+use podsteer_lab::wait;
+use podsteer_lab::workload::{run_client, start_server};
+use podsteer_lab::{Node, NodeOptions, Pod, PodSpec};
+
+/// Full mesh: client `a` and server `b` both meshed, one shared proxy.
+struct Mesh {
+    _apps: Vec<LabProcess>,
+    proxy: Proxy,
+    a: Pod,
+    b: Pod,
+    agent: Agent,
+    node: Node,
+}
+
+fn addr(ip: IpAddr, port: u16) -> String {
+    SocketAddr::new(ip, port).to_string()
+}
+
+impl Mesh {
+    fn new(mode: &str, proxy_args: &[&str]) -> anyhow::Result<Mesh> {
+        let node = Node::new(NodeOptions::default())?;
+        let agent = Agent::start_with_proxy(&node, mode, &[])?;
+        let control = agent.proxy_socket.clone().expect("proxy socket");
+        let proxy = Proxy::start_shared(&node, &control, 15020, proxy_args)?;
+        let a = node.add_pod(PodSpec::new("default", "a"))?;
+        let b = node.add_pod(PodSpec::new("default", "b"))?;
+        let apps = vec![
+            start_server(&b, None, &["echo", "[::]:8080"])?,
+            start_server(&b, None, &["halfclose-server", "[::]:8081"])?,
+            start_server(&b, None, &["whoami", "[::]:8082", "b"])?,
+        ];
+        for p in [&a, &b] {
+            let rec = agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+            assert_eq!(rec["proxy_ready"], true, "the agent answers only after the proxy's ack: {rec}");
+        }
+        Ok(Mesh { _apps: apps, proxy, a, b, agent, node })
+    }
+
+    fn b(&self, port: u16) -> String {
+        addr(self.b.ipv4().expect("v4"), port)
+    }
+}
+
+macro_rules! both_modes {
+    ($body:ident) => {
+        mod $body {
+            #[test]
+            fn ebpf() -> anyhow::Result<()> {
+                super::$body("ebpf")
+            }
+            #[test]
+            fn iptables() -> anyhow::Result<()> {
+                super::$body("iptables")
+            }
+        }
+    };
+}
+
+fn relays_every_byte_through_outbound_and_inbound(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &[])?;
+    let out = run_client(&m.a, &["request", &m.b(8080), "1000"])?;
+    assert!(out.starts_with("ok 1000"), "{out}");
+    let out = run_client(&m.a, &["bulk", &m.b(8080), &(100 << 20).to_string()])?;
+    assert!(out.starts_with(&format!("ok {}", 100 << 20)), "{out}");
+    let v6 = addr(m.b.ipv6().expect("v6"), 8080);
+    let out = run_client(&m.a, &["bulk", &v6, &(8 << 20).to_string()])?;
+    assert!(out.starts_with(&format!("ok {}", 8 << 20)), "{out}");
+    // Both proxies saw it: the outbound one in a, the inbound one in b.
+    let opened = |pod: &str, dir: &str| m.proxy.metric(&format!("podsteer_proxy_connections_opened_total{{pod=\"default/{pod}\",direction=\"{dir}\"}}"));
+    assert_eq!(opened("a", "outbound")?, 3.0);
+    assert_eq!(opened("b", "inbound")?, 3.0);
+    Ok(())
+}
+both_modes!(relays_every_byte_through_outbound_and_inbound);
+
+fn half_close_works_in_both_directions(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &[])?;
+    for side in ["client", "server"] {
+        let out = run_client(&m.a, &["halfclose", &m.b(8081), side])?;
+        assert!(out.starts_with("ok"), "{side}: {out}");
+    }
+    Ok(())
+}
+both_modes!(half_close_works_in_both_directions);
+
+fn failures_reset_the_client_never_hang_it(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &["--connect-timeout-ms", "300", "--idle-timeout-ms", "400"])?;
+    let took = |out: &str| out.split_whitespace().nth(2).and_then(|t| t.trim_end_matches("ms").parse::<u64>().ok()).unwrap_or(u64::MAX);
+
+    let refused = run_client(&m.a, &["expect-reset", &m.b(9999)])?;
+    assert!(refused.starts_with("reset"), "refused upstream: {refused}\n{}", std::fs::read_to_string(&m.proxy.log)?);
+
+    // Nothing answers ARP for this address: a black hole until the connect timeout.
+    let hole = run_client(&m.a, &["expect-reset", "10.244.0.250:80"])?;
+    assert!(hole.starts_with("reset"), "black hole: {hole}");
+    assert!((250..2500).contains(&took(&hole)), "connect timeout not applied: {hole}");
+    assert!(m.proxy.metric("podsteer_proxy_connect_errors_total{pod=\"default/a\",kind=\"timeout\"}")? >= 1.0);
+
+    let idle = run_client(&m.a, &["expect-reset", &m.b(8080), "--quiet"])?;
+    assert!(idle.starts_with("reset"), "idle: {idle}");
+    assert!((350..5000).contains(&took(&idle)), "idle timeout not applied: {idle}");
+    Ok(())
+}
+both_modes!(failures_reset_the_client_never_hang_it);
+
+fn a_thousand_concurrent_connections(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &[])?;
+    let out = run_client(&m.a, &["concurrent", &m.b(8080), "1000"])?;
+    assert!(out.starts_with("ok 1000"), "{out}");
+    Ok(())
+}
+both_modes!(a_thousand_concurrent_connections);
+
+fn metrics_count_the_traffic_exactly(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &[])?;
+    for _ in 0..25 {
+        run_client(&m.a, &["request", &m.b(8080), "1000"])?;
+    }
+    let labels = |pod: &str, dir: &str| format!("{{pod=\"default/{pod}\",direction=\"{dir}\"}}");
+    let want = [
+        (format!("podsteer_proxy_connections_opened_total{}", labels("a", "outbound")), 25.0),
+        (format!("podsteer_proxy_connections_opened_total{}", labels("b", "inbound")), 25.0),
+        (format!("podsteer_proxy_bytes_from_client_total{}", labels("a", "outbound")), 25_000.0),
+        (format!("podsteer_proxy_bytes_to_client_total{}", labels("a", "outbound")), 25_000.0),
+        (format!("podsteer_proxy_bytes_from_client_total{}", labels("b", "inbound")), 25_000.0),
+        (format!("podsteer_proxy_connections_closed_total{{pod=\"default/a\",direction=\"outbound\",result=\"ok\"}}"), 25.0),
+        (format!("podsteer_proxy_connections_active{}", labels("a", "outbound")), 0.0),
+    ];
+    // Closing is asynchronous to the client's exit: wait for the counts to settle.
+    wait::until("metrics to match the traffic", Duration::from_secs(5), || {
+        want.iter().all(|(k, v)| m.proxy.metric(k).ok() == Some(*v)).then_some(())
+    })
+    .map_err(|e| {
+        let got: Vec<_> = want.iter().map(|(k, _)| (k.clone(), m.proxy.metric(k).ok())).collect();
+        e.context(format!("{got:?}"))
+    })?;
+    Ok(())
+}
+both_modes!(metrics_count_the_traffic_exactly);
+
+fn sidecar_mode_serves_its_own_pod(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &[])?;
+    let s = m.node.add_pod(PodSpec::new("default", "sidecar"))?;
+    m.agent.add_pod(&s, &[("podsteer.io/proxy-mode", "sidecar")])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let refused = run_client(&s, &["hello", &m.b(8082)]);
+    assert!(refused.is_err(), "no sidecar yet, the redirect must have nowhere to go: {refused:?}");
+    let sidecar = Proxy::start_sidecar(&m.node, &s, 15021, &[])?;
+    let out = run_client(&s, &["request", &m.b(8080), "5000"])?;
+    assert!(out.starts_with("ok 5000"), "{out}");
+    assert_eq!(sidecar.metric("podsteer_proxy_connections_opened_total{pod=\"self\",direction=\"outbound\"}")?, 1.0);
+    Ok(())
+}
+both_modes!(sidecar_mode_serves_its_own_pod);
+
+fn unmodified_haproxy_works_as_a_transparent_sidecar(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &[])?;
+    let h = m.node.add_pod(PodSpec::new("default", "haproxy"))?;
+    m.agent.add_pod(&h, &[("podsteer.io/proxy-mode", "sidecar")])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = m.node.state_dir().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        "global\n  uid 1337\n  gid 1337\n\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\n\
+         frontend outbound\n  bind 127.0.0.1:15001\n  default_backend original_dst\n\n\
+         backend original_dst\n  server orig 0.0.0.0:0\n",
+    )?;
+    let mut cmd = h.command("haproxy")?;
+    cmd.args(["-db", "-f", &cfg.display().to_string()]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let _haproxy = h.spawn("haproxy", cmd)?;
+    let dst = m.b(8082);
+    let line = wait::until("haproxy to accept", Duration::from_secs(10), || run_client(&h, &["hello", &dst]).ok())?;
+    assert_eq!(line.split_whitespace().next(), Some("server=b"), "{line}");
+    let out = run_client(&h, &["bulk", &m.b(8080), "1000000"])?;
+    assert!(out.starts_with("ok 1000000"), "{out}");
+    Ok(())
+}
+both_modes!(unmodified_haproxy_works_as_a_transparent_sidecar);
+
+fn handover_to_a_new_proxy_refuses_nothing(mode: &str) -> anyhow::Result<()> {
+    let mut m = Mesh::new(mode, &["--drain-timeout-ms", "2000"])?;
+    let mut cmd = m.a.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
+    cmd.args(["loop", &m.b(8080), "3000"]).stdout(std::process::Stdio::piped());
+    let mut looping = m.a.spawn("loop", cmd)?;
+    let key = "podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}";
+    wait::until("the loop to be running through the old proxy", Duration::from_secs(5), || (m.proxy.metric(key).ok()? >= 20.0).then_some(()))?;
+    let control = m.agent.proxy_socket.clone().expect("proxy socket");
+    let new = Proxy::start_shared(&m.node, &control, 15022, &[])?;
+    let status = m.proxy.process_mut().wait_exit(Duration::from_secs(10))?;
+    assert!(status.success(), "old proxy: {status}");
+    assert_eq!(m.agent.status()?["proxy_pid"], new.pid());
+    let out = looping.wait_exit(Duration::from_secs(10)).map(|_| {
+        let mut s = String::new();
+        if let Some(mut o) = looping.child_mut().stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut o, &mut s);
+        }
+        s
+    })?;
+    assert!(out.contains("failures=0"), "{out}");
+    assert!(new.metric(key)? > 0.0, "the new proxy took traffic");
+    Ok(())
+}
+both_modes!(handover_to_a_new_proxy_refuses_nothing);
+
+#[test]
+fn a_restarted_proxy_gets_every_pod_replayed() -> anyhow::Result<()> {
+    let mut m = Mesh::new("ebpf", &[])?;
+    m.proxy.process_mut().signal(nix::sys::signal::Signal::SIGKILL)?;
+    m.proxy.process_mut().wait_exit(Duration::from_secs(5))?;
+    let control = m.agent.proxy_socket.clone().expect("proxy socket");
+    let _again = Proxy::start_shared(&m.node, &control, 15023, &[])?;
+    let out = run_client(&m.a, &["request", &m.b(8080), "1000"])?;
+    assert!(out.starts_with("ok 1000"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn a_pod_is_refused_while_no_proxy_takes_it() -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let agent = Agent::start_with_proxy(&node, "ebpf", &["--proxy-wait-ms", "200"])?;
+    let a = node.add_pod(PodSpec::new("default", "a"))?;
+    let err = agent.add_pod(&a, &[])?.err().expect("no proxy: refused");
+    assert_eq!(err.kind, podsteer_agent::api::ErrorKind::NotReady, "{}", err.message);
+    assert_eq!(agent.pods()?.as_array().map(Vec::len), Some(0), "nothing half-registered");
+    Ok(())
+}
+
+#[test]
+fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Result<()> {
+    use podsteer_proxy::control::wire::{self, FromProxy, PodSpec as Spec, ToProxy};
+    let node = Node::new(NodeOptions::default())?;
+    let pod = node.add_pod(PodSpec::new("default", "p"))?;
+    let sock = node.state_dir().join("fake-agent.sock");
+    let listener = node.netns().run(|| podsteer_agent::proxy_link::bind(&sock))??;
+    let proxy = std::thread::scope(|s| -> anyhow::Result<()> {
+        let h = s.spawn(|| Proxy::start_shared(&node, &sock, 15024, &[]));
+        let conn = podsteer_agent::proxy_link::accept(listener.as_fd())?;
+        let hello: FromProxy = wire::decode(&wire::recv_raw(conn.as_fd())?.0)?;
+        assert!(matches!(hello, FromProxy::Hello { .. }), "{hello:?}");
+        let reply = |c: &std::os::fd::OwnedFd| -> anyhow::Result<FromProxy> { Ok(wire::decode(&wire::recv_raw(c.as_fd())?.0)?) };
+
+        nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&conn), b"{not json", nix::sys::socket::MsgFlags::empty())?;
+        assert!(matches!(reply(&conn)?, FromProxy::Error { .. }));
+        nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&conn), br#"{"type":"reboot"}"#, nix::sys::socket::MsgFlags::empty())?;
+        assert!(matches!(reply(&conn)?, FromProxy::Error { .. }));
+        let spec = Spec { uid: "u1".into(), name: "p".into(), namespace: "default".into(), outbound_port: 15001, inbound_port: 15006, return_inbound_listeners: true };
+        wire::send(conn.as_fd(), &ToProxy::AddPod(spec.clone()), &[])?;
+        assert!(matches!(reply(&conn)?, FromProxy::Nack { .. }), "AddPod without its netns fd");
+        let port_in_use = pod.run(|| std::net::TcpListener::bind("127.0.0.1:15001"))??;
+        let ns = std::fs::File::open(pod.netns().path())?;
+        let bad = Spec { outbound_port: 0, ..spec.clone() };
+        drop(port_in_use);
+        wire::send(conn.as_fd(), &ToProxy::AddPod(Spec { inbound_port: 15001, ..bad }), &[ns.as_fd()])?;
+        let r = reply(&conn)?;
+        assert!(matches!(r, FromProxy::Nack { .. } | FromProxy::Ack { .. }), "{r:?}");
+        // Nothing of the failed or refused messages remains: a valid AddPod opens listeners from scratch.
+        wire::send(conn.as_fd(), &ToProxy::DelPod { uid: "u1".into() }, &[])?;
+        let _ = reply(&conn)?;
+        wire::send(conn.as_fd(), &ToProxy::AddPod(spec), &[ns.as_fd()])?;
+        match reply(&conn)? {
+            FromProxy::Ack { families, .. } => assert_eq!(families, vec![2, 10]),
+            other => panic!("valid AddPod: {other:?}"),
+        }
+        let p = h.join().map_err(|_| anyhow::anyhow!("proxy thread"))??;
+        assert_eq!(p.metric("podsteer_proxy_pods")?, 1.0);
+        Ok(())
+    });
+    proxy
+}
