@@ -23,3 +23,21 @@ pub mod workload;
 
 pub use node::{Node, NodeOptions};
 pub use pod::{Pod, PodSpec};
+
+/// Generates `mod NAME { fn ebpf(); fn iptables(); }` tests from `fn NAME(mode: &str)`,
+/// so every interception case runs, by name, in both modes.
+#[macro_export]
+macro_rules! both_modes {
+    ($body:ident) => {
+        mod $body {
+            #[test]
+            fn ebpf() -> anyhow::Result<()> {
+                super::$body("ebpf")
+            }
+            #[test]
+            fn iptables() -> anyhow::Result<()> {
+                super::$body("iptables")
+            }
+        }
+    };
+}

@@ -11,7 +11,7 @@ use podsteer_lab::process::LabProcess;
 use podsteer_lab::proxy::Proxy;
 use podsteer_lab::wait;
 use podsteer_lab::workload::{run_client, start_server};
-use podsteer_lab::{Node, NodeOptions, Pod, PodSpec};
+use podsteer_lab::{Node, NodeOptions, Pod, PodSpec, both_modes};
 
 /// Full mesh: client `a` and server `b` both meshed, one shared proxy.
 struct Mesh {
@@ -52,20 +52,6 @@ impl Mesh {
     }
 }
 
-macro_rules! both_modes {
-    ($body:ident) => {
-        mod $body {
-            #[test]
-            fn ebpf() -> anyhow::Result<()> {
-                super::$body("ebpf")
-            }
-            #[test]
-            fn iptables() -> anyhow::Result<()> {
-                super::$body("iptables")
-            }
-        }
-    };
-}
 
 fn relays_every_byte_through_outbound_and_inbound(mode: &str) -> anyhow::Result<()> {
     let m = Mesh::new(mode, &[])?;

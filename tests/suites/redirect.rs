@@ -8,7 +8,7 @@ use podsteer_agent::ebpf::maps::Maps;
 use podsteer_lab::agent::Agent;
 use podsteer_lab::process::LabProcess;
 use podsteer_lab::workload::{run_client, start_server};
-use podsteer_lab::{Node, NodeOptions, Pod, PodSpec};
+use podsteer_lab::{Node, NodeOptions, Pod, PodSpec, both_modes};
 
 /// A node with an agent, a meshed client pod `a` with its proxy's outbound
 /// listener, and an unmeshed server pod `b` that names itself.
@@ -60,21 +60,6 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("")
 }
 
-/// Generates one test per mode from a body taking the mode name.
-macro_rules! both_modes {
-    ($body:ident) => {
-        mod $body {
-            #[test]
-            fn ebpf() -> anyhow::Result<()> {
-                super::$body("ebpf")
-            }
-            #[test]
-            fn iptables() -> anyhow::Result<()> {
-                super::$body("iptables")
-            }
-        }
-    };
-}
 
 fn outbound_lands_on_the_proxy_with_the_original_destination(mode: &str) -> anyhow::Result<()> {
     let s = Scene::new(mode, &[])?;
@@ -91,18 +76,22 @@ fn outbound_lands_on_the_proxy_with_the_original_destination(mode: &str) -> anyh
 }
 both_modes!(outbound_lands_on_the_proxy_with_the_original_destination);
 
-fn inbound_lands_on_the_inbound_listener(mode: &str) -> anyhow::Result<()> {
+/// A client in an unmeshed pod reaches meshed pod a's address; the connection
+/// must land on a's inbound listener with the original destination intact.
+fn inbound_case(mode: &str, v6: bool) -> anyhow::Result<()> {
     let s = Scene::new(mode, &[])?;
     let c = s.node.add_pod(PodSpec::new("default", "c"))?;
     let uid = s.a.uid().to_string();
     let sock = s.agent.socket.display().to_string();
-    let mut args = vec!["whoami", "0.0.0.0:15006", "inbound"];
+    let bind = if v6 { "[::]:15006" } else { "0.0.0.0:15006" };
+    let mut args = vec!["whoami", bind, "inbound"];
     if mode == "ebpf" {
         args.extend(["--register", &sock, &uid]);
     }
     let _inbound = start_server(&s.a, Some(s.node.proxy_cgroup()), &args)?;
-    let _app = start_server(&s.a, None, &["whoami", "0.0.0.0:8080", "app"])?;
-    let dst = addr(s.a.ipv4().expect("v4"), 8080);
+    let _app = start_server(&s.a, None, &["whoami", if v6 { "[::]:8080" } else { "0.0.0.0:8080" }, "app"])?;
+    let ip = if v6 { s.a.ipv6() } else { s.a.ipv4() };
+    let dst = addr(ip.expect("pod address"), 8080);
     let line = run_client(&c, &["hello", &dst])?;
     assert_eq!(field(&line, "server="), "inbound", "{mode}: {line}");
     assert!(field(&line, "orig=").ends_with(&dst), "{mode}: {line}");
@@ -111,23 +100,14 @@ fn inbound_lands_on_the_inbound_listener(mode: &str) -> anyhow::Result<()> {
     assert_eq!(field(&own, "server="), "app", "{mode}: {own}");
     Ok(())
 }
+
+fn inbound_lands_on_the_inbound_listener(mode: &str) -> anyhow::Result<()> {
+    inbound_case(mode, false)
+}
 both_modes!(inbound_lands_on_the_inbound_listener);
 
 fn ipv6_inbound_lands_on_the_inbound_listener(mode: &str) -> anyhow::Result<()> {
-    let s = Scene::new(mode, &[])?;
-    let c = s.node.add_pod(PodSpec::new("default", "c6"))?;
-    let uid = s.a.uid().to_string();
-    let sock = s.agent.socket.display().to_string();
-    let mut args = vec!["whoami", "[::]:15006", "inbound"];
-    if mode == "ebpf" {
-        args.extend(["--register", &sock, &uid]);
-    }
-    let _inbound = start_server(&s.a, Some(s.node.proxy_cgroup()), &args)?;
-    let dst = addr(s.a.ipv6().expect("v6"), 8080);
-    let line = run_client(&c, &["hello", &dst])?;
-    assert_eq!(field(&line, "server="), "inbound", "{mode}: {line}");
-    assert!(field(&line, "orig=").ends_with(&dst), "{mode}: {line}");
-    Ok(())
+    inbound_case(mode, true)
 }
 both_modes!(ipv6_inbound_lands_on_the_inbound_listener);
 

@@ -263,25 +263,13 @@ fn halfclose_server(addr: &str) -> anyhow::Result<()> {
             c.read_exact(&mut kind)?;
             match &kind {
                 b"A" => {
-                    let mut n = 0u64;
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let k = c.read(&mut buf)?;
-                        if k == 0 { break; }
-                        n += k as u64;
-                    }
+                    let n = read_to_end_retrying(&c)?.len();
                     writeln!(c, "got {n}")?;
                 }
                 b"B" => {
                     c.write_all(b"bye\n")?;
                     c.shutdown(std::net::Shutdown::Write)?;
-                    let mut n = 0u64;
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let k = c.read(&mut buf)?;
-                        if k == 0 { break; }
-                        n += k as u64;
-                    }
+                    let n = read_to_end_retrying(&c)?.len() as u64;
                     remembered.store(n, std::sync::atomic::Ordering::SeqCst);
                 }
                 _ => writeln!(c, "{}", remembered.load(std::sync::atomic::Ordering::SeqCst))?,
