@@ -22,6 +22,9 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// The sandbox's container id, which CNI GC lists attachments by.
+    #[serde(default)]
+    pub container_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +37,8 @@ pub enum Request {
     Pods,
     /// The inbound listener fd for `family` (2 or 10) comes with the message.
     RegisterListener { uid: String, family: u16 },
+    /// CNI GC: forget every pod whose sandbox is not in `keep`.
+    Gc { keep: Vec<String> },
 }
 
 /// Why a request failed; the CNI plugin maps these to CNI error codes.

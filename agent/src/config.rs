@@ -16,6 +16,8 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/run/podsteer";
     pub const BPFFS: &str = "/sys/fs/bpf";
     pub const CGROUP: &str = "/sys/fs/cgroup/kubepods.slice";
+    pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+    pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 }
 
 #[derive(Args, Clone, Debug, Serialize)]
@@ -64,6 +66,31 @@ pub struct AgentConfig {
     /// Report these probed features as absent (rehearses the iptables fallback).
     #[arg(long = "mask-feature", env = "PODSTEER_MASK_FEATURES", value_delimiter = ',')]
     pub mask_features: Vec<String>,
+    /// Install podsteer-cni into the node's CNI dirs and keep its conflist entry in place.
+    #[arg(long, env = "PODSTEER_INSTALL_CNI")]
+    pub install_cni: bool,
+    #[arg(long, env = "PODSTEER_CNI_BIN_DIR", default_value = defaults::CNI_BIN_DIR)]
+    pub cni_bin_dir: PathBuf,
+    #[arg(long, env = "PODSTEER_CNI_CONF_DIR", default_value = defaults::CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// The podsteer-cni binary to install; by default the one next to this agent.
+    #[arg(long, env = "PODSTEER_CNI_PLUGIN")]
+    pub cni_plugin: Option<PathBuf>,
+    /// Written into the plugin entry: how long ADD waits for the agent.
+    #[arg(long, env = "PODSTEER_CNI_TIMEOUT_MS", default_value_t = 10_000)]
+    pub cni_timeout_ms: u64,
+    /// Written into the plugin entry: start pods un-intercepted when the agent is down.
+    #[arg(long, env = "PODSTEER_CNI_FAIL_OPEN")]
+    pub cni_fail_open: bool,
+    /// Written into the plugin entry: namespaces never meshed.
+    #[arg(long, env = "PODSTEER_EXCLUDE_NAMESPACES", value_delimiter = ',', default_value = "kube-system")]
+    pub exclude_namespaces: Vec<String>,
+    /// Written into the plugin entry: opt-out meshes every pod unless annotated otherwise.
+    #[arg(long, env = "PODSTEER_INJECTION", value_enum, default_value = "opt-out")]
+    pub injection: crate::cni::conf::Injection,
+    /// Written into the plugin entry: where the plugin appends its log lines.
+    #[arg(long, env = "PODSTEER_CNI_LOG_FILE")]
+    pub cni_log_file: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PODSTEER_LOG_JSON")]
     pub log_json: bool,
@@ -93,5 +120,35 @@ impl AgentConfig {
 
     pub fn registry_path(&self) -> PathBuf {
         self.state_dir.join("pods.json")
+    }
+
+    /// The plugin's conflist entry, carrying the node's CNI settings.
+    pub fn cni_entry(&self) -> serde_json::Value {
+        let mut e = serde_json::json!({
+            "type": crate::cni::PLUGIN_TYPE,
+            "agentSocket": self.socket,
+            "timeoutMs": self.cni_timeout_ms,
+            "failOpen": self.cni_fail_open,
+            "excludeNamespaces": self.exclude_namespaces,
+            "injection": self.injection,
+            "capabilities": {crate::cni::conf::ANNOTATIONS_CAPABILITY: true},
+        });
+        if let Some(log) = &self.cni_log_file {
+            e["logFile"] = serde_json::json!(log);
+        }
+        e
+    }
+
+    pub fn installer(&self) -> crate::install::Installer {
+        let source = self.cni_plugin.clone().unwrap_or_else(|| {
+            std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(crate::cni::PLUGIN_TYPE))).unwrap_or_default()
+        });
+        crate::install::Installer {
+            bin_dir: self.cni_bin_dir.clone(),
+            conf_dir: self.cni_conf_dir.clone(),
+            plugin_source: source,
+            undo_file: self.state_dir.join("cni-undo.json"),
+            entry: self.cni_entry(),
+        }
     }
 }

@@ -142,6 +142,7 @@ impl Controller {
             netns: pod.netns,
             netns_cookie: cookie,
             ips: pod.ips,
+            container_id: pod.container_id,
             mode: self.redirector.mode(),
             policy,
             proxy_ready,
@@ -176,6 +177,37 @@ impl Controller {
         }
         info!("pod removed");
         Response::ok(serde_json::json!({"removed": true}))
+    }
+
+    /// Uninstall: every pod's interception is removed, then the pins.
+    pub fn remove_all(&mut self) -> anyhow::Result<()> {
+        let uids: Vec<String> = self.registry.all().map(|p| p.uid.clone()).collect();
+        for uid in uids {
+            if let Err(e) = self.del(&uid).into_result() {
+                warn!(uid, error = %e, "removing pod during uninstall");
+            }
+        }
+        if self.redirector.mode() == Mode::Ebpf {
+            EbpfDataPath::remove_pins(&self.config.bpffs)?;
+        }
+        Ok(())
+    }
+
+    /// CNI GC: removes every pod whose sandbox the runtime no longer lists.
+    pub fn gc(&mut self, keep: &[String]) -> Response {
+        let stale: Vec<String> = self
+            .registry
+            .all()
+            .filter(|p| p.container_id.as_ref().is_some_and(|c| !keep.contains(c)))
+            .map(|p| p.uid.clone())
+            .collect();
+        for uid in &stale {
+            let r = self.del(uid);
+            if !r.ok {
+                return r;
+            }
+        }
+        Response::ok(serde_json::json!({"removed": stale}))
     }
 
     pub fn check(&self, uid: &str) -> Response {

@@ -2,9 +2,11 @@
 //! answers the CNI plugin, the proxy and the debug CLI on its socket.
 
 pub mod api;
+pub mod cni;
 pub mod config;
 pub mod controller;
 pub mod ebpf;
+pub mod install;
 pub mod iptables;
 pub mod mode;
 pub mod policy;

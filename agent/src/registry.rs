@@ -18,6 +18,8 @@ pub struct PodRecord {
     pub netns: PathBuf,
     pub netns_cookie: u64,
     pub ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub container_id: Option<String>,
     pub mode: Mode,
     pub policy: Policy,
     /// Set once the proxy confirmed this pod's listeners.

@@ -58,6 +58,7 @@ fn dispatch(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd
         Request::Status => Response::ok(c.status()),
         Request::Pods => Response::ok(c.pods()),
         Request::RegisterListener { uid, family } => c.register_listener(&uid, family, fd),
+        Request::Gc { keep } => c.gc(&keep),
     }
 }
 

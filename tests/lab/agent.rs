@@ -146,5 +146,42 @@ pub fn pod_info(pod: &Pod, annotations: &[(&str, &str)]) -> PodInfo {
         netns: pod.netns().path().to_owned(),
         ips: pod.ips().to_vec(),
         annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        container_id: Some(pod.attachment().container_id.clone()),
+    }
+}
+
+impl Agent {
+    /// An agent that installs podsteer-cni into the node's CNI dirs (as the
+    /// DaemonSet does) and hands pods to a shared proxy.
+    pub fn start_installed(node: &Node, mode: &str, extra: &[&str]) -> anyhow::Result<Agent> {
+        let bin_dir = node.cni_bin_dir().display().to_string();
+        let conf_dir = node.cni_conf_dir().display().to_string();
+        let plugin = bin("podsteer-cni").display().to_string();
+        let log = node.state_dir().join("cni.log").display().to_string();
+        let mut args = vec![
+            "--install-cni",
+            "--cni-bin-dir",
+            &bin_dir,
+            "--cni-conf-dir",
+            &conf_dir,
+            "--cni-plugin",
+            &plugin,
+            "--cni-log-file",
+            &log,
+        ];
+        args.extend_from_slice(extra);
+        Agent::start_with_proxy(node, mode, &args)
+    }
+
+    /// Sends a signal to the running agent.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        self.process.as_ref().context("agent is not running")?.signal(sig)
+    }
+
+    /// Waits for the agent to exit on its own (after SIGTERM or SIGUSR1).
+    pub fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let st = self.process.as_mut().context("agent is not running")?.wait_exit(deadline)?;
+        self.process = None;
+        Ok(st)
     }
 }

@@ -49,7 +49,10 @@ pub struct Attachment {
 /// A conflist and the runtime settings to run it.
 #[derive(Clone, Debug)]
 pub struct Runtime {
+    /// Used when there is no conf dir.
     conflist: Value,
+    /// Read before every operation, as containerd re-reads its CNI conf dir.
+    conf_dir: Option<PathBuf>,
     plugin_dirs: Vec<PathBuf>,
     cache_dir: PathBuf,
     /// The netns the plugins themselves run in: the node's, not the machine's.
@@ -58,19 +61,41 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(conflist: Value, plugin_dirs: Vec<PathBuf>, cache_dir: PathBuf, exec_netns: Option<PathBuf>) -> Self {
-        Runtime { conflist, plugin_dirs, cache_dir, exec_netns }
+        Runtime { conflist, conf_dir: None, plugin_dirs, cache_dir, exec_netns }
     }
 
-    pub fn conflist(&self) -> &Value {
-        &self.conflist
+    /// A runtime that reads its conflist from the first file of `dir` each time.
+    pub fn from_conf_dir(dir: PathBuf, plugin_dirs: Vec<PathBuf>, cache_dir: PathBuf, exec_netns: Option<PathBuf>) -> Self {
+        Runtime { conflist: Value::Null, conf_dir: Some(dir), plugin_dirs, cache_dir, exec_netns }
     }
 
-    pub fn network_name(&self) -> &str {
-        self.conflist["name"].as_str().unwrap_or("unnamed")
+    /// The conflist as the next operation will see it.
+    pub fn conflist(&self) -> Value {
+        let Some(dir) = &self.conf_dir else { return self.conflist.clone() };
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("conf" | "conflist" | "json")))
+            .collect();
+        files.sort();
+        files.first().and_then(|f| serde_json::from_slice(&fs::read(f).ok()?).ok()).unwrap_or(Value::Null)
+    }
+
+    pub fn conf_dir(&self) -> Option<&Path> {
+        self.conf_dir.as_deref()
+    }
+
+    pub fn plugin_dirs(&self) -> &[PathBuf] {
+        &self.plugin_dirs
+    }
+
+    pub fn network_name(&self) -> String {
+        self.conflist()["name"].as_str().unwrap_or("unnamed").to_owned()
     }
 
     fn plugins(&self) -> Vec<Value> {
-        self.conflist["plugins"].as_array().cloned().unwrap_or_default()
+        self.conflist()["plugins"].as_array().cloned().unwrap_or_default()
     }
 
     pub fn add(&self, att: &Attachment) -> Result<Value, CniError> {
@@ -83,7 +108,7 @@ impl Runtime {
                 reason: "printed no result".into(),
             })?);
         }
-        let result = prev.unwrap_or_else(|| json!({"cniVersion": self.conflist["cniVersion"]}));
+        let result = prev.unwrap_or_else(|| json!({"cniVersion": self.conflist()["cniVersion"]}));
         let path = self.cache_path(att);
         let cached = json!({"kind": "cniCacheV1", "containerId": att.container_id, "ifName": att.ifname,
                             "networkName": self.network_name(), "result": result});
@@ -133,9 +158,10 @@ impl Runtime {
 
     /// The exact stdin a plugin gets: its own entry plus name, version, prevResult and runtimeConfig.
     pub fn plugin_config(&self, plugin: &Value, att: &Attachment, prev: Option<&Value>) -> Value {
+        let list = self.conflist();
         let mut conf = plugin.as_object().cloned().unwrap_or_default();
-        conf.insert("name".into(), self.conflist["name"].clone());
-        conf.insert("cniVersion".into(), self.conflist["cniVersion"].clone());
+        conf.insert("name".into(), list["name"].clone());
+        conf.insert("cniVersion".into(), list["cniVersion"].clone());
         if let Some(prev) = prev {
             conf.insert("prevResult".into(), prev.clone());
         }

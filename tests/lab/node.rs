@@ -17,6 +17,9 @@ use crate::netns::NetNs;
 use crate::pod::{Pod, PodSpec};
 use crate::process::{LabProcess, command_in};
 
+/// The lab's primary conflist in its conf dir.
+pub const CONFLIST_FILE: &str = "10-podsteer-lab.conflist";
+
 /// Where Debian installs containernetworking-plugins, then the upstream default.
 pub const SYSTEM_PLUGIN_DIRS: &[&str] = &["/usr/lib/cni", "/opt/cni/bin"];
 
@@ -70,11 +73,19 @@ impl Node {
         let pods_cgroup = CgroupDir::create(lab_cgroup.path().join("pods"))?;
         let proxy_cgroup = CgroupDir::create(pods_cgroup.path().join("podsteer-proxy"))?;
 
-        let mut plugin_dirs = opts.extra_plugin_dirs.clone();
+        // The node's CNI dirs, as a runtime has them: a bin dir for installed
+        // plugins (podsteer-cni) searched before the system plugins, and a conf dir.
+        let bin_dir = state.path().join("cni").join("bin");
+        let conf_dir = state.path().join("cni").join("net.d");
+        fs::create_dir_all(&bin_dir)?;
+        fs::create_dir_all(&conf_dir)?;
+        let mut plugin_dirs = vec![bin_dir];
+        plugin_dirs.extend(opts.extra_plugin_dirs.iter().cloned());
         plugin_dirs.extend(SYSTEM_PLUGIN_DIRS.iter().map(PathBuf::from));
         let cache = state.path().join("cni-cache");
         let conflist = default_conflist(&opts, state.path());
-        let runtime = Runtime::new(conflist, plugin_dirs.clone(), cache.clone(), Some(netns.path().to_owned()));
+        fs::write(conf_dir.join(CONFLIST_FILE), serde_json::to_vec_pretty(&conflist)?)?;
+        let runtime = Runtime::from_conf_dir(conf_dir, plugin_dirs.clone(), cache.clone(), Some(netns.path().to_owned()));
         let loopback = Runtime::new(
             json!({"cniVersion": "1.0.0", "name": "cni-loopback", "plugins": [{"type": "loopback"}]}),
             plugin_dirs,
@@ -126,6 +137,16 @@ impl Node {
     /// The lab's own cgroup: node-level processes run here, outside the pods' subtree.
     pub fn lab_cgroup(&self) -> &Path {
         self.inner.lab_cgroup.path()
+    }
+
+    /// The node's CNI conf dir (what containerd's `conf_dir` points at).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.state_dir().join("cni").join("net.d")
+    }
+
+    /// The node's CNI bin dir, searched first (where the agent installs podsteer-cni).
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.state_dir().join("cni").join("bin")
     }
 
     /// The bridge's addresses, which pods use as their gateway.

@@ -7,6 +7,7 @@ use podsteer_agent::config::AgentConfig;
 use podsteer_agent::controller::Controller;
 use podsteer_agent::ebpf::EbpfDataPath;
 use podsteer_agent::{proxy_link, server};
+use nix::sys::signal::{SigSet, Signal};
 use tracing::info;
 
 #[derive(Parser)]
@@ -24,6 +25,8 @@ enum Cmd {
     Run,
     /// Remove every pin; interception stops for all pods.
     RemovePins,
+    /// Remove podsteer from the node: pods' interception, pins, the CNI entry and binary.
+    Uninstall,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,19 +38,62 @@ fn main() -> anyhow::Result<()> {
             info!(bpffs = %cli.config.bpffs.display(), "pins removed");
             Ok(())
         }
+        Cmd::Uninstall => {
+            let cfg = cli.config.clone();
+            Controller::start(cli.config)?.remove_all()?;
+            cfg.installer().uninstall()?;
+            info!("podsteer removed from this node");
+            Ok(())
+        }
         Cmd::Run => {
+            // Signals are taken by one thread with sigwait; every other thread inherits the block.
+            let signals = block_signals()?;
             let listener = server::bind(&cli.config.socket)?;
+            if cli.config.install_cni {
+                let installer = cli.config.installer();
+                if let Err(e) = installer.install() {
+                    tracing::warn!(error = %podsteer_agent::controller::error_chain(&e), "CNI install; the watcher retries when the conf dir changes");
+                }
+                std::thread::Builder::new().name("cni-watch".into()).spawn(move || {
+                    if let Err(e) = installer.watch(|| info!("conflist rewritten by someone else; podsteer-cni entry re-inserted")) {
+                        tracing::error!(error = %podsteer_agent::controller::error_chain(&e), "CNI conf watcher stopped");
+                    }
+                })?;
+            }
             let proxy_listener = cli.config.proxy_socket.as_deref().map(proxy_link::bind).transpose()?;
+            let cfg_for_uninstall = cli.config.clone();
             let ctl = Arc::new(Mutex::new(Controller::start(cli.config)?));
             if let Some(l) = proxy_listener {
                 let ctl = ctl.clone();
                 std::thread::Builder::new().name("proxy-link".into()).spawn(move || server::serve_proxies(l, &ctl))?;
             }
             info!("ready");
-            server::serve(listener, ctl);
+            std::thread::Builder::new().name("api".into()).spawn({
+                let ctl = ctl.clone();
+                move || server::serve(listener, ctl)
+            })?;
+            let sig = signals.wait()?;
+            if sig == Signal::SIGUSR1 {
+                // The explicit uninstall signal; a plain SIGTERM is an upgrade and leaves everything in place.
+                info!("SIGUSR1: uninstalling podsteer from this node");
+                let mut c = ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
+                c.remove_all()?;
+                cfg_for_uninstall.installer().uninstall()?;
+            } else {
+                info!(signal = ?sig, "exiting; interception, pins and the CNI entry stay for the next agent");
+            }
             Ok(())
         }
     }
+}
+
+fn block_signals() -> anyhow::Result<SigSet> {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGUSR1] {
+        set.add(s);
+    }
+    set.thread_block()?;
+    Ok(set)
 }
 
 fn init_logs(json: bool) {
