@@ -87,10 +87,17 @@ pub struct AgentConfig {
     pub exclude_namespaces: Vec<String>,
     /// Written into the plugin entry: opt-out meshes every pod unless annotated otherwise.
     #[arg(long, env = "PODSTEER_INJECTION", value_enum, default_value = "opt-out")]
-    pub injection: crate::cni::conf::Injection,
+    pub injection: crate::policy::Injection,
     /// Written into the plugin entry: where the plugin appends its log lines.
     #[arg(long, env = "PODSTEER_CNI_LOG_FILE")]
     pub cni_log_file: Option<PathBuf>,
+    /// The container runtime's CRI socket. With it, the agent enrols pods that
+    /// started before it and forgets pods that are gone.
+    #[arg(long, env = "PODSTEER_CRI_SOCKET")]
+    pub cri_socket: Option<PathBuf>,
+    /// How often repair runs after the first pass at start.
+    #[arg(long, env = "PODSTEER_REPAIR_INTERVAL_SECS", default_value_t = 60)]
+    pub repair_interval_secs: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PODSTEER_LOG_JSON")]
     pub log_json: bool,

@@ -193,6 +193,11 @@ impl Controller {
         Ok(())
     }
 
+    /// The meshing decision for a pod found by repair (the plugin makes the same one).
+    pub fn skip_reason(&self, pod: &PodInfo) -> Option<String> {
+        crate::policy::skip_reason(&self.config.exclude_namespaces, self.config.injection, &pod.namespace, &pod.annotations)
+    }
+
     /// CNI GC: removes every pod whose sandbox the runtime no longer lists.
     pub fn gc(&mut self, keep: &[String]) -> Response {
         let stale: Vec<String> = self

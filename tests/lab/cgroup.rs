@@ -19,6 +19,37 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 filesystem is mounted")
 }
 
+/// Every cgroup v1 hierarchy's mount point. On a hybrid host runc also makes
+/// v1 directories for containers, named after their cgroup parent.
+pub fn v1_roots() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_src, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup").then(|| PathBuf::from(dir))
+        })
+        .collect()
+}
+
+/// Removes `<v1 root>/<name>` in every v1 hierarchy on drop: what runc made
+/// for containers whose cgroup parent starts with a lab's name.
+#[derive(Debug)]
+pub struct V1Dirs {
+    pub name: String,
+}
+
+impl Drop for V1Dirs {
+    fn drop(&mut self) {
+        for root in v1_roots() {
+            if let Err(e) = remove_tree(&root.join(&self.name)) {
+                eprintln!("lab: removing v1 cgroup {}/{}: {e:#}", root.display(), self.name);
+            }
+        }
+    }
+}
+
 /// A cgroup directory the lab made; removed on drop once its processes are gone.
 #[derive(Debug)]
 pub struct CgroupDir {

@@ -11,6 +11,8 @@
 pub mod agent;
 pub mod cgroup;
 pub mod cni;
+pub mod containerd;
+pub mod images;
 pub mod names;
 pub mod netns;
 pub mod node;

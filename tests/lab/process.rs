@@ -54,14 +54,21 @@ impl LabProcess {
     }
 }
 
-impl Drop for LabProcess {
-    fn drop(&mut self) {
+impl LabProcess {
+    /// SIGKILL and reap, now; dropping does the same.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             if let Ok(None) = child.try_wait() {
                 let _ = child.kill();
             }
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for LabProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::cgroup::{cgroup2_root, remove_tree};
+use crate::cgroup::{cgroup2_root, remove_tree, v1_roots};
 use crate::names::{PREFIX, STATE_ROOT};
 use crate::netns::{NETNS_DIR, remove_named};
 use crate::process::kill_recorded;
@@ -29,9 +29,13 @@ pub fn sweep() -> anyhow::Result<Vec<String>> {
         remove_named(&ns)?;
         removed.push(format!("netns {}", ns.display()));
     }
-    for cg in prefixed(&cgroup2_root()?, PREFIX)? {
-        remove_tree(&cg)?;
-        removed.push(format!("cgroup {}", cg.display()));
+    let mut roots = vec![cgroup2_root()?];
+    roots.extend(v1_roots());
+    for root in roots {
+        for cg in prefixed(&root, PREFIX)? {
+            remove_tree(&cg)?;
+            removed.push(format!("cgroup {}", cg.display()));
+        }
     }
     for pin in prefixed(Path::new(BPFFS_ROOT), PREFIX)? {
         unmount_below(&pin);

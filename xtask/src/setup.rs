@@ -17,6 +17,10 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "sockperf",
     "jq",
+    // Builds the CRI API bindings (k8s-cri).
+    "protobuf-compiler",
+    // A static busybox: the rootfs of the lab's locally built container images.
+    "busybox-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -67,6 +67,11 @@ fn main() -> anyhow::Result<()> {
                 let ctl = ctl.clone();
                 std::thread::Builder::new().name("proxy-link".into()).spawn(move || server::serve_proxies(l, &ctl))?;
             }
+            if let Some(cri) = cfg_for_uninstall.cri_socket.clone() {
+                let ctl = ctl.clone();
+                let every = std::time::Duration::from_secs(cfg_for_uninstall.repair_interval_secs.max(1));
+                std::thread::Builder::new().name("repair".into()).spawn(move || podsteer_agent::repair::run_forever(&ctl, &cri, every))?;
+            }
             info!("ready");
             std::thread::Builder::new().name("api".into()).spawn({
                 let ctl = ctl.clone();

@@ -61,14 +61,7 @@ impl CniEnv {
     }
 }
 
-/// Opt-out meshes every pod unless it says no; opt-in only pods that say yes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Injection {
-    #[default]
-    OptOut,
-    OptIn,
-}
+pub use crate::policy::Injection;
 
 fn default_socket() -> PathBuf {
     crate::config::defaults::SOCKET.into()

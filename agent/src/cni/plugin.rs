@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::conf::{CniEnv, Injection, NetConf};
+use super::conf::{CniEnv, NetConf};
 use super::error::{CniError, Code};
 use crate::api::{self, ApiError, ClientError, ErrorKind, PodInfo, Request};
-use crate::policy::annotations;
 
 /// DEL and STATUS must be quick even when the agent is gone: the runtime waits on us.
 const SHORT_DEADLINE: Duration = Duration::from_secs(2);
@@ -38,17 +37,8 @@ fn log(conf: &NetConf, line: &str) {
     }
 }
 
-/// Why a pod is not meshed, or None when it is.
 fn skip_reason(conf: &NetConf, namespace: &str, ann: &std::collections::BTreeMap<String, String>) -> Option<String> {
-    if conf.exclude_namespaces.iter().any(|n| n == namespace) {
-        return Some(format!("namespace {namespace} is excluded"));
-    }
-    match ann.get(annotations::INJECT).map(String::as_str) {
-        Some(v) if v.eq_ignore_ascii_case("false") => Some(format!("{} is false", annotations::INJECT)),
-        Some(v) if v.eq_ignore_ascii_case("true") => None,
-        _ if conf.injection == Injection::OptIn => Some(format!("opt-in mode and no {}: \"true\"", annotations::INJECT)),
-        _ => None,
-    }
+    crate::policy::skip_reason(&conf.exclude_namespaces, conf.injection, namespace, ann)
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {

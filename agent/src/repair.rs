@@ -1,0 +1,66 @@
+//! Repair: reconcile the registry with the pods the runtime actually runs.
+//! Pods that started before the agent (or while it was down) get meshed;
+//! pods that are gone are unregistered. No API server watch is needed.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::controller::Controller;
+use crate::cri;
+
+/// Bound on one CRI round trip, so a hung runtime cannot stall the agent.
+const CRI_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RepairReport {
+    pub enrolled: Vec<String>,
+    pub removed: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+pub fn run_once(ctl: &Mutex<Controller>, socket: &Path) -> anyhow::Result<RepairReport> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let pods = rt.block_on(async {
+        let mut client = tokio::time::timeout(CRI_DEADLINE, cri::connect(socket)).await??;
+        anyhow::Ok(tokio::time::timeout(CRI_DEADLINE, cri::ready_pods(&mut client)).await??)
+    })?;
+    let mut c = ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
+    let running: BTreeSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
+    let mut report = RepairReport::default();
+    for stale in c.pods().into_iter().filter(|p| !running.contains(&p.uid)) {
+        let label = format!("{}/{}", stale.namespace, stale.name);
+        match c.del(&stale.uid).into_result() {
+            Ok(_) => report.removed.push(label),
+            Err(e) => report.failed.push(format!("{label}: {}", e.message)),
+        }
+    }
+    let known: BTreeSet<String> = c.pods().into_iter().map(|p| p.uid).collect();
+    for pod in pods.into_iter().filter(|p| !known.contains(&p.uid)) {
+        if c.skip_reason(&pod).is_some() {
+            continue;
+        }
+        let label = format!("{}/{}", pod.namespace, pod.name);
+        match c.add(pod).into_result() {
+            Ok(_) => report.enrolled.push(label),
+            Err(e) => report.failed.push(format!("{label}: {}", e.message)),
+        }
+    }
+    if !report.enrolled.is_empty() || !report.removed.is_empty() || !report.failed.is_empty() {
+        info!(enrolled = ?report.enrolled, removed = ?report.removed, failed = ?report.failed, "repair");
+    }
+    Ok(report)
+}
+
+/// First pass now, then every `interval`.
+pub fn run_forever(ctl: &Mutex<Controller>, socket: &Path, interval: Duration) {
+    loop {
+        if let Err(e) = run_once(ctl, socket) {
+            warn!(error = %format!("{e:#}"), "repair pass failed");
+        }
+        std::thread::sleep(interval);
+    }
+}
