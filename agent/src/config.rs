@@ -98,6 +98,9 @@ pub struct AgentConfig {
     /// How often repair runs after the first pass at start.
     #[arg(long, env = "PODSTEER_REPAIR_INTERVAL_SECS", default_value_t = 60)]
     pub repair_interval_secs: u64,
+    /// /healthz, /readyz and /metrics.
+    #[arg(long, env = "PODSTEER_ADMIN_ADDR", default_value = "127.0.0.1:15021")]
+    pub admin_addr: std::net::SocketAddr,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "PODSTEER_LOG_JSON")]
     pub log_json: bool,

@@ -21,6 +21,9 @@ use crate::redirect::{PodNet, Redirector};
 use crate::registry::{PodRecord, Registry};
 use crate::sys;
 
+/// The mode decision, saved in the state dir at start.
+pub const STATUS_FILE: &str = "status.json";
+
 pub struct Controller {
     proxy: Option<Arc<ProxyLink>>,
     config: AgentConfig,
@@ -65,9 +68,38 @@ impl Controller {
             }
         };
         std::fs::create_dir_all(&config.state_dir)?;
+        // For `podsteer status` while the agent is down.
+        let saved = serde_json::json!({"mode": choice.mode, "reason": choice.reason, "features": choice.features, "pins_origin": origin, "cgroup": config.cgroup});
+        std::fs::write(config.state_dir.join(STATUS_FILE), serde_json::to_vec_pretty(&saved)?)?;
         let registry = Registry::load(Some(config.registry_path()));
         let proxy = config.proxy_socket.as_ref().map(|_| Arc::new(ProxyLink::default()));
         Ok(Controller { proxy, config, choice, redirector, registry, origin })
+    }
+
+    /// Ready: a mode is chosen, the kernel side is in place, and the shared proxy
+    /// (when there is one) is connected.
+    pub fn ready(&self) -> Result<(), String> {
+        if let Redirector::Ebpf(dp) = &self.redirector {
+            for p in ["podsteer_connect4", "podsteer_connect6", "podsteer_getsockopt", "podsteer_sockops"] {
+                if !dp.pins().link(p).exists() {
+                    return Err(format!("link {p} is not pinned"));
+                }
+            }
+        }
+        if let Some(link) = &self.proxy {
+            if link.connected().is_none() {
+                return Err("no proxy connected".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The eBPF per-CPU counters, summed; None in iptables mode.
+    pub fn ebpf_counters(&self) -> Option<Vec<(podsteer_common::Counter, u64)>> {
+        match &self.redirector {
+            Redirector::Ebpf(dp) => dp.maps.counters().ok(),
+            Redirector::Iptables(_) => None,
+        }
     }
 
     pub fn status(&self) -> Status<'_> {
@@ -89,6 +121,13 @@ impl Controller {
     }
 
     pub fn add(&mut self, pod: PodInfo) -> Response {
+        let started = std::time::Instant::now();
+        let r = self.add_inner(pod);
+        record("add", &r, started);
+        r
+    }
+
+    fn add_inner(&mut self, pod: PodInfo) -> Response {
         let span = info_span!("add", pod = %format!("{}/{}", pod.namespace, pod.name), netns = %pod.netns.display(), mode = ?self.choice.mode);
         let _g = span.enter();
         if inject_disabled(&pod.annotations) {
@@ -157,6 +196,13 @@ impl Controller {
 
     /// Idempotent: an unknown pod is already removed.
     pub fn del(&mut self, uid: &str) -> Response {
+        let started = std::time::Instant::now();
+        let r = self.del_inner(uid);
+        record("del", &r, started);
+        r
+    }
+
+    fn del_inner(&mut self, uid: &str) -> Response {
         let Some(rec) = self.registry.get(uid).cloned() else {
             return Response::ok(serde_json::json!({"removed": false}));
         };
@@ -313,6 +359,13 @@ impl Controller {
             Err(e) => Response::err(ErrorKind::BadRequest, error_chain(&e)),
         }
     }
+}
+
+fn record(op: &str, r: &Response, started: std::time::Instant) {
+    use crate::metrics::{OpLabel, OpResult, metrics};
+    let result = if r.ok { "ok" } else { "error" };
+    metrics().registrations.get_or_create(&OpResult { op: op.into(), result: result.into() }).inc();
+    metrics().registration_seconds.get_or_create(&OpLabel { op: op.into() }).observe(started.elapsed().as_secs_f64());
 }
 
 /// An error with its causes on one line, for replies and logs.

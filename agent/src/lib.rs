@@ -1,14 +1,17 @@
 //! podsteer's node agent: picks the interception mode, programs it per pod and
 //! answers the CNI plugin, the proxy and the debug CLI on its socket.
 
+pub mod admin;
 pub mod api;
 pub mod cni;
 pub mod config;
 pub mod controller;
 pub mod cri;
+pub mod ctl;
 pub mod ebpf;
 pub mod install;
 pub mod iptables;
+pub mod metrics;
 pub mod mode;
 pub mod policy;
 pub mod proxy_link;

@@ -49,6 +49,10 @@ pub fn run_once(ctl: &Mutex<Controller>, socket: &Path) -> anyhow::Result<Repair
             Err(e) => report.failed.push(format!("{label}: {}", e.message)),
         }
     }
+    let m = crate::metrics::metrics();
+    for (action, n) in [("enrolled", report.enrolled.len()), ("removed", report.removed.len()), ("failed", report.failed.len())] {
+        m.repair.get_or_create(&crate::metrics::ActionLabel { action: action.into() }).inc_by(n as u64);
+    }
     if !report.enrolled.is_empty() || !report.removed.is_empty() || !report.failed.is_empty() {
         info!(enrolled = ?report.enrolled, removed = ?report.removed, failed = ?report.failed, "repair");
     }

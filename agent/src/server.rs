@@ -51,6 +51,22 @@ fn handle(stream: UnixStream, ctl: &Mutex<Controller>) {
 }
 
 fn dispatch(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Response {
+    let command = match &req {
+        Request::Add { .. } => "add",
+        Request::Del { .. } => "del",
+        Request::Check { .. } => "check",
+        Request::Status => "status",
+        Request::Pods => "pods",
+        Request::RegisterListener { .. } => "register_listener",
+        Request::Gc { .. } => "gc",
+    };
+    let r = dispatch_inner(c, req, fd);
+    let result = if r.ok { "ok" } else { "error" };
+    crate::metrics::metrics().requests.get_or_create(&crate::metrics::CommandResult { command: command.into(), result: result.into() }).inc();
+    r
+}
+
+fn dispatch_inner(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Response {
     match req {
         Request::Add { pod } => c.add(pod),
         Request::Del { uid } => c.del(&uid),

@@ -55,7 +55,11 @@ fn main() -> anyhow::Result<()> {
                     tracing::warn!(error = %podsteer_agent::controller::error_chain(&e), "CNI install; the watcher retries when the conf dir changes");
                 }
                 std::thread::Builder::new().name("cni-watch".into()).spawn(move || {
-                    if let Err(e) = installer.watch(|| info!("conflist rewritten by someone else; podsteer-cni entry re-inserted")) {
+                    let reinserted = || {
+                        podsteer_agent::metrics::metrics().conflist_reinsertions.inc();
+                        info!("conflist rewritten by someone else; podsteer-cni entry re-inserted");
+                    };
+                    if let Err(e) = installer.watch(reinserted) {
                         tracing::error!(error = %podsteer_agent::controller::error_chain(&e), "CNI conf watcher stopped");
                     }
                 })?;
@@ -72,7 +76,8 @@ fn main() -> anyhow::Result<()> {
                 let every = std::time::Duration::from_secs(cfg_for_uninstall.repair_interval_secs.max(1));
                 std::thread::Builder::new().name("repair".into()).spawn(move || podsteer_agent::repair::run_forever(&ctl, &cri, every))?;
             }
-            info!("ready");
+            let admin = podsteer_agent::admin::spawn(cfg_for_uninstall.admin_addr, ctl.clone())?;
+            info!(%admin, "ready");
             std::thread::Builder::new().name("api".into()).spawn({
                 let ctl = ctl.clone();
                 move || server::serve(listener, ctl)

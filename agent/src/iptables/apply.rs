@@ -53,6 +53,19 @@ impl Backend {
 
     /// `iptables-save -t nat` inside `netns`.
     pub fn save(self, netns: BorrowedFd<'_>, family: Family) -> Result<String, IptablesError> {
+        let r = self.save_inner(netns, family);
+        count("save", &r);
+        r
+    }
+
+    /// Applies a plan atomically with `iptables-restore --noflush` inside `netns`.
+    pub fn restore(self, netns: BorrowedFd<'_>, family: Family, plan: &str) -> Result<(), IptablesError> {
+        let r = self.restore_inner(netns, family, plan);
+        count("restore", &r);
+        r
+    }
+
+    fn save_inner(self, netns: BorrowedFd<'_>, family: Family) -> Result<String, IptablesError> {
         let program = self.program(family, "save");
         let out = in_netns(Command::new(&program).args(["-t", "nat"]), netns)
             .output()
@@ -63,8 +76,7 @@ impl Backend {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Applies a plan atomically with `iptables-restore --noflush` inside `netns`.
-    pub fn restore(self, netns: BorrowedFd<'_>, family: Family, plan: &str) -> Result<(), IptablesError> {
+    fn restore_inner(self, netns: BorrowedFd<'_>, family: Family, plan: &str) -> Result<(), IptablesError> {
         let program = self.program(family, "restore");
         let spawn_err = |source| IptablesError::Spawn { program: program.clone(), source };
         let mut child = in_netns(Command::new(&program).arg("--noflush"), netns)
@@ -82,6 +94,11 @@ impl Backend {
         }
         Ok(())
     }
+}
+
+fn count<T>(op: &str, r: &Result<T, IptablesError>) {
+    let labels = crate::metrics::OpResult { op: op.into(), result: crate::metrics::result(r) };
+    crate::metrics::metrics().iptables.get_or_create(&labels).inc();
 }
 
 fn in_netns<'c>(cmd: &'c mut Command, netns: BorrowedFd<'_>) -> &'c mut Command {

@@ -7,7 +7,7 @@
 pub mod policy;
 pub mod sock;
 
-pub use policy::{Cidr, PodPolicy};
+pub use policy::{Cidr, PodPolicy, Verdict};
 pub use sock::{Addr, SockKey, SockPairKey};
 
 /// Default port of each pod's outbound listener (Istio's choice, kept for familiarity).

@@ -66,9 +66,67 @@ pub struct PodPolicy {
     pub excluded_cidrs: [Cidr; MAX_CIDRS],
 }
 
+/// What connect4/6 does with one outbound connect, and why. The eBPF program
+/// and `podsteer explain` both decide with [`PodPolicy::outbound_verdict`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Redirect,
+    /// The pod's outbound interception is off.
+    OutboundOff,
+    /// The app is talking to itself (loopback or the pod's own address).
+    Local,
+    /// The destination is one of the proxy's own ports.
+    ProxyPort,
+    ExcludedPort,
+    ExcludedCidr,
+}
+
+impl Verdict {
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Verdict::Redirect => "redirected to the pod's outbound proxy port",
+            Verdict::OutboundOff => "outbound interception is off for this pod",
+            Verdict::Local => "loopback or the pod's own address",
+            Verdict::ProxyPort => "destination is a proxy port",
+            Verdict::ExcludedPort => "destination port is excluded",
+            Verdict::ExcludedCidr => "destination is in an excluded CIDR",
+        }
+    }
+}
+
 impl PodPolicy {
     pub fn has(&self, flag: u32) -> bool {
         self.flags & flag != 0
+    }
+
+    pub fn is_own_ip(&self, dst: &crate::Addr) -> bool {
+        if dst.family == crate::AF_INET {
+            self.ipv4 != 0 && dst.ip[0] == self.ipv4
+        } else {
+            dst.ip[0] == self.ipv6[0] && dst.ip[1] == self.ipv6[1] && dst.ip[2] == self.ipv6[2] && dst.ip[3] == self.ipv6[3]
+        }
+    }
+
+    /// The decision for a TCP connect to `dst` (port in network order) from a
+    /// socket that is not the proxy's own.
+    pub fn outbound_verdict(&self, dst: &crate::Addr) -> Verdict {
+        if !self.has(flags::OUTBOUND) {
+            return Verdict::OutboundOff;
+        }
+        if dst.is_loopback() || self.is_own_ip(dst) {
+            return Verdict::Local;
+        }
+        let port = u16::from_be(dst.port);
+        if port == self.outbound_port || port == self.inbound_port {
+            return Verdict::ProxyPort;
+        }
+        if self.excludes_outbound_port(port) {
+            return Verdict::ExcludedPort;
+        }
+        if self.excludes_destination(dst) {
+            return Verdict::ExcludedCidr;
+        }
+        Verdict::Redirect
     }
 
     pub fn excludes_outbound_port(&self, port: u16) -> bool {

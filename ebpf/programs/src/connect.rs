@@ -5,7 +5,7 @@ use aya_ebpf::helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_s
 use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use podsteer_common::policy::flags;
-use podsteer_common::{AF_INET, Addr, Counter};
+use podsteer_common::{Addr, Counter, Verdict};
 
 use crate::ctx::{field, rd, rd6};
 use crate::maps::{ORIG_BY_COOKIE, count, policy};
@@ -35,9 +35,6 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     // SAFETY: the helper only reads the context.
     let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
     let Some(pol) = policy(netns) else { return };
-    if !pol.has(flags::OUTBOUND) {
-        return;
-    }
     // The proxy's own sockets: marked (shared proxy) or owned by the proxy UID (sidecar).
     // SAFETY: `sk` is a valid socket pointer in connect hooks.
     let mark = unsafe { rd(field!((*(*sa).__bindgen_anon_1.sk).mark)) };
@@ -47,15 +44,14 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let port_be = rd(field!((*sa).user_port)) as u16;
-    let dst = if v6 { Addr::v6(rd6(field!((*sa).user_ip6)), port_be) } else { Addr::v4(rd(field!((*sa).user_ip4)), 0) };
-    let dst = Addr { port: port_be, ..dst };
-    if dst.is_loopback() || is_pod_ip(pol, &dst) {
-        return;
-    }
-    let port = u16::from_be(port_be);
-    if port == pol.outbound_port || port == pol.inbound_port || pol.excludes_outbound_port(port) || pol.excludes_destination(&dst) {
-        count(Counter::SkipExcluded);
-        return;
+    let dst = if v6 { Addr::v6(rd6(field!((*sa).user_ip6)), port_be) } else { Addr::v4(rd(field!((*sa).user_ip4)), port_be) };
+    match pol.outbound_verdict(&dst) {
+        Verdict::Redirect => {}
+        Verdict::ExcludedPort | Verdict::ExcludedCidr | Verdict::ProxyPort => {
+            count(Counter::SkipExcluded);
+            return;
+        }
+        Verdict::OutboundOff | Verdict::Local => return,
     }
     // SAFETY: the helper only reads the context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
@@ -79,11 +75,3 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     count(Counter::OutboundRedirects);
 }
 
-#[inline(always)]
-fn is_pod_ip(pol: &podsteer_common::PodPolicy, dst: &Addr) -> bool {
-    if dst.family == AF_INET {
-        pol.ipv4 != 0 && dst.ip[0] == pol.ipv4
-    } else {
-        dst.ip[0] == pol.ipv6[0] && dst.ip[1] == pol.ipv6[1] && dst.ip[2] == pol.ipv6[2] && dst.ip[3] == pol.ipv6[3]
-    }
-}

@@ -1,0 +1,103 @@
+//! `podsteer explain POD DEST`: would a connection from POD to DEST be
+//! intercepted, what decides it, and where would it land. It runs the very
+//! decision the connect4/6 programs run, on the policy actually in the map.
+
+use std::net::SocketAddr;
+
+use podsteer_common::{Addr, PodPolicy, Verdict};
+use serde::Serialize;
+
+use super::{CtlError, Paths, exit};
+use crate::ebpf::maps::ip_key;
+use crate::mode::Mode;
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub pod: String,
+    pub destination: SocketAddr,
+    pub mode: String,
+    pub intercepted: bool,
+    pub reason: String,
+    /// The map entry or iptables rule that decides.
+    pub decided_by: String,
+    /// Where the connection goes.
+    pub lands_on: String,
+}
+
+fn rule_comment(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Redirect => "podsteer/redirect-outbound",
+        Verdict::OutboundOff => "(no jump to PODSTEER_OUTPUT)",
+        Verdict::Local => "podsteer/loopback or podsteer/own-ip",
+        Verdict::ProxyPort => "podsteer/redirect-outbound (proxy port)",
+        Verdict::ExcludedPort => "podsteer/excluded-outbound-port",
+        Verdict::ExcludedCidr => "podsteer/excluded-outbound-cidr",
+    }
+}
+
+pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlError> {
+    let destination: SocketAddr = dest.parse().map_err(|_| CtlError::new(exit::USAGE, format!("{dest:?} is not IP:PORT (use [v6]:port for IPv6)")))?;
+    let Some(rec) = paths.registry().into_iter().find(|p| format!("{}/{}", p.namespace, p.name) == pod) else {
+        return Err(CtlError::new(exit::NO_SUCH_POD, format!("pod {pod} is not registered on this node, so nothing of its traffic is intercepted")));
+    };
+    let mut dst = ip_key(destination.ip());
+    dst.port = destination.port().to_be();
+    let (policy, decided_by, mode) = match rec.mode {
+        Mode::Ebpf => {
+            super::require_pins(&paths.bpffs)?;
+            let maps = crate::ebpf::maps::Maps::open_pinned(&paths.bpffs).map_err(|e| CtlError::new(exit::FAILURE, crate::controller::error_chain(&e)))?;
+            match maps.pods.get(&rec.netns_cookie, 0) {
+                Ok(p) => (p, format!("PODS[{}]", rec.netns_cookie), "ebpf"),
+                Err(_) => {
+                    return Ok(Explanation {
+                        pod: pod.into(),
+                        destination,
+                        mode: "ebpf".into(),
+                        intercepted: false,
+                        reason: "the pod's netns is not in PODS: interception is NOT in place".into(),
+                        decided_by: format!("PODS has no entry {}", rec.netns_cookie),
+                        lands_on: destination.to_string(),
+                    });
+                }
+            }
+        }
+        Mode::Iptables => (rec.policy.to_kernel(), String::new(), "iptables"),
+    };
+    let verdict = verdict(&policy, &dst);
+    let decided_by = if mode == "iptables" { format!("rule {} in PODSTEER_OUTPUT", rule_comment(verdict)) } else { format!("{decided_by}: {}", field(verdict)) };
+    let lands_on = if verdict == Verdict::Redirect {
+        let lo = if destination.is_ipv4() { "127.0.0.1" } else { "[::1]" };
+        format!("{lo}:{} in the pod's netns (the proxy's outbound listener), original destination {destination}", policy.outbound_port)
+    } else {
+        destination.to_string()
+    };
+    Ok(Explanation { pod: pod.into(), destination, mode: mode.into(), intercepted: verdict == Verdict::Redirect, reason: verdict.reason().into(), decided_by, lands_on })
+}
+
+fn verdict(p: &PodPolicy, dst: &Addr) -> Verdict {
+    p.outbound_verdict(dst)
+}
+
+fn field(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Redirect => "outbound_port",
+        Verdict::OutboundOff => "flags",
+        Verdict::Local => "ipv4/ipv6 (own address) or loopback",
+        Verdict::ProxyPort => "outbound_port/inbound_port",
+        Verdict::ExcludedPort => "excluded_outbound_ports",
+        Verdict::ExcludedCidr => "excluded_cidrs",
+    }
+}
+
+pub fn render(e: &Explanation) -> String {
+    format!(
+        "{} -> {}: {}\n  mode:       {}\n  why:        {}\n  decided by: {}\n  lands on:   {}\n",
+        e.pod,
+        e.destination,
+        if e.intercepted { "INTERCEPTED" } else { "not intercepted" },
+        e.mode,
+        e.reason,
+        e.decided_by,
+        e.lands_on
+    )
+}

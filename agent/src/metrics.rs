@@ -1,0 +1,102 @@
+//! The agent's Prometheus metrics. One process-wide set: every subsystem
+//! counts into it, and the admin endpoint encodes it on scrape.
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpResult {
+    pub op: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandResult {
+    pub command: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CounterLabel {
+    pub counter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: String,
+}
+
+fn latency() -> Histogram {
+    // 100 µs to ~3 s: a map write up to a CNI ADD waiting on the proxy.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+pub struct AgentMetrics {
+    pub pods: Family<ModeLabel, Gauge>,
+    pub registrations: Family<OpResult, Counter>,
+    pub registration_seconds: Family<OpLabel, Histogram, fn() -> Histogram>,
+    pub requests: Family<CommandResult, Counter>,
+    pub ebpf: Family<CounterLabel, Gauge>,
+    pub iptables: Family<OpResult, Counter>,
+    pub repair: Family<ActionLabel, Counter>,
+    pub conflist_reinsertions: Counter,
+    registry: Registry,
+}
+
+impl AgentMetrics {
+    fn new() -> AgentMetrics {
+        let mut registry = Registry::with_prefix("podsteer_agent");
+        let m = AgentMetrics {
+            pods: Family::default(),
+            registrations: Family::default(),
+            registration_seconds: Family::new_with_constructor(latency as fn() -> Histogram),
+            requests: Family::default(),
+            ebpf: Family::default(),
+            iptables: Family::default(),
+            repair: Family::default(),
+            conflist_reinsertions: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("pods", "Pods registered, by interception mode", m.pods.clone());
+        registry.register("registrations", "Pod registrations and removals, by result", m.registrations.clone());
+        registry.register("registration_duration_seconds", "Time to register or remove a pod", m.registration_seconds.clone());
+        registry.register("requests", "Requests on the agent socket (from podsteer-cni and the CLI), by command and result", m.requests.clone());
+        registry.register("ebpf_events", "The eBPF programs' per-CPU counters, summed", m.ebpf.clone());
+        registry.register("iptables_operations", "iptables-save and iptables-restore runs, by result", m.iptables.clone());
+        registry.register("repair_actions", "Pods enrolled or removed by repair", m.repair.clone());
+        registry.register("conflist_reinsertions", "Times the CNI entry was put back after someone rewrote the conflist", m.conflist_reinsertions.clone());
+        AgentMetrics { registry, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static AgentMetrics {
+    static M: OnceLock<AgentMetrics> = OnceLock::new();
+    M.get_or_init(AgentMetrics::new)
+}
+
+pub fn result<T, E>(r: &Result<T, E>) -> String {
+    if r.is_ok() { "ok".into() } else { "error".into() }
+}
