@@ -23,86 +23,90 @@ pub mod defaults {
 #[derive(Args, Clone, Debug, Serialize)]
 pub struct AgentConfig {
     /// Interception mode; auto probes the kernel and falls back to iptables.
-    #[arg(long, env = "PODSTEER_MODE", value_enum, default_value = "auto")]
+    #[arg(global = true, long, env = "PODSTEER_MODE", value_enum, default_value = "auto")]
     pub mode: ModeRequest,
     /// The pods' parent cgroup, where the cgroup programs attach once.
-    #[arg(long, env = "PODSTEER_CGROUP", default_value = defaults::CGROUP)]
+    #[arg(global = true, long, env = "PODSTEER_CGROUP", default_value = defaults::CGROUP)]
     pub cgroup: PathBuf,
     /// bpffs mount; pins go in its `podsteer/` directory (mounted if absent).
-    #[arg(long, env = "PODSTEER_BPFFS", default_value = defaults::BPFFS)]
+    #[arg(global = true, long, env = "PODSTEER_BPFFS", default_value = defaults::BPFFS)]
     pub bpffs: PathBuf,
     /// The socket the CNI plugin, the proxy and the CLI talk to (mode 0600).
-    #[arg(long, env = "PODSTEER_SOCKET", default_value = defaults::SOCKET)]
+    #[arg(global = true, long, env = "PODSTEER_SOCKET", default_value = defaults::SOCKET)]
     pub socket: PathBuf,
     /// The shared proxy's control socket (SOCK_SEQPACKET). With it, a pod is
     /// ready only once the proxy has opened its listeners.
-    #[arg(long, env = "PODSTEER_PROXY_SOCKET")]
+    #[arg(global = true, long, env = "PODSTEER_PROXY_SOCKET")]
     pub proxy_socket: Option<PathBuf>,
     /// How long a pod add waits for a proxy to be connected.
-    #[arg(long, env = "PODSTEER_PROXY_WAIT_MS", default_value_t = 10_000)]
+    #[arg(global = true, long, env = "PODSTEER_PROXY_WAIT_MS", default_value_t = 10_000)]
     pub proxy_wait_ms: u64,
     /// Where the pod registry is saved across restarts.
-    #[arg(long, env = "PODSTEER_STATE_DIR", default_value = defaults::STATE_DIR)]
+    #[arg(global = true, long, env = "PODSTEER_STATE_DIR", default_value = defaults::STATE_DIR)]
     pub state_dir: PathBuf,
-    #[arg(long, env = "PODSTEER_OUTBOUND_PORT", default_value_t = podsteer_common::OUTBOUND_PORT)]
+    #[arg(global = true, long, env = "PODSTEER_OUTBOUND_PORT", default_value_t = podsteer_common::OUTBOUND_PORT)]
     pub outbound_port: u16,
-    #[arg(long, env = "PODSTEER_INBOUND_PORT", default_value_t = podsteer_common::INBOUND_PORT)]
+    #[arg(global = true, long, env = "PODSTEER_INBOUND_PORT", default_value_t = podsteer_common::INBOUND_PORT)]
     pub inbound_port: u16,
     /// SO_MARK on the proxy's own sockets; they are never redirected.
-    #[arg(long, env = "PODSTEER_PROXY_MARK", default_value_t = podsteer_common::PROXY_MARK)]
+    #[arg(global = true, long, env = "PODSTEER_PROXY_MARK", default_value_t = podsteer_common::PROXY_MARK)]
     pub proxy_mark: u32,
     /// UID of per-pod sidecar proxies; their sockets are never redirected.
-    #[arg(long, env = "PODSTEER_PROXY_UID", default_value_t = podsteer_common::PROXY_UID)]
+    #[arg(global = true, long, env = "PODSTEER_PROXY_UID", default_value_t = podsteer_common::PROXY_UID)]
     pub proxy_uid: u32,
     /// Default proxy shape for pods without the proxy-mode annotation.
-    #[arg(long, env = "PODSTEER_PROXY_MODE", value_enum, default_value = "shared")]
+    #[arg(global = true, long, env = "PODSTEER_PROXY_MODE", value_enum, default_value = "shared")]
     pub proxy_mode: ProxyModeArg,
     /// Turns off the sk_msg splice of local socket pairs.
-    #[arg(long, env = "PODSTEER_NO_SK_MSG")]
+    #[arg(global = true, long, env = "PODSTEER_NO_SK_MSG")]
     pub no_sk_msg: bool,
     /// iptables backend; detected from the node's rules when unset.
-    #[arg(long, env = "PODSTEER_IPTABLES_BACKEND", value_enum)]
+    #[arg(global = true, long, env = "PODSTEER_IPTABLES_BACKEND", value_enum)]
     pub iptables_backend: Option<Backend>,
     /// Report these probed features as absent (rehearses the iptables fallback).
-    #[arg(long = "mask-feature", env = "PODSTEER_MASK_FEATURES", value_delimiter = ',')]
+    #[arg(global = true, long = "mask-feature", env = "PODSTEER_MASK_FEATURES", value_delimiter = ',')]
     pub mask_features: Vec<String>,
     /// Install podsteer-cni into the node's CNI dirs and keep its conflist entry in place.
-    #[arg(long, env = "PODSTEER_INSTALL_CNI")]
+    #[arg(global = true, long, env = "PODSTEER_INSTALL_CNI")]
     pub install_cni: bool,
-    #[arg(long, env = "PODSTEER_CNI_BIN_DIR", default_value = defaults::CNI_BIN_DIR)]
+    #[arg(global = true, long, env = "PODSTEER_CNI_BIN_DIR", default_value = defaults::CNI_BIN_DIR)]
     pub cni_bin_dir: PathBuf,
-    #[arg(long, env = "PODSTEER_CNI_CONF_DIR", default_value = defaults::CNI_CONF_DIR)]
+    #[arg(global = true, long, env = "PODSTEER_CNI_CONF_DIR", default_value = defaults::CNI_CONF_DIR)]
     pub cni_conf_dir: PathBuf,
     /// The podsteer-cni binary to install; by default the one next to this agent.
-    #[arg(long, env = "PODSTEER_CNI_PLUGIN")]
+    #[arg(global = true, long, env = "PODSTEER_CNI_PLUGIN")]
     pub cni_plugin: Option<PathBuf>,
     /// Written into the plugin entry: how long ADD waits for the agent.
-    #[arg(long, env = "PODSTEER_CNI_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(global = true, long, env = "PODSTEER_CNI_TIMEOUT_MS", default_value_t = 10_000)]
     pub cni_timeout_ms: u64,
     /// Written into the plugin entry: start pods un-intercepted when the agent is down.
-    #[arg(long, env = "PODSTEER_CNI_FAIL_OPEN")]
+    #[arg(global = true, long, env = "PODSTEER_CNI_FAIL_OPEN")]
     pub cni_fail_open: bool,
     /// Written into the plugin entry: namespaces never meshed.
-    #[arg(long, env = "PODSTEER_EXCLUDE_NAMESPACES", value_delimiter = ',', default_value = "kube-system")]
+    #[arg(global = true, long, env = "PODSTEER_EXCLUDE_NAMESPACES", value_delimiter = ',', default_value = "kube-system")]
     pub exclude_namespaces: Vec<String>,
     /// Written into the plugin entry: opt-out meshes every pod unless annotated otherwise.
-    #[arg(long, env = "PODSTEER_INJECTION", value_enum, default_value = "opt-out")]
+    #[arg(global = true, long, env = "PODSTEER_INJECTION", value_enum, default_value = "opt-out")]
     pub injection: crate::policy::Injection,
     /// Written into the plugin entry: where the plugin appends its log lines.
-    #[arg(long, env = "PODSTEER_CNI_LOG_FILE")]
+    #[arg(global = true, long, env = "PODSTEER_CNI_LOG_FILE")]
     pub cni_log_file: Option<PathBuf>,
+    /// On SIGTERM, uninstall (pods' interception, pins, CNI entry) instead of
+    /// leaving everything for the next agent. Set it before deleting the DaemonSet.
+    #[arg(global = true, long, env = "PODSTEER_UNINSTALL_ON_EXIT")]
+    pub uninstall_on_exit: bool,
     /// The container runtime's CRI socket. With it, the agent enrols pods that
     /// started before it and forgets pods that are gone.
-    #[arg(long, env = "PODSTEER_CRI_SOCKET")]
+    #[arg(global = true, long, env = "PODSTEER_CRI_SOCKET")]
     pub cri_socket: Option<PathBuf>,
     /// How often repair runs after the first pass at start.
-    #[arg(long, env = "PODSTEER_REPAIR_INTERVAL_SECS", default_value_t = 60)]
+    #[arg(global = true, long, env = "PODSTEER_REPAIR_INTERVAL_SECS", default_value_t = 60)]
     pub repair_interval_secs: u64,
     /// /healthz, /readyz and /metrics.
-    #[arg(long, env = "PODSTEER_ADMIN_ADDR", default_value = "127.0.0.1:15021")]
+    #[arg(global = true, long, env = "PODSTEER_ADMIN_ADDR", default_value = "127.0.0.1:15021")]
     pub admin_addr: std::net::SocketAddr,
     /// Log as JSON lines instead of text.
-    #[arg(long, env = "PODSTEER_LOG_JSON")]
+    #[arg(global = true, long, env = "PODSTEER_LOG_JSON")]
     pub log_json: bool,
 }
 

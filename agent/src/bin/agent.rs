@@ -2,32 +2,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use clap::{Parser, Subcommand};
-use podsteer_agent::config::AgentConfig;
+use clap::Parser;
+use podsteer_agent::cli::{Cli, Cmd};
 use podsteer_agent::controller::Controller;
 use podsteer_agent::ebpf::EbpfDataPath;
 use podsteer_agent::{proxy_link, server};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::info;
-
-#[derive(Parser)]
-#[command(name = "podsteer-agent", version, about = "podsteer node agent")]
-pub struct Cli {
-    #[command(subcommand)]
-    cmd: Option<Cmd>,
-    #[command(flatten)]
-    config: AgentConfig,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the agent (the default).
-    Run,
-    /// Remove every pin; interception stops for all pods.
-    RemovePins,
-    /// Remove podsteer from the node: pods' interception, pins, the CNI entry and binary.
-    Uninstall,
-}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -36,6 +17,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::RemovePins => {
             EbpfDataPath::remove_pins(&cli.config.bpffs)?;
             info!(bpffs = %cli.config.bpffs.display(), "pins removed");
+            Ok(())
+        }
+        Cmd::MountBpffs => {
+            podsteer_agent::sys::ensure_bpffs(&cli.config.bpffs)?;
+            info!(bpffs = %cli.config.bpffs.display(), "bpffs mounted");
             Ok(())
         }
         Cmd::Uninstall => {
@@ -83,9 +69,9 @@ fn main() -> anyhow::Result<()> {
                 move || server::serve(listener, ctl)
             })?;
             let sig = signals.wait()?;
-            if sig == Signal::SIGUSR1 {
+            if sig == Signal::SIGUSR1 || cfg_for_uninstall.uninstall_on_exit {
                 // The explicit uninstall signal; a plain SIGTERM is an upgrade and leaves everything in place.
-                info!("SIGUSR1: uninstalling podsteer from this node");
+                info!(signal = ?sig, "uninstalling podsteer from this node");
                 let mut c = ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
                 c.remove_all()?;
                 cfg_for_uninstall.installer().uninstall()?;

@@ -1,0 +1,178 @@
+//! daemonset.yaml against the Kubernetes API types and against the binaries'
+//! own command-line definitions, so the manifest cannot drift from the code.
+
+use std::path::Path;
+
+use clap::{CommandFactory as _, Parser as _};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, ServiceAccount};
+use podsteer_agent::cli::{Cli, Cmd};
+use podsteer_agent::config::defaults;
+use podsteer_proxy::config::ProxyConfig;
+use serde::de::DeserializeOwned;
+
+fn docs(path: &str) -> anyhow::Result<Vec<serde_yaml::Value>> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path))?;
+    serde_yaml::Deserializer::from_str(&text).map(|d| Ok(serde::Deserialize::deserialize(d)?)).collect()
+}
+
+/// Parses one object as `T` and checks the typed object re-serializes to the
+/// same JSON: a misspelled or misplaced field would be dropped and show up here.
+fn typed<T: DeserializeOwned + serde::Serialize>(doc: &serde_yaml::Value) -> anyhow::Result<T> {
+    let json: serde_json::Value = serde_json::to_value(doc)?;
+    let t: T = serde_json::from_value(json.clone())?;
+    let back = serde_json::to_value(&t)?;
+    assert_eq!(back, json, "a field is not part of the Kubernetes type");
+    Ok(t)
+}
+
+fn by_kind<'a>(d: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value {
+    d.iter().find(|x| x["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"))
+}
+
+struct Manifest {
+    config: ConfigMap,
+    ds: DaemonSet,
+}
+
+fn manifest() -> anyhow::Result<Manifest> {
+    let d = docs("daemonset.yaml")?;
+    assert_eq!(d.len(), 4, "Namespace, ServiceAccount, ConfigMap, DaemonSet");
+    typed::<Namespace>(by_kind(&d, "Namespace"))?;
+    typed::<ServiceAccount>(by_kind(&d, "ServiceAccount"))?;
+    Ok(Manifest { config: typed(by_kind(&d, "ConfigMap"))?, ds: typed(by_kind(&d, "DaemonSet"))? })
+}
+
+fn pod(m: &Manifest) -> &PodSpec {
+    m.ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+}
+
+fn container<'a>(p: &'a PodSpec, name: &str) -> &'a Container {
+    p.containers.iter().chain(p.init_containers.iter().flatten()).find(|c| c.name == name).unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// command + args, then every ConfigMap entry as the flag whose `env` it is:
+/// how clap would read the container's environment.
+fn agent_argv(m: &Manifest, c: &Container) -> Vec<String> {
+    let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
+    argv.extend(c.args.clone().unwrap_or_default());
+    let cmd = Cli::command();
+    for (k, v) in m.config.data.clone().unwrap_or_default() {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == k.as_str()))
+            .unwrap_or_else(|| panic!("ConfigMap key {k} is no podsteer-agent flag's env"));
+        let long = arg.get_long().expect("env flags are long flags");
+        if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+            if v == "true" {
+                argv.push(format!("--{long}"));
+            }
+        } else {
+            argv.push(format!("--{long}={v}"));
+        }
+    }
+    argv
+}
+
+#[test]
+fn every_object_is_a_valid_kubernetes_object() -> anyhow::Result<()> {
+    let m = manifest()?;
+    let p = pod(&m);
+    assert_eq!(p.priority_class_name.as_deref(), Some("system-node-critical"));
+    assert!(p.tolerations.as_ref().is_some_and(|t| t.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())), "tolerates every taint");
+    assert_eq!(m.ds.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()), Some("RollingUpdate"));
+    assert_eq!(p.host_pid, Some(false));
+    Ok(())
+}
+
+#[test]
+fn the_agent_args_env_and_ports_parse_with_the_agents_own_cli() -> anyhow::Result<()> {
+    let m = manifest()?;
+    let p = pod(&m);
+    let agent = container(p, "agent");
+    let cli = Cli::try_parse_from(agent_argv(&m, agent))?;
+    assert_eq!(cli.cmd, Some(Cmd::Run));
+    assert!(cli.config.install_cni);
+    let admin = cli.config.admin_addr.port() as i32;
+    assert!(agent.ports.iter().flatten().any(|pt| pt.container_port == admin), "admin port exposed");
+    let probe_port = |pr: &Option<k8s_openapi::api::core::v1::Probe>| pr.as_ref().and_then(|p| p.http_get.as_ref()).map(|g| (g.path.clone(), g.port.clone()));
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(probe_port(&agent.liveness_probe), Some((Some("/healthz".into()), IntOrString::Int(admin))));
+    assert_eq!(probe_port(&agent.readiness_probe), Some((Some("/readyz".into()), IntOrString::Int(admin))));
+
+    let init = container(p, "mount-bpffs");
+    let init_cli = Cli::try_parse_from(init.command.clone().unwrap_or_default())?;
+    assert_eq!(init_cli.cmd, Some(Cmd::MountBpffs));
+
+    let proxy = container(p, "proxy");
+    let mut argv = proxy.command.clone().unwrap_or_default();
+    argv.extend(proxy.args.clone().unwrap_or_default());
+    let pc = ProxyConfig::try_parse_from(argv)?;
+    assert_eq!(pc.control.as_ref(), cli.config.proxy_socket.as_ref(), "the proxy dials the socket the agent serves");
+    assert_eq!(probe_port(&proxy.readiness_probe), Some((Some("/ready".into()), IntOrString::Int(pc.admin.port() as i32))));
+    Ok(())
+}
+
+#[test]
+fn mounts_cover_every_path_the_agent_uses_and_match_its_defaults() -> anyhow::Result<()> {
+    let m = manifest()?;
+    let p = pod(&m);
+    let agent = container(p, "agent");
+    let cfg = Cli::try_parse_from(agent_argv(&m, agent))?.config;
+    let mounts: Vec<&str> = agent.volume_mounts.iter().flatten().map(|v| v.mount_path.as_str()).collect();
+    let covered = |path: &Path| mounts.iter().any(|m| path.starts_with(m));
+    for (what, path) in [
+        ("bpffs", cfg.bpffs.clone()),
+        ("cgroup", cfg.cgroup.clone()),
+        ("state dir", cfg.state_dir.clone()),
+        ("socket", cfg.socket.clone()),
+        ("cni bin", cfg.cni_bin_dir.clone()),
+        ("cni conf", cfg.cni_conf_dir.clone()),
+        ("cri socket", cfg.cri_socket.clone().expect("cri socket")),
+        ("pod netns", "/var/run/netns".into()),
+    ] {
+        assert!(covered(&path), "{what} {} is not mounted", path.display());
+    }
+    assert_eq!(cfg.bpffs, Path::new(defaults::BPFFS));
+    assert_eq!(cfg.state_dir, Path::new(defaults::STATE_DIR));
+    assert_eq!(cfg.socket, Path::new(defaults::SOCKET));
+    // The CNI dirs are mounted from the host's defaults.
+    let host = |vol: &str| p.volumes.iter().flatten().find(|v| v.name == vol).and_then(|v| v.host_path.as_ref()).map(|h| h.path.clone());
+    assert_eq!(host("cni-bin").as_deref(), Some(defaults::CNI_BIN_DIR));
+    assert_eq!(host("cni-conf").as_deref(), Some(defaults::CNI_CONF_DIR));
+    assert_eq!(host("bpffs").as_deref(), Some(defaults::BPFFS));
+    Ok(())
+}
+
+#[test]
+fn only_the_bpffs_init_step_is_privileged() -> anyhow::Result<()> {
+    let m = manifest()?;
+    let p = pod(&m);
+    for c in p.containers.iter().chain(p.init_containers.iter().flatten()) {
+        let sc = c.security_context.as_ref().expect("explicit securityContext");
+        let privileged = sc.privileged == Some(true);
+        let bidirectional = c.volume_mounts.iter().flatten().any(|v| v.mount_propagation.as_deref() == Some("Bidirectional"));
+        // The API server refuses Bidirectional propagation without privileged.
+        assert!(!bidirectional || privileged, "{}", c.name);
+        if c.name != "mount-bpffs" {
+            assert!(!privileged, "{} must use named capabilities", c.name);
+            let caps = sc.capabilities.as_ref().expect("capabilities");
+            assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]), "{}", c.name);
+            assert!(c.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key("memory")), "{} has a memory limit", c.name);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_example_app_has_no_init_container_and_no_capability() -> anyhow::Result<()> {
+    let d = docs("examples/meshed-app.yaml")?;
+    let dep: Deployment = typed(by_kind(&d, "Deployment"))?;
+    let spec = dep.spec.and_then(|s| s.template.spec).expect("pod spec");
+    assert!(spec.init_containers.is_none());
+    for c in &spec.containers {
+        let added = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref()).and_then(|c| c.add.clone()).unwrap_or_default();
+        assert!(added.is_empty(), "{} adds {added:?}", c.name);
+    }
+    Ok(())
+}
