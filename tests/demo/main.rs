@@ -1,51 +1,82 @@
-//! `cargo xtask demo`: a simulated node with a few pods, traffic between them,
-//! and a summary. Everything is removed on exit.
+//! `cargo xtask demo`: a simulated node in each interception mode. The real
+//! agent installs podsteer-cni into the node's conflist, pods start through the
+//! CNI chain, and their traffic is shown landing on the shared proxy. It ends
+//! with `podsteer status` and `podsteer maps`, and removes everything.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::process::Command;
 
+use podsteer_lab::agent::{Agent, bin};
+use podsteer_lab::proxy::Proxy;
+use podsteer_lab::workload::{run_client, start_server};
 use podsteer_lab::{Node, NodeOptions, PodSpec};
 
-fn main() -> anyhow::Result<()> {
+fn metric(proxy: &Proxy, pod: &str, dir: &str) -> f64 {
+    proxy.metric(&format!("podsteer_proxy_connections_opened_total{{pod=\"default/{pod}\",direction=\"{dir}\"}}")).unwrap_or(0.0)
+}
+
+fn ctl(agent: &Agent, node: &Node, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin("podsteer"))
+        .args(["--bpffs", &agent.bpffs.display().to_string(), "--state-dir", &agent.state_dir.display().to_string()])
+        .args(["--socket", &agent.socket.display().to_string(), "--cni-conf-dir", &node.cni_conf_dir().display().to_string()])
+        .args(args)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn section(title: &str) {
+    println!("\n=== {title} {}", "=".repeat(70usize.saturating_sub(title.len())));
+}
+
+fn run_mode(mode: &str, last: bool) -> anyhow::Result<()> {
+    section(&format!("{mode} mode"));
     let node = Node::new(NodeOptions::default())?;
-    println!("node {} (netns {}), pods cgroup {}", node.id(), node.netns().name(), node.pods_cgroup().display());
-    let pods = ["frontend", "backend", "db"]
-        .iter()
-        .map(|n| node.add_pod(PodSpec::new("demo", n)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    // A database that predates the mesh, so it is not meshed.
+    let db = node.add_pod(PodSpec::new("default", "db"))?;
+    let _db_app = start_server(&db, None, &["whoami", "[::]:5432", "db"])?;
+    let agent = Agent::start_installed(&node, mode, &[])?;
+    let proxy = Proxy::start_shared(&node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?;
+    let status = agent.status()?;
+    println!("agent: mode {} ({})", status["mode"], status["reason"].as_str().unwrap_or_default());
+    let types: Vec<String> = node.runtime().conflist()["plugins"].as_array().into_iter().flatten().filter_map(|p| p["type"].as_str().map(str::to_owned)).collect();
+    println!("conflist chain after install: {}", types.join(" -> "));
 
-    println!("\n{:<10} {:<14} {:<22} {}", "POD", "IPv4", "IPv6", "NETNS");
-    for p in &pods {
-        let v4 = p.ipv4().map(|i| i.to_string()).unwrap_or_default();
-        let v6 = p.ipv6().map(|i| i.to_string()).unwrap_or_default();
-        println!("{:<10} {:<14} {:<22} {}", p.name(), v4, v6, p.netns().name());
-    }
+    // Pods started through the chain: bridge, host-local, portmap, podsteer-cni.
+    let backend = node.add_pod(PodSpec::new("default", "backend"))?;
+    let frontend = node.add_pod(PodSpec::new("default", "frontend").annotate("podsteer.io/exclude-outbound-ports", "5432"))?;
+    let _backend_app = start_server(&backend, None, &["whoami", "[::]:8080", "backend"])?;
+    println!("\n{}", ctl(&agent, &node, &["pods"])?.trim_end());
 
-    println!("\n{:<10} {:<24} {:<24} {}", "FROM", "TO", "SEEN BY SERVER AS", "RESULT");
-    for (from, to) in [(0, 1), (1, 2), (2, 0)] {
-        let server = &pods[to];
-        let ip = server.ipv4().ok_or_else(|| anyhow::anyhow!("{} has no IPv4", server.name()))?;
-        let listener = server.run(|| TcpListener::bind(SocketAddr::new(ip, 8080)))??;
-        let accept = std::thread::spawn(move || -> anyhow::Result<SocketAddr> {
-            let (mut c, peer) = listener.accept()?;
-            let mut buf = [0u8; 5];
-            c.read_exact(&mut buf)?;
-            c.write_all(&buf)?;
-            Ok(peer)
-        });
-        let dst = SocketAddr::new(ip, 8080);
-        let mut conn = pods[from].run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))??;
-        conn.write_all(b"hello")?;
-        let mut back = [0u8; 5];
-        conn.read_exact(&mut back)?;
-        let peer = accept.join().map_err(|_| anyhow::anyhow!("accept thread panicked"))??;
-        let result = if &back == b"hello" { "echoed 5 bytes" } else { "MISMATCH" };
-        println!("{:<10} {:<24} {:<24} {}", pods[from].name(), dst, peer, result);
+    println!("\n{:<10} {:<22} {:<10} {:<11} {}", "FROM", "TO", "ANSWERED", "VIA PROXY?", "SERVER SAW");
+    let b = backend.ipv4().expect("v4");
+    let d = db.ipv4().expect("v4");
+    for (from, to, pod_label) in [(&frontend, format!("{b}:8080"), "frontend"), (&frontend, format!("{d}:5432"), "frontend"), (&db, format!("{b}:8080"), "db")] {
+        let before_out = metric(&proxy, pod_label, "outbound");
+        let before_in = metric(&proxy, "backend", "inbound");
+        let line = run_client(from, &["hello", &to])?;
+        let who = line.split_whitespace().next().unwrap_or("").trim_start_matches("server=").to_owned();
+        let via = match (metric(&proxy, pod_label, "outbound") > before_out, metric(&proxy, "backend", "inbound") > before_in) {
+            (true, true) => "out + in",
+            (true, false) => "outbound",
+            (false, true) => "inbound",
+            (false, false) => "no",
+        };
+        let peer = line.split_whitespace().find_map(|w| w.strip_prefix("peer=")).unwrap_or("").to_owned();
+        println!("{:<10} {:<22} {:<10} {:<11} peer {}", from.name(), to, who, via, peer);
     }
-    println!("\nInterception is not wired in yet: traffic above goes pod to pod directly.");
-    drop(pods);
-    drop(node);
-    println!("lab removed: netns, cgroups and state are gone");
+    println!("\n{}", ctl(&agent, &node, &["explain", "default/frontend", &format!("{d}:5432")])?.trim_end());
+    if last {
+        section("podsteer status");
+        print!("{}", ctl(&agent, &node, &["status"])?);
+        section("podsteer maps");
+        print!("{}", ctl(&agent, &node, &["maps"])?);
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    println!("podsteer demo: a simulated node per mode (netns + real CNI plugins + the real agent and proxy)");
+    run_mode("iptables", false)?;
+    run_mode("ebpf", true)?;
+    println!("\nlab removed: netns, cgroups, pins, processes and state are gone (`cargo xtask lab clean` finds nothing)");
     Ok(())
 }

@@ -18,10 +18,19 @@ pub fn rd6(p: *const [u32; 4]) -> [u32; 4] {
     unsafe { [read_volatile(p), read_volatile(p.add(1)), read_volatile(p.add(2)), read_volatile(p.add(3))] }
 }
 
-/// Builds an address from a context's family, ip4/ip6 fields and a network-order port.
+/// Builds an address from a context's family, ip4/ip6 fields and a network-order
+/// port. IPv4-mapped IPv6 (a dual-stack socket talking IPv4) becomes plain IPv4,
+/// so both ends of one connection key the same way whatever their socket family.
 #[inline(always)]
 pub fn addr(family: u32, ip4: *const u32, ip6: *const [u32; 4], port_be: u16) -> Addr {
-    if family == AF_INET as u32 { Addr::v4(rd(ip4), port_be) } else { Addr::v6(rd6(ip6), port_be) }
+    if family == AF_INET as u32 {
+        return Addr::v4(rd(ip4), port_be);
+    }
+    let ip = rd6(ip6);
+    if ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffffu32.to_be() {
+        return Addr::v4(ip[3], port_be);
+    }
+    Addr::v6(ip, port_be)
 }
 
 /// Address of a context field, without creating a reference to kernel memory.

@@ -65,6 +65,9 @@ fn on_event(ctx: &SockOpsContext) {
     if pol.has(flags::SK_MSG) && (remote.is_loopback() || remote.same_ip(&local)) {
         let mut key = pair;
         // SAFETY: `ops` is the live context the helper expects.
-        let _ = SOCK_PAIRS.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64);
+        if SOCK_PAIRS.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64).is_ok() {
+            // So the close callback can drop a NO_BYPASS mark this socket may get.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
     }
 }
