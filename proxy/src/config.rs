@@ -18,6 +18,13 @@ pub struct ProxyConfig {
     /// Per-pod mode: drop to this UID after binding (the interception skips it).
     #[arg(long, env = "PODSTEER_PROXY_UID")]
     pub run_as_uid: Option<u32>,
+    /// Per-pod mode in eBPF mode: hand the inbound listeners to the agent (its
+    /// socket), so sk_lookup steers the pod's inbound connections to them.
+    #[arg(long, env = "PODSTEER_AGENT_SOCKET", requires = "pod_uid")]
+    pub agent_socket: Option<PathBuf>,
+    /// Per-pod mode: this pod's UID, as the agent registered it.
+    #[arg(long, env = "PODSTEER_POD_UID")]
+    pub pod_uid: Option<String>,
     /// Metrics and readiness, in the proxy's own netns.
     #[arg(long, env = "PODSTEER_PROXY_ADMIN", default_value = "127.0.0.1:15020")]
     pub admin: SocketAddr,

@@ -210,15 +210,17 @@ async fn pump(from: &TcpStream, to: &TcpStream, act: &Activity, counter: &promet
     let mut total = 0u64;
     loop {
         from.readable().await.map_err(Broke::From)?;
-        let mut buf = vec![0u8; BURST_BUFFER];
+        // Capacity only: try_read_buf fills spare capacity, so nothing is zeroed.
+        let mut buf: Vec<u8> = Vec::with_capacity(BURST_BUFFER);
         loop {
-            match from.try_read(&mut buf) {
+            buf.clear();
+            match from.try_read_buf(&mut buf) {
                 Ok(0) => {
                     let _ = socket::shutdown_write(to.as_fd());
                     return Ok(total);
                 }
                 Ok(n) => {
-                    write_all(to, &buf[..n]).await.map_err(Broke::To)?;
+                    write_all(to, &buf).await.map_err(Broke::To)?;
                     total += n as u64;
                     counter.inc_by(n as u64);
                     act.touch();

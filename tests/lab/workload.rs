@@ -14,10 +14,14 @@ pub const TOOL: &str = "podsteer-lab-tool";
 /// Runs `podsteer-lab-tool ARGS` in `pod` (in `cgroup`, default the pod's own)
 /// and returns once it printed its "listening" line.
 pub fn start_server(pod: &Pod, cgroup: Option<&Path>, args: &[&str]) -> anyhow::Result<LabProcess> {
-    let tool = crate::agent::bin(TOOL);
+    start_server_with(pod, cgroup, crate::agent::bin(TOOL), args)
+}
+
+/// Like [`start_server`], for another program that prints "listening" once ready.
+pub fn start_server_with(pod: &Pod, cgroup: Option<&Path>, program: std::path::PathBuf, args: &[&str]) -> anyhow::Result<LabProcess> {
     let mut cmd = match cgroup {
-        Some(cg) => pod.command_in_cgroup(&tool, cg)?,
-        None => pod.command(&tool)?,
+        Some(cg) => pod.command_in_cgroup(&program, cg)?,
+        None => pod.command(&program)?,
     };
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut p = pod.spawn(args[0], cmd)?;

@@ -28,6 +28,16 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure hop latency, throughput, connection rate, memory and CNI ADD
+    /// latency against direct traffic and haproxy + iptables, in one run.
+    Bench {
+        /// About a minute instead of about fifteen.
+        #[arg(long)]
+        quick: bool,
+        /// Where results.json and latency.svg go (default: bench/ for a full run).
+        #[arg(long)]
+        out: Option<String>,
+    },
     /// The lab's own maintenance.
     Lab {
         #[command(subcommand)]
@@ -68,7 +78,13 @@ fn main() -> anyhow::Result<()> {
                 bail!("tests left lab resources behind (now removed):\n  {}", leftovers.join("\n  "));
             }
             println!("lab: no leftovers after the tests");
-            Ok(())
+            // The benchmark's quick run is part of the tests: it checks every
+            // scenario end to end (replies, checksums, counts) on each change.
+            bench(true, Some("target/bench-quick".into()))
+        }
+        Task::Bench { quick, out } => {
+            setup::run()?;
+            bench(quick, out)
         }
         Task::Lab { cmd: LabCmd::Clean } => {
             let removed = podsteer_lab::sweep::sweep()?;
@@ -80,6 +96,22 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn bench(quick: bool, out: Option<String>) -> anyhow::Result<()> {
+    cargo(&["build", "--workspace", "--bins", "--release"])?;
+    let out = out.unwrap_or_else(|| if quick { "target/bench-quick".into() } else { "bench".into() });
+    let mut args = vec!["run", "--release", "--quiet", "-p", "podsteer-lab", "--bin", "podsteer-bench", "--", "--out", out.as_str()];
+    if quick {
+        args.push("--quick");
+    }
+    let result = cargo(&args);
+    let leftovers = podsteer_lab::sweep::sweep()?;
+    result?;
+    if !leftovers.is_empty() {
+        bail!("the benchmark left lab resources behind (now removed):\n  {}", leftovers.join("\n  "));
+    }
+    Ok(())
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {

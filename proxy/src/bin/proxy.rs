@@ -17,9 +17,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = ProxyConfig::parse();
     init_logs(cfg.log_json);
     anyhow::ensure!(cfg.control.is_some() || cfg.sidecar, "give --control SOCKET (shared mode) or --sidecar");
-    // Every relayed connection costs two fds; the default soft limit of 1024 would cap a node at ~500.
-    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+    raise_fd_limit()?;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if cfg.workers > 0 {
         rt.worker_threads(cfg.workers);
@@ -33,7 +31,12 @@ fn main() -> anyhow::Result<()> {
 
     if cfg.sidecar {
         let req = PodRequest { uid: "self".into(), label: "self".into(), outbound_port: cfg.outbound_port, inbound_port: cfg.inbound_port };
-        state.with_pods(|p| p.add(req, PodNetns::Current)).context("opening sidecar listeners")?;
+        let listeners = state.with_pods(|p| p.add(req, PodNetns::Current)).context("opening sidecar listeners")?;
+        if let (Some(sock), Some(uid)) = (&cfg.agent_socket, &cfg.pod_uid) {
+            for (family, fd) in &listeners {
+                register_listener(sock, uid, *family, fd).with_context(|| format!("registering the inbound listener (family {family}) with the agent"))?;
+            }
+        }
         if let Some(uid) = cfg.run_as_uid {
             nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).context("dropping to the proxy UID")?;
         }
@@ -59,6 +62,38 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     info!("drained; exiting");
+    Ok(())
+}
+
+/// Hands one inbound listener to the agent: one JSON request line on its
+/// socket with the fd attached (SCM_RIGHTS), one JSON answer line back.
+fn register_listener(socket: &std::path::Path, uid: &str, family: u16, fd: &std::os::fd::OwnedFd) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    use std::os::fd::AsRawFd as _;
+    let stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = serde_json::to_vec(&serde_json::json!({"op": "register_listener", "uid": uid, "family": family}))?;
+    line.push(b'\n');
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    nix::sys::socket::sendmsg::<()>(stream.as_raw_fd(), &[std::io::IoSlice::new(&line)], &cmsg, nix::sys::socket::MsgFlags::empty(), None)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer)?;
+    let v: serde_json::Value = serde_json::from_str(&answer)?;
+    anyhow::ensure!(v["ok"] == true, "agent refused: {}", v["error"]);
+    Ok(())
+}
+
+/// Every relayed connection costs two fds; the usual soft limit of 1024 would cap
+/// a node at ~500 connections. As root the hard limit goes up to fs.nr_open too.
+fn raise_fd_limit() -> anyhow::Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    if nr_open > 0 && setrlimit(Resource::RLIMIT_NOFILE, nr_open, nr_open).is_ok() {
+        return Ok(());
+    }
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     Ok(())
 }
 

@@ -1,0 +1,200 @@
+//! The benchmark's lab: one node per interception setup, each with a client pod,
+//! a meshed server pod (full mesh) and an unmeshed one (outbound-only).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use podsteer_lab::agent::{Agent, bin};
+use podsteer_lab::process::LabProcess;
+use podsteer_lab::proxy::Proxy;
+use podsteer_lab::{Node, NodeOptions, Pod, PodSpec, wait};
+
+pub const SERVER_PORT: u16 = 9000;
+
+/// Both proxies get one worker thread: the headline runs pin everything to one
+/// CPU, where a second worker only adds handoffs (haproxy: nbthread 1).
+const PROXY_ARGS: &[&str] = &["--workers", "1"];
+
+/// One node and what runs on it.
+pub struct Setup {
+    // Drop order: processes before proxies, agents, pods and the node.
+    pub processes: Vec<LabProcess>,
+    pub proxies: Vec<Proxy>,
+    pub pods: BTreeMap<&'static str, Pod>,
+    pub agent: Option<Agent>,
+    pub node: Node,
+}
+
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub setup: &'static str,
+    pub variant: &'static str,
+    pub node: usize,
+    pub client: &'static str,
+    pub server: &'static str,
+}
+
+pub struct Lab {
+    pub setups: Vec<Setup>,
+    pub scenarios: Vec<Scenario>,
+}
+
+fn loadgen_server(pod: &Pod) -> anyhow::Result<LabProcess> {
+    podsteer_lab::workload::start_server_with(pod, None, bin("podsteer-loadgen"), &["serve", &format!("[::]:{SERVER_PORT}")])
+}
+
+/// A transparent haproxy sidecar: the istio-init + Envoy shape, with haproxy.
+fn haproxy(node: &Node, pod: &Pod, bind: &str) -> anyhow::Result<LabProcess> {
+    let cfg = node.state_dir().join(format!("haproxy-{}.cfg", pod.name()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  uid 1337\n  gid 1337\n  nbthread 1\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\n\
+             frontend sidecar\n  bind {bind}\n  default_backend original_dst\n\nbackend original_dst\n  server orig 0.0.0.0:0\n",
+            // haproxy wants 2 fds per connection and refuses to start beyond the limit.
+            maxconn = (nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?.1.saturating_sub(100) / 2).min(40_000),
+        ),
+    )?;
+    let mut cmd = pod.command("haproxy")?;
+    let log = node.state_dir().join(format!("haproxy-{}.log", pod.name()));
+    cmd.args(["-db", "-f", &cfg.display().to_string()]).stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log)?);
+    let p = pod.spawn("haproxy", cmd)?;
+    // Watch for the listening socket rather than connecting: a connection that was
+    // not redirected has no original destination, and haproxy would forward it to
+    // itself, over and over, until maxconn.
+    let port: u16 = bind.rsplit(':').next().unwrap_or("0").parse()?;
+    wait::until("haproxy to listen", Duration::from_secs(10), || pod.run(|| listening(port)).ok()?.then_some(()))
+        .map_err(|e| e.context(std::fs::read_to_string(&log).unwrap_or_default()))?;
+    Ok(p)
+}
+
+/// Whether something listens on `port` (IPv4) in the calling thread's netns.
+fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X} ");
+    std::fs::read_to_string("/proc/thread-self/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&want)) && l.split_whitespace().nth(3) == Some("0A"))
+}
+
+impl Setup {
+    fn new(agent_mode: Option<(&str, &[&str])>, shared_proxy: bool) -> anyhow::Result<Setup> {
+        let node = Node::new(NodeOptions::default())?;
+        let agent = match agent_mode {
+            None => None,
+            Some((mode, extra)) if shared_proxy => Some(Agent::start_with_proxy(&node, mode, extra)?),
+            Some((mode, extra)) => Some(Agent::start(&node, mode, extra)?),
+        };
+        let mut proxies = Vec::new();
+        if shared_proxy {
+            let sock = agent.as_ref().and_then(|a| a.proxy_socket.clone()).expect("proxy socket");
+            proxies.push(Proxy::start_shared(&node, &sock, 15020, PROXY_ARGS)?);
+        }
+        Ok(Setup { processes: Vec::new(), proxies, pods: BTreeMap::new(), agent, node })
+    }
+
+    fn pod(&mut self, name: &'static str, meshed: bool, annotations: &[(&str, &str)]) -> anyhow::Result<()> {
+        let pod = self.node.add_pod(PodSpec::new("bench", name))?;
+        if meshed {
+            let agent = self.agent.as_ref().expect("meshed pods need an agent");
+            agent.add_pod(&pod, annotations)?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        if name.starts_with('s') {
+            self.processes.push(loadgen_server(&pod)?);
+        }
+        self.pods.insert(name, pod);
+        Ok(())
+    }
+
+    /// PIDs of every proxy process on the node (for pinning and CPU accounting).
+    pub fn proxy_pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self.proxies.iter().map(Proxy::pid).collect();
+        pids.extend(self.processes.iter().filter(|p| p.name() == "haproxy" || p.name() == "podsteer-proxy").map(LabProcess::pid));
+        pids
+    }
+
+    pub fn server_pids(&self) -> Vec<i32> {
+        self.processes.iter().filter(|p| p.name() == "serve").map(LabProcess::pid).collect()
+    }
+}
+
+impl Lab {
+    pub fn new() -> anyhow::Result<Lab> {
+        let mut setups = Vec::new();
+        let mut scenarios = Vec::new();
+        let mut add = |name, setup, variant, node, client, server| scenarios.push(Scenario { name, setup, variant, node, client, server });
+
+        // 0: no interception at all.
+        let mut direct = Setup::new(None, false)?;
+        direct.pod("client", false, &[])?;
+        direct.pod("server", false, &[])?;
+        setups.push(direct);
+        add("direct", "direct", "direct", 0, "client", "server");
+
+        // 1: iptables REDIRECT with haproxy sidecars.
+        let sidecar = [("podsteer.io/proxy-mode", "sidecar")];
+        let mut hap = Setup::new(Some(("iptables", &[])), false)?;
+        hap.pod("client", true, &sidecar)?;
+        hap.pod("server-meshed", true, &sidecar)?;
+        hap.pod("server-plain", false, &[])?;
+        let h1 = haproxy(&hap.node, &hap.pods["client"], "127.0.0.1:15001")?;
+        let h2 = haproxy(&hap.node, &hap.pods["server-meshed"], "0.0.0.0:15006")?;
+        hap.processes.extend([h1, h2]);
+        setups.push(hap);
+        add("haproxy+iptables out", "iptables + haproxy", "outbound-only", 1, "client", "server-plain");
+        add("haproxy+iptables mesh", "iptables + haproxy", "full mesh", 1, "client", "server-meshed");
+
+        // 2: iptables REDIRECT with the shared podsteer-proxy.
+        let mut ipt = Setup::new(Some(("iptables", &[])), true)?;
+        ipt.pod("client", true, &[])?;
+        ipt.pod("server-meshed", true, &[])?;
+        ipt.pod("server-plain", false, &[])?;
+        setups.push(ipt);
+        add("podsteer+iptables out", "iptables + podsteer", "outbound-only", 2, "client", "server-plain");
+        add("podsteer+iptables mesh", "iptables + podsteer", "full mesh", 2, "client", "server-meshed");
+
+        // 3: eBPF with the shared podsteer-proxy, sk_msg off and on.
+        let off = [("podsteer.io/sk-msg", "false")];
+        let mut ebpf = Setup::new(Some(("ebpf", &[])), true)?;
+        ebpf.pod("client-nosk", true, &off)?;
+        ebpf.pod("server-meshed-nosk", true, &off)?;
+        ebpf.pod("client", true, &[])?;
+        ebpf.pod("server-meshed", true, &[])?;
+        ebpf.pod("server-plain", false, &[])?;
+        setups.push(ebpf);
+        add("podsteer+ebpf out", "eBPF + podsteer, sk_msg off", "outbound-only", 3, "client-nosk", "server-plain");
+        add("podsteer+ebpf mesh", "eBPF + podsteer, sk_msg off", "full mesh", 3, "client-nosk", "server-meshed-nosk");
+        add("podsteer+ebpf+skmsg out", "eBPF + podsteer, sk_msg on", "outbound-only", 3, "client", "server-plain");
+        add("podsteer+ebpf+skmsg mesh", "eBPF + podsteer, sk_msg on", "full mesh", 3, "client", "server-meshed");
+
+        // 4: eBPF with per-pod podsteer-proxy sidecars (sk_msg on).
+        let mut side = Setup::new(Some(("ebpf", &["--proxy-mode", "sidecar"])), false)?;
+        side.pod("client", true, &[])?;
+        side.pod("server-meshed", true, &[])?;
+        side.pod("server-plain", false, &[])?;
+        let sock = side.agent.as_ref().map(|a| a.socket.display().to_string()).unwrap_or_default();
+        for (i, name) in ["client", "server-meshed"].into_iter().enumerate() {
+            let pod = &side.pods[name];
+            let uid = pod.uid().to_owned();
+            let mut args = vec!["--agent-socket", sock.as_str(), "--pod-uid", uid.as_str()];
+            args.extend_from_slice(PROXY_ARGS);
+            let p = Proxy::start_sidecar(&side.node, pod, 15030 + i as u16, &args)?;
+            side.proxies.push(p);
+        }
+        setups.push(side);
+        add("podsteer sidecar+ebpf out", "eBPF + podsteer sidecars", "outbound-only", 4, "client", "server-plain");
+        add("podsteer sidecar+ebpf mesh", "eBPF + podsteer sidecars", "full mesh", 4, "client", "server-meshed");
+
+        Ok(Lab { setups, scenarios })
+    }
+
+    pub fn client(&self, s: &Scenario) -> &Pod {
+        &self.setups[s.node].pods[s.client]
+    }
+
+    pub fn server_addr(&self, s: &Scenario) -> String {
+        let pod = &self.setups[s.node].pods[s.server];
+        format!("{}:{SERVER_PORT}", pod.ipv4().expect("server has IPv4"))
+    }
+}
