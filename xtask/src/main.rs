@@ -80,11 +80,12 @@ fn main() -> anyhow::Result<()> {
             println!("lab: no leftovers after the tests");
             // The benchmark's quick run is part of the tests: it checks every
             // scenario end to end (replies, checksums, counts) on each change.
-            bench(true, Some("target/bench-quick".into()))
+            // Debug binaries suffice for that and spare CI a second full build.
+            bench(true, Some("target/bench-quick".into()), Profile::Debug)
         }
         Task::Bench { quick, out } => {
             setup::run()?;
-            bench(quick, out)
+            bench(quick, out, Profile::Release)
         }
         Task::Lab { cmd: LabCmd::Clean } => {
             let removed = podsteer_lab::sweep::sweep()?;
@@ -98,10 +99,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn bench(quick: bool, out: Option<String>) -> anyhow::Result<()> {
-    cargo(&["build", "--workspace", "--bins", "--release"])?;
+#[derive(PartialEq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+fn bench(quick: bool, out: Option<String>, profile: Profile) -> anyhow::Result<()> {
+    let release = if profile == Profile::Release { vec!["--release"] } else { vec![] };
+    let mut build = vec!["build", "--workspace", "--bins"];
+    build.extend(&release);
+    cargo(&build)?;
     let out = out.unwrap_or_else(|| if quick { "target/bench-quick".into() } else { "bench".into() });
-    let mut args = vec!["run", "--release", "--quiet", "-p", "podsteer-lab", "--bin", "podsteer-bench", "--", "--out", out.as_str()];
+    let mut args = vec!["run", "--quiet"];
+    args.extend(&release);
+    args.extend(["-p", "podsteer-lab", "--bin", "podsteer-bench", "--", "--out", out.as_str()]);
     if quick {
         args.push("--quick");
     }

@@ -58,6 +58,15 @@ pub struct SockPairKey {
 }
 
 impl SockPairKey {
+    /// The key of a socket seen from its own side. Loopback pairs repeat in every
+    /// pod, so they carry the netns; pod addresses are unique on a node, so a pair
+    /// between two pods (or a pod and itself) does not, and both ends, each in its
+    /// own netns, find each other.
+    pub const fn new(netns: u64, local: Addr, remote: Addr) -> SockPairKey {
+        let netns = if local.is_loopback() || remote.is_loopback() { netns } else { 0 };
+        SockPairKey { netns, local, remote }
+    }
+
     pub const fn peer(&self) -> SockPairKey {
         SockPairKey { netns: self.netns, local: self.remote, remote: self.local }
     }

@@ -18,11 +18,11 @@ pub fn podsteer_sk_msg(ctx: SkMsgContext) -> u32 {
     let remote_port = (rd(field!((*md).remote_port)) >> 16) as u16;
     // SAFETY: the helper only reads the context.
     let netns = unsafe { bpf_get_netns_cookie(md.cast()) };
-    let me = SockPairKey {
+    let me = SockPairKey::new(
         netns,
-        local: addr(family, field!((*md).local_ip4), field!((*md).local_ip6), local_port),
-        remote: addr(family, field!((*md).remote_ip4), field!((*md).remote_ip6), remote_port),
-    };
+        addr(family, field!((*md).local_ip4), field!((*md).local_ip6), local_port),
+        addr(family, field!((*md).remote_ip4), field!((*md).remote_ip6), remote_port),
+    );
     // SAFETY: presence check only.
     if unsafe { NO_BYPASS.get(&me) }.is_some() {
         return sk_action::SK_PASS;

@@ -9,10 +9,10 @@ use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::sock_ops;
 use aya_ebpf::programs::SockOpsContext;
 use podsteer_common::policy::flags;
-use podsteer_common::{SockKey, SockPairKey};
+use podsteer_common::{Addr, SockKey, SockPairKey};
 
 use crate::ctx::{addr, field, rd};
-use crate::maps::{NO_BYPASS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_PAIRS, policy};
+use crate::maps::{NO_BYPASS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, POD_BY_IP, SOCK_PAIRS, policy};
 
 const TCP_CLOSE: u32 = 7;
 
@@ -38,7 +38,7 @@ fn on_event(ctx: &SockOpsContext) {
     let remote_port = (rd(field!((*ops).remote_port)) >> 16) as u16;
     let local = addr(family, field!((*ops).local_ip4), field!((*ops).local_ip6), local_port);
     let remote = addr(family, field!((*ops).remote_ip4), field!((*ops).remote_ip6), remote_port);
-    let pair = SockPairKey { netns, local, remote };
+    let pair = SockPairKey::new(netns, local, remote);
 
     if op == BPF_SOCK_OPS_STATE_CB {
         // args[1] is the new state; the sockets leave SOCK_PAIRS by themselves.
@@ -61,8 +61,15 @@ fn on_event(ctx: &SockOpsContext) {
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
     }
-    // Only pairs whose both ends live on this host (same IP or loopback) can be spliced.
-    if pol.has(flags::SK_MSG) && (remote.is_loopback() || remote.same_ip(&local)) {
+    // Only pairs whose both ends are meshed sockets on this node can be spliced:
+    // loopback (app and proxy), the pod's own address (proxy to app), or another
+    // meshed pod's address (proxy to proxy, pod to pod).
+    let local_peer = remote.is_loopback() || remote.same_ip(&local) || {
+        let ip_only = Addr { port: 0, ..remote };
+        // SAFETY: presence check only.
+        unsafe { POD_BY_IP.get(&ip_only) }.is_some()
+    };
+    if pol.has(flags::SK_MSG) && local_peer {
         let mut key = pair;
         // SAFETY: `ops` is the live context the helper expects.
         if SOCK_PAIRS.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64).is_ok() {
