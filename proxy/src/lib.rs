@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod conns;
 pub mod control;
 pub mod inpod;
 pub mod listeners;

@@ -51,7 +51,9 @@ impl Pods {
             bound.push((dir, addr, listeners::bind(&netns, dir, addr)?));
         }
         let (stop, stopping) = watch::channel(false);
-        let ctx = Arc::new(PodCtx { label: req.label.clone(), netns, inbound_port: req.inbound_port, stopping });
+        let conns = Arc::new(crate::conns::Conns::default());
+        self.rt.spawn(crate::conns::sweeper(conns.clone(), stopping.clone(), self.settings.idle_timeout, self.settings.drain_timeout));
+        let ctx = Arc::new(PodCtx { label: req.label.clone(), netns, inbound_port: req.inbound_port, stopping, conns });
         let _rt = self.rt.enter();
         let mut inbound = Vec::new();
         let mut ready = Vec::new();

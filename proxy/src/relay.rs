@@ -3,28 +3,32 @@
 //! until each side has finished. Resets are passed on as resets.
 
 use std::io;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::conns::ConnState;
 use crate::inpod::netns::PodNetns;
 use crate::metrics::{ClosedLabels, ConnLabels, ConnectErrorLabels, Direction, DirectionLabels, Metrics, Outcome};
 use crate::socket;
 
-/// Per-connection read buffer. Allocated for a burst of data and dropped when
-/// the socket runs dry, so idle connections hold no buffer at all.
-const BURST_BUFFER: usize = 16 * 1024;
+/// Per-direction relay buffer, allocated when data first flows that way: a
+/// connection that stays idle after its first bytes holds one of these.
+const BURST_BUFFER: usize = 8 * 1024;
 
 /// Knobs of the data path, fixed at start.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub connect_timeout: Duration,
+    /// Checked by each pod's sweeper, not on the data path.
     pub idle_timeout: Duration,
     /// How long a removed pod's connections may go on before they are reset.
     pub drain_timeout: Duration,
@@ -38,21 +42,8 @@ pub struct PodCtx {
     pub inbound_port: u16,
     /// Flips to true when the pod is removed or the proxy drains.
     pub stopping: watch::Receiver<bool>,
-}
-
-/// Milliseconds since `start` of the last byte moved, for the idle timeout.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-    fn idle_for(&self) -> Duration {
-        self.start.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
-    }
+    /// Live connections, which the pod's sweeper times out and drains.
+    pub conns: Arc<crate::conns::Conns>,
 }
 
 /// Which side broke a relay half.
@@ -79,7 +70,7 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
                     reset(&client);
                     (Outcome::ConnectFailed, 0, 0)
                 }
-                Ok(upstream) => relay(&client, &upstream, &pod, &s, &m, &labels).await,
+                Ok(upstream) => relay(&client, &upstream, &pod, &m, &labels).await,
             }
         }
     };
@@ -137,47 +128,116 @@ fn reset(s: &TcpStream) {
     let _ = socket::set_reset_on_close(s.as_fd());
 }
 
-async fn relay(client: &TcpStream, upstream: &TcpStream, pod: &PodCtx, s: &Settings, m: &Metrics, labels: &ConnLabels) -> (Outcome, u64, u64) {
+async fn relay(client: &TcpStream, upstream: &TcpStream, pod: &PodCtx, m: &Metrics, labels: &ConnLabels) -> (Outcome, u64, u64) {
     let _ = client.set_nodelay(true);
-    let act = Activity { start: Instant::now(), last_ms: AtomicU64::new(0) };
-    let from_client = m.bytes_from_client.get_or_create(labels).clone();
-    let to_client = m.bytes_to_client.get_or_create(labels).clone();
-    let up = pump(client, upstream, &act, &from_client);
-    let down = pump(upstream, client, &act, &to_client);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (None, None);
-    let mut stopping = pod.stopping.clone();
-    let mut drain_deadline: Option<tokio::time::Instant> = None;
-    let outcome = loop {
-        if let (Some(u), Some(d)) = (&up_done, &down_done) {
-            break classify(u, d);
-        }
-        let idle_left = s.idle_timeout.saturating_sub(act.idle_for());
-        let drain_sleep = drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400));
-        tokio::select! {
-            r = &mut up, if up_done.is_none() => {
-                if matches!(r, Err(_)) { up_done = Some(r); break classify_one(up_done.as_ref()); }
-                up_done = Some(r);
-            }
-            r = &mut down, if down_done.is_none() => {
-                if matches!(r, Err(_)) { down_done = Some(r); break classify_one(down_done.as_ref().map(swap_sides).as_ref()); }
-                down_done = Some(r);
-            }
-            _ = tokio::time::sleep(idle_left) => {
-                if act.idle_for() >= s.idle_timeout { break Outcome::IdleTimeout; }
-            }
-            _ = stopping.changed(), if drain_deadline.is_none() => {
-                if *stopping.borrow() { drain_deadline = Some(tokio::time::Instant::now() + s.drain_timeout); }
-            }
-            _ = tokio::time::sleep_until(drain_sleep), if drain_deadline.is_some() => break Outcome::Drained,
-        }
+    let state = pod.conns.open();
+    let mut copy = Copy {
+        up: Half::new(m.bytes_from_client.get_or_create(labels).clone()),
+        down: Half::new(m.bytes_to_client.get_or_create(labels).clone()),
+        client,
+        upstream,
+        state: &state,
     };
+    let outcome = (&mut copy).await;
     if outcome != Outcome::Ok {
         reset(client);
         reset(upstream);
     }
-    let bytes = |r: &Option<Result<u64, Broke>>| r.as_ref().and_then(|r| r.as_ref().ok()).copied().unwrap_or(0);
-    (outcome, bytes(&up_done), bytes(&down_done))
+    (outcome, copy.up.total, copy.down.total)
+}
+
+/// One direction of the relay. Its buffer is allocated when data first flows,
+/// so a connection that never carries data in a direction costs nothing there.
+struct Half {
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    len: usize,
+    total: u64,
+    /// EOF seen and passed on as a half-close.
+    done: bool,
+    counter: prometheus_client::metrics::counter::Counter,
+}
+
+impl Half {
+    fn new(counter: prometheus_client::metrics::counter::Counter) -> Half {
+        Half { buf: None, pos: 0, len: 0, total: 0, done: false, counter }
+    }
+
+    /// Moves bytes from `from` to `to` until one would block, EOF, or an error.
+    fn poll_copy(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, state: &ConnState) -> Poll<Result<(), Broke>> {
+        loop {
+            if self.pos == self.len {
+                if self.done {
+                    return Poll::Ready(Ok(()));
+                }
+                let buf = self.buf.get_or_insert_with(|| vec![0u8; BURST_BUFFER].into_boxed_slice());
+                match from.poll_read_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::From(e))),
+                    Poll::Ready(Ok(())) => {}
+                }
+                match from.try_read(buf) {
+                    Ok(0) => {
+                        self.done = true;
+                        let _ = socket::shutdown_write(to.as_fd());
+                        return Poll::Ready(Ok(()));
+                    }
+                    Ok(n) => {
+                        self.pos = 0;
+                        self.len = n;
+                        state.touch();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(Broke::From(e))),
+                }
+            }
+            let Some(buf) = self.buf.as_deref() else { return Poll::Ready(Ok(())) };
+            match to.poll_write_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::To(e))),
+                Poll::Ready(Ok(())) => {}
+            }
+            match to.try_write(&buf[self.pos..self.len]) {
+                Ok(n) => {
+                    self.pos += n;
+                    self.total += n as u64;
+                    self.counter.inc_by(n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(Broke::To(e))),
+            }
+        }
+    }
+}
+
+/// Both directions in one future, so each finishes on its own (half-close)
+/// and the first error ends the pair.
+struct Copy<'a> {
+    up: Half,
+    down: Half,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    state: &'a ConnState,
+}
+
+impl Future for Copy<'_> {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.get_mut();
+        if let Some(ended) = this.state.poll_ended(cx.waker()) {
+            return Poll::Ready(ended);
+        }
+        let up = this.up.poll_copy(cx, this.client, this.upstream, this.state);
+        if let Poll::Ready(Err(b)) = up {
+            return Poll::Ready(classify_one(Some(&Err(b))));
+        }
+        let down = this.down.poll_copy(cx, this.upstream, this.client, this.state);
+        if let Poll::Ready(Err(b)) = down {
+            return Poll::Ready(classify_one(Some(&swap_sides(&Err(b)))));
+        }
+        if up.is_ready() && down.is_ready() { Poll::Ready(Outcome::Ok) } else { Poll::Pending }
+    }
 }
 
 fn swap_sides(r: &Result<u64, Broke>) -> Result<u64, Broke> {
@@ -197,48 +257,4 @@ fn classify_one(r: Option<&Result<u64, Broke>>) -> Outcome {
     }
 }
 
-fn classify(up: &Result<u64, Broke>, down: &Result<u64, Broke>) -> Outcome {
-    match (up, down) {
-        (Ok(_), Ok(_)) => Outcome::Ok,
-        (Err(_), _) => classify_one(Some(up)),
-        (_, Err(_)) => classify_one(Some(&swap_sides(down))),
-    }
-}
 
-/// Copies one direction until EOF, then half-closes the writer.
-async fn pump(from: &TcpStream, to: &TcpStream, act: &Activity, counter: &prometheus_client::metrics::counter::Counter) -> Result<u64, Broke> {
-    let mut total = 0u64;
-    loop {
-        from.readable().await.map_err(Broke::From)?;
-        // Capacity only: try_read_buf fills spare capacity, so nothing is zeroed.
-        let mut buf: Vec<u8> = Vec::with_capacity(BURST_BUFFER);
-        loop {
-            buf.clear();
-            match from.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    let _ = socket::shutdown_write(to.as_fd());
-                    return Ok(total);
-                }
-                Ok(n) => {
-                    write_all(to, &buf).await.map_err(Broke::To)?;
-                    total += n as u64;
-                    counter.inc_by(n as u64);
-                    act.touch();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(Broke::From(e)),
-            }
-        }
-    }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}

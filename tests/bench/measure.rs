@@ -178,6 +178,20 @@ fn memory(lab: &Lab, plan: &Plan) -> anyhow::Result<Value> {
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
         anyhow::ensure!(line.starts_with("ready"), "idle connections: {line}");
+        // The client is done once connected; the proxy may still be accepting and
+        // reading the first byte of each: wait for it to hold them all.
+        let setup = &lab.setups[s.node];
+        let key = format!("podsteer_proxy_connections_active{{pod=\"bench/{}\",direction=\"outbound\"}}", s.client);
+        podsteer_lab::wait::until("the proxy to hold every idle connection", std::time::Duration::from_secs(60), || {
+            match setup.proxies.first() {
+                Some(p) => (p.metric(&key).ok()? as usize >= plan.idle_conns).then_some(()),
+                None => {
+                    let a = rss_kib(pid);
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    (rss_kib(pid) == a).then_some(())
+                }
+            }
+        })?;
         let busy = rss_kib(pid);
         drop(child.stdin.take());
         child.wait()?;

@@ -18,8 +18,10 @@ fn main() -> anyhow::Result<()> {
     init_logs(cfg.log_json);
     anyhow::ensure!(cfg.control.is_some() || cfg.sidecar, "give --control SOCKET (shared mode) or --sidecar");
     raise_fd_limit()?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if cfg.workers > 0 {
+    // One worker means a current-thread runtime: no work-stealing handoffs, and
+    // the thread that runs main drives every connection (the sidecar shape).
+    let mut rt = if cfg.workers == 1 { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
+    if cfg.workers > 1 {
         rt.worker_threads(cfg.workers);
     }
     let rt = rt.enable_all().thread_name("data").build().context("building the runtime")?;
