@@ -7,6 +7,8 @@ use crate::config::AgentConfig;
 
 #[derive(Parser, Debug)]
 #[command(name = "podsteer-agent", version, about = "podsteer node agent")]
+// A flag given twice keeps the last value: the command line overrides the config file.
+#[command(args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Option<Cmd>,

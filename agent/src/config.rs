@@ -166,3 +166,75 @@ impl AgentConfig {
         }
     }
 }
+
+/// Splices a node config file into the command line. `--config FILE` (or
+/// PODSTEER_CONFIG) names a file of `flag = value` lines (`# comments`; a bare
+/// `flag` sets a switch). Its flags go before the real ones, so the command line
+/// wins over the file, and the file over the environment.
+pub fn args_with_file(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut file: Option<PathBuf> = std::env::var_os("PODSTEER_CONFIG").map(PathBuf::from);
+    let mut it = args.into_iter();
+    out.extend(it.next());
+    let mut rest = Vec::new();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--config") => file = it.next().map(PathBuf::from),
+            Some(s) if s.starts_with("--config=") => file = Some(PathBuf::from(&s["--config=".len()..])),
+            _ => rest.push(a),
+        }
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
+        out.extend(parse_config_file(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?.into_iter().map(Into::into));
+    }
+    out.extend(rest);
+    Ok(out)
+}
+
+/// `flag = value` lines into `--flag=value` arguments.
+pub fn parse_config_file(text: &str) -> Result<Vec<String>, String> {
+    let mut args = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (k, v) = match line.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim().trim_matches('"'))),
+            None => (line, None),
+        };
+        if k.is_empty() || k.starts_with('-') || k.contains(char::is_whitespace) {
+            return Err(format!("line {}: {line:?} is not `flag = value`", n + 1));
+        }
+        args.push(match v {
+            Some(v) => format!("--{k}={v}"),
+            None => format!("--{k}"),
+        });
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn config_file_flags_parse_and_the_command_line_wins() {
+        let file = "# node settings\nmode = iptables\noutbound-port = 15011\ninstall-cni\nexclude-namespaces = \"kube-system,monitoring\"\n";
+        let mut argv = vec!["podsteer-agent".to_owned()];
+        argv.extend(parse_config_file(file).unwrap());
+        argv.push("--outbound-port=15021".into());
+        let cli = crate::cli::Cli::try_parse_from(argv).unwrap();
+        assert_eq!(cli.config.mode, ModeRequest::Iptables);
+        assert!(cli.config.install_cni);
+        assert_eq!(cli.config.outbound_port, 15021, "the command line wins");
+        assert_eq!(cli.config.exclude_namespaces, vec!["kube-system", "monitoring"]);
+    }
+
+    #[test]
+    fn a_bad_config_line_is_refused_with_its_number() {
+        assert_eq!(parse_config_file("mode = ebpf\n--oops\n").unwrap_err(), "line 2: \"--oops\" is not `flag = value`");
+    }
+}

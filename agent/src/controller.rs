@@ -148,7 +148,7 @@ impl Controller {
             Ok(f) => f,
             Err(e) => return Response::err(ErrorKind::BadNetns, error_chain(&e)),
         };
-        let cookie = match sys::netns_cookie(netns.as_fd()) {
+        let cookie = match sys::enter_pod(netns.as_fd()) {
             Ok(c) => c,
             Err(e) => return Response::err(ErrorKind::BadNetns, error_chain(&e)),
         };
@@ -160,11 +160,6 @@ impl Controller {
             warn!(error = %error_chain(&e), "enrolment failed; rolling back");
             let _ = self.redirector.unenroll(Some(&net), cookie, &policy);
             return Response::err(ErrorKind::Internal, error_chain(&e));
-        }
-        // A handover between proxies must not drop queued connections: let the
-        // kernel move them to the other listener of the SO_REUSEPORT group.
-        if let Err(e) = sys::in_netns(net.netns.as_fd(), || std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
-            warn!(error = %error_chain(&e), "tcp_migrate_req");
         }
         let proxy_ready = match self.hand_to_proxy(&pod.uid, &pod.name, &pod.namespace, &policy, &net) {
             Ok(ready) => ready,

@@ -49,23 +49,30 @@ pub fn in_netns<T: Send>(netns: BorrowedFd<'_>, f: impl FnOnce() -> T + Send) ->
     })
 }
 
-/// The netns cookie the BPF programs key pods by (SO_NETNS_COOKIE, Linux 5.14).
-pub fn netns_cookie(netns: BorrowedFd<'_>) -> Result<u64, SysError> {
+/// One trip into a new pod's netns: read its cookie (SO_NETNS_COOKIE, Linux 5.14), and let the kernel move
+/// queued connections between the proxies' SO_REUSEPORT listeners during a
+/// handover (tcp_migrate_req; best effort, older kernels lack it).
+pub fn enter_pod(netns: BorrowedFd<'_>) -> Result<u64, SysError> {
     in_netns(netns, || {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"));
-        let sock = sock.map_err(|source| SysError::Syscall { call: "socket", source })?;
-        const SO_NETNS_COOKIE: libc::c_int = 71;
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: cookie and len are valid for the sizes given.
-        let rc = unsafe {
-            libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
-        };
-        if rc != 0 {
-            return Err(syscall("getsockopt(SO_NETNS_COOKIE)"));
-        }
-        Ok(cookie)
+        let _ = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1");
+        cookie_here()
     })?
+}
+
+fn cookie_here() -> Result<u64, SysError> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"));
+    let sock = sock.map_err(|source| SysError::Syscall { call: "socket", source })?;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(syscall("getsockopt(SO_NETNS_COOKIE)"));
+    }
+    Ok(cookie)
 }
 
 /// Attach types from the kernel's uapi (stable ABI).

@@ -20,9 +20,9 @@ use crate::inpod::netns::PodNetns;
 use crate::metrics::{ClosedLabels, ConnLabels, ConnectErrorLabels, Direction, DirectionLabels, Metrics, Outcome};
 use crate::socket;
 
-/// Per-direction relay buffer, allocated when data first flows that way: a
-/// connection that stays idle after its first bytes holds one of these.
-const BURST_BUFFER: usize = 8 * 1024;
+/// The per-thread read buffer. 64 KiB takes a full loopback TSO segment (or a
+/// whole sk_msg batch) in one read.
+const SCRATCH_BUFFER: usize = 64 * 1024;
 
 /// Knobs of the data path, fixed at start.
 #[derive(Clone, Debug)]
@@ -146,65 +146,101 @@ async fn relay(client: &TcpStream, upstream: &TcpStream, pod: &PodCtx, m: &Metri
     (outcome, copy.up.total, copy.down.total)
 }
 
-/// One direction of the relay. Its buffer is allocated when data first flows,
-/// so a connection that never carries data in a direction costs nothing there.
+/// One direction of the relay. Bytes are read into a per-thread scratch buffer
+/// and written straight on; only what the peer cannot take right away is kept,
+/// so an idle connection holds no buffer at all.
 struct Half {
-    buf: Option<Box<[u8]>>,
-    pos: usize,
-    len: usize,
+    /// Bytes read but not yet written (the peer's send buffer was full).
+    pending: Vec<u8>,
     total: u64,
     /// EOF seen and passed on as a half-close.
     done: bool,
     counter: prometheus_client::metrics::counter::Counter,
 }
 
+thread_local! {
+    /// Every relay on a worker thread reads through this one buffer: polls on a
+    /// thread never overlap, and the buffer is empty again when a poll returns.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; SCRATCH_BUFFER].into_boxed_slice());
+}
+
 impl Half {
     fn new(counter: prometheus_client::metrics::counter::Counter) -> Half {
-        Half { buf: None, pos: 0, len: 0, total: 0, done: false, counter }
+        Half { pending: Vec::new(), total: 0, done: false, counter }
     }
 
-    /// Moves bytes from `from` to `to` until one would block, EOF, or an error.
-    fn poll_copy(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, state: &ConnState) -> Poll<Result<(), Broke>> {
-        loop {
-            if self.pos == self.len {
-                if self.done {
-                    return Poll::Ready(Ok(()));
-                }
-                let buf = self.buf.get_or_insert_with(|| vec![0u8; BURST_BUFFER].into_boxed_slice());
-                match from.poll_read_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::From(e))),
-                    Poll::Ready(Ok(())) => {}
-                }
-                match from.try_read(buf) {
-                    Ok(0) => {
-                        self.done = true;
-                        let _ = socket::shutdown_write(to.as_fd());
-                        return Poll::Ready(Ok(()));
-                    }
-                    Ok(n) => {
-                        self.pos = 0;
-                        self.len = n;
-                        state.touch();
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(Broke::From(e))),
-                }
-            }
-            let Some(buf) = self.buf.as_deref() else { return Poll::Ready(Ok(())) };
+    fn wrote(&mut self, n: usize) {
+        self.total += n as u64;
+        self.counter.inc_by(n as u64);
+    }
+
+    /// Writes out what is pending; Ready(Ok) once nothing is.
+    fn poll_flush(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<Result<(), Broke>> {
+        while !self.pending.is_empty() {
             match to.poll_write_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::To(e))),
                 Poll::Ready(Ok(())) => {}
             }
-            match to.try_write(&buf[self.pos..self.len]) {
+            match to.try_write(&self.pending) {
                 Ok(n) => {
-                    self.pos += n;
-                    self.total += n as u64;
-                    self.counter.inc_by(n as u64);
+                    self.pending.drain(..n);
+                    self.wrote(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(Broke::To(e))),
+            }
+        }
+        // Give the memory back once the backlog is gone.
+        self.pending = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Moves bytes from `from` to `to` until one would block, EOF, or an error.
+    fn poll_copy(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, state: &ConnState) -> Poll<Result<(), Broke>> {
+        loop {
+            match self.poll_flush(cx, to) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            match from.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::From(e))),
+                Poll::Ready(Ok(())) => {}
+            }
+            let step = SCRATCH.with_borrow_mut(|buf| -> Result<Option<usize>, Broke> {
+                let n = match from.try_read(buf) {
+                    Ok(0) => return Ok(None),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+                    Err(e) => return Err(Broke::From(e)),
+                };
+                let sent = match to.try_write(&buf[..n]) {
+                    Ok(k) => k,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(Broke::To(e)),
+                };
+                self.pending.extend_from_slice(&buf[sent..n]);
+                self.wrote(sent);
+                Ok(Some(n))
+            });
+            match step {
+                Err(b) => return Poll::Ready(Err(b)),
+                Ok(None) => {
+                    // EOF: finish what is pending, then half-close.
+                    match self.poll_flush(cx, to) {
+                        Poll::Ready(Ok(())) => {}
+                        other => return other,
+                    }
+                    self.done = true;
+                    let _ = socket::shutdown_write(to.as_fd());
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Some(0)) => continue,
+                Ok(Some(_)) => state.touch(),
             }
         }
     }

@@ -262,3 +262,32 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
     });
     proxy
 }
+
+#[test]
+fn established_connections_keep_flowing_while_the_agent_restarts() -> anyhow::Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let mut m = Mesh::new("ebpf", &[])?;
+    let mut cmd = m.a.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
+    cmd.args(["chat", &m.b(8080)]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut chat = m.a.spawn("chat", cmd)?;
+    let mut stdin = chat.child_mut().stdin.take().expect("piped");
+    let mut stdout = std::io::BufReader::new(chat.child_mut().stdout.take().expect("piped"));
+    let mut hello = String::new();
+    stdout.read_line(&mut hello)?;
+    assert!(hello.starts_with("connected"), "{hello}");
+    let mut say = |word: &str| -> anyhow::Result<String> {
+        writeln!(stdin, "{word}")?;
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        Ok(line)
+    };
+    let mut first = String::new();
+    assert_eq!(say("one")?, "one\n");
+    m.agent.kill();
+    first.push_str(&say("two while the agent is gone")?);
+    m.agent.restart()?;
+    first.push_str(&say("three after the restart")?);
+    assert_eq!(first, "two while the agent is gone\nthree after the restart\n");
+    assert_eq!(m.proxy.metric("podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}")?, 1.0, "one connection all along");
+    Ok(())
+}

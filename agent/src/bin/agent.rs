@@ -11,7 +11,7 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::info;
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(podsteer_agent::config::args_with_file(std::env::args_os().collect())?);
     init_logs(cli.config.log_json);
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::RemovePins => {

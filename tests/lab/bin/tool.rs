@@ -18,6 +18,8 @@
 //! `expect-reset ADDR [--quiet]`   connect, send (or stay quiet), report how the proxy ended it.
 //! `concurrent ADDR N`             N connections open at once, each echoing a message.
 //! `loop ADDR MILLIS`              connect/echo/close in a loop; print "ok n=.. failures=..".
+//! `chat ADDR`                     one long-lived connection to an echo server: each stdin
+//!                                 line is sent and its echo printed.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -42,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         ["expect-reset", addr, "--quiet"] => expect_reset(addr, true),
         ["concurrent", addr, n] => concurrent(addr, n.parse()?),
         ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
+        ["chat", addr] => chat(addr),
         _ => anyhow::bail!("usage: see the module doc of podsteer-lab-tool"),
     }
 }
@@ -391,5 +394,26 @@ fn connect_loop(addr: &str, millis: u64) -> anyhow::Result<()> {
         }
     }
     println!("ok n={n} failures={failures} first_error={first_error:?}");
+    Ok(())
+}
+
+fn chat(addr: &str) -> anyhow::Result<()> {
+    let c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    println!("connected {}", c.local_addr()?);
+    for line in std::io::stdin().lock().lines() {
+        let line = line? + "\n";
+        (&c).write_all(line.as_bytes())?;
+        let mut back = vec![0u8; line.len()];
+        let mut got = 0;
+        while got < back.len() {
+            match read_retrying(&c, &mut back[got..])? {
+                0 => anyhow::bail!("connection closed"),
+                n => got += n,
+            }
+        }
+        print!("{}", String::from_utf8_lossy(&back));
+        std::io::stdout().flush()?;
+    }
     Ok(())
 }
