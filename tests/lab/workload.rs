@@ -48,3 +48,8 @@ pub fn run_client(pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(stdout)
 }
+
+/// `ip:port` as a client argument (IPv6 in brackets).
+pub fn addr(ip: std::net::IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}

@@ -2,7 +2,6 @@
 //! half-close, resets, timeouts, scale, both deployment shapes, haproxy as a
 //! drop-in sidecar, handover without refusals, exact metrics, bad control input.
 
-use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use podsteer_lab::agent::Agent;
 use podsteer_lab::process::LabProcess;
 use podsteer_lab::proxy::Proxy;
 use podsteer_lab::wait;
-use podsteer_lab::workload::{run_client, start_server};
+use podsteer_lab::workload::{addr, run_client, start_server};
 use podsteer_lab::{Node, NodeOptions, Pod, PodSpec, both_modes};
 
 /// Full mesh: client `a` and server `b` both meshed, one shared proxy.
@@ -21,10 +20,6 @@ struct Mesh {
     b: Pod,
     agent: Agent,
     node: Node,
-}
-
-fn addr(ip: IpAddr, port: u16) -> String {
-    SocketAddr::new(ip, port).to_string()
 }
 
 impl Mesh {

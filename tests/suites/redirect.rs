@@ -1,13 +1,13 @@
 //! Interception, in both modes, against the real kernel: where connections land,
 //! what is left alone, restart, clean removal and bad input.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use podsteer_agent::api::ErrorKind;
 use podsteer_agent::ebpf::maps::Maps;
 use podsteer_lab::agent::Agent;
 use podsteer_lab::process::LabProcess;
-use podsteer_lab::workload::{run_client, start_server};
+use podsteer_lab::workload::{addr, run_client, start_server};
 use podsteer_lab::{Node, NodeOptions, Pod, PodSpec, both_modes};
 
 /// A node with an agent, a meshed client pod `a` with its proxy's outbound
@@ -18,10 +18,6 @@ struct Scene {
     b: Pod,
     agent: Agent,
     node: Node,
-}
-
-fn addr(ip: IpAddr, port: u16) -> String {
-    SocketAddr::new(ip, port).to_string()
 }
 
 impl Scene {
