@@ -5,15 +5,19 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{Instrument as _, warn};
 
 use crate::inpod::netns::PodNetns;
 use crate::metrics::{Direction, Metrics};
 use crate::relay::{self, PodCtx, Settings};
 use crate::socket;
+
+/// Connection ids, unique for the life of the proxy.
+static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// Pending connections per listener before the kernel refuses more.
 const BACKLOG: u32 = 4096;
@@ -75,7 +79,11 @@ pub async fn accept_loop(l: TcpListener, dir: Direction, pod: Arc<PodCtx>, s: Ar
                 if *stop.borrow() { break; }
             }
             r = l.accept() => match r {
-                Ok((conn, _)) => { tokio::spawn(relay::serve(conn, dir, pod.clone(), s.clone(), m.clone())); }
+                Ok((conn, _)) => {
+                    // Every log line of a connection, the access line included, carries these.
+                    let span = tracing::info_span!("conn", pod = %pod.label, id = CONN_IDS.fetch_add(1, Ordering::Relaxed), dir = dir.as_str());
+                    tokio::spawn(relay::serve(conn, dir, pod.clone(), s.clone(), m.clone()).instrument(span));
+                }
                 Err(e) => warn!(pod = %pod.label, error = %e, "accept"),
             }
         }

@@ -76,6 +76,8 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
     };
     m.active.get_or_create(&labels).dec();
     m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: outcome }).inc();
+    // The connection's span adds its id; pod and direction stay in the event so
+    // an access line reads on its own.
     info!(
         target: "access",
         pod = %pod.label,

@@ -119,7 +119,10 @@ fn not_intercepted(mode: &str) -> anyhow::Result<()> {
         Case { name: "excluded port", annotations: |_| vec![("podsteer.io/exclude-outbound-ports".into(), "8080".into())], flags: vec![] },
         Case {
             name: "excluded CIDR",
-            annotations: |b| vec![("podsteer.io/exclude-outbound-cidrs".into(), format!("{}/32", b.ipv4().expect("v4")))],
+            annotations: |b| {
+                let cidrs = format!("{}/32,{}/128", b.ipv4().expect("v4"), b.ipv6().expect("v6"));
+                vec![("podsteer.io/exclude-outbound-cidrs".into(), cidrs)]
+            },
             flags: vec![],
         },
         Case { name: "proxy mark", annotations: |_| vec![], flags: vec!["--mark", "0x539"] },
@@ -127,23 +130,30 @@ fn not_intercepted(mode: &str) -> anyhow::Result<()> {
     ];
     for case in cases {
         let s = Scene::with(mode, case.annotations)?;
-        let dst = addr(s.b4(), 8080);
-        let mut args = vec!["hello", dst.as_str()];
-        args.extend(&case.flags);
-        let line = run_client(&s.a, &args)?;
-        assert_eq!(field(&line, "server="), "b", "{mode} / {}: {line}", case.name);
-        // The same pod without the exemption is intercepted (nothing listens on 9999 but the proxy).
-        let line = run_client(&s.a, &["hello", &addr(s.b6(), 9999)])?;
-        assert_eq!(field(&line, "server="), "proxy", "{mode} / {} control: {line}", case.name);
+        // Every case over IPv4 and IPv6. The control goes to the node's gateway
+        // address, which no case exempts: the same pod is intercepted there.
+        let gw = s.node.gateway_ips();
+        for (ip, family, control) in [(s.b4(), "IPv4", gw[0]), (s.b6(), "IPv6", gw[1])] {
+            let dst = addr(ip, 8080);
+            let mut args = vec!["hello", dst.as_str()];
+            args.extend(&case.flags);
+            let line = run_client(&s.a, &args)?;
+            assert_eq!(field(&line, "server="), "b", "{mode} / {} / {family}: {line}", case.name);
+            let line = run_client(&s.a, &["hello", &addr(control, 9999)])?;
+            assert_eq!(field(&line, "server="), "proxy", "{mode} / {} / {family} control: {line}", case.name);
+        }
     }
 
     let s = Scene::new(mode, &[])?;
     let unmeshed = s.node.add_pod(PodSpec::new("default", "unmeshed"))?;
-    let line = run_client(&unmeshed, &["hello", &addr(s.b4(), 8080)])?;
-    assert_eq!(field(&line, "server="), "b", "{mode} / unmeshed pod: {line}");
     let _local = start_server(&s.a, None, &["whoami", "127.0.0.1:7777", "local"])?;
-    let line = run_client(&s.a, &["hello", "127.0.0.1:7777"])?;
-    assert_eq!(field(&line, "server="), "local", "{mode} / loopback: {line}");
+    let _local6 = start_server(&s.a, None, &["whoami", "[::1]:7777", "local"])?;
+    for (ip, lo) in [(s.b4(), "127.0.0.1:7777"), (s.b6(), "[::1]:7777")] {
+        let line = run_client(&unmeshed, &["hello", &addr(ip, 8080)])?;
+        assert_eq!(field(&line, "server="), "b", "{mode} / unmeshed pod: {line}");
+        let line = run_client(&s.a, &["hello", lo])?;
+        assert_eq!(field(&line, "server="), "local", "{mode} / loopback {lo}: {line}");
+    }
     Ok(())
 }
 both_modes!(not_intercepted);
