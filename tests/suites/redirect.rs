@@ -251,6 +251,7 @@ both_modes!(bad_input_is_refused_and_changes_nothing);
 fn agent_restart_keeps_interception_and_adopts_pins() -> anyhow::Result<()> {
     let mut s = Scene::new("ebpf", &[])?;
     assert_eq!(s.agent.status()?["pins_origin"], "attached");
+    assert!(!s.agent.log_text().contains("not forwarded"), "the programs' log ring must be forwarded: {}", s.agent.log_text());
     let dst = addr(s.b4(), 8080);
     s.agent.kill();
     let line = run_client(&s.a, &["hello", &dst])?;

@@ -84,6 +84,7 @@ impl EbpfDataPath {
             .load(super::OBJECT)
             .map_err(|e| EbpfError::Load(Box::new(e)))?;
         let cg = File::open(cgroup).map_err(|source| EbpfError::Cgroup { path: cgroup.display().to_string(), source })?;
+        forward_program_logs(&mut bpf);
 
         let mut adopted = 0;
         for p in &CGROUP_PROGRAMS {
@@ -171,6 +172,35 @@ impl EbpfDataPath {
     }
 }
 
+
+/// The programs log only rare events (a full map); a thread forwards them into
+/// the agent's log as they come. Without the log map the agent runs on.
+fn forward_program_logs(bpf: &mut Ebpf) {
+    use std::os::fd::AsFd as _;
+    let mut logger = match aya_log::EbpfLogger::init(bpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "eBPF program logs are not forwarded");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new().name("ebpf-log".into()).spawn(move || {
+        loop {
+            let mut fds = [nix::poll::PollFd::new(logger.as_fd(), nix::poll::PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) => logger.flush(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "polling eBPF program logs");
+                    return;
+                }
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "eBPF program log thread");
+    }
+}
 
 fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
 where

@@ -55,8 +55,10 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     }
     // SAFETY: the helper only reads the context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    if ORIG_BY_COOKIE.insert(&cookie, &dst, 0).is_err() {
-        return; // No record, no redirect: the proxy could not tell where to go.
+    if let Err(e) = ORIG_BY_COOKIE.insert(&cookie, &dst, 0) {
+        // Rare: no record, no redirect, since the proxy could not tell where to go.
+        aya_log_ebpf::warn!(ctx, "ORIG_BY_COOKIE insert failed ({}); connect not redirected", e);
+        return;
     }
     let proxy_port = (pol.outbound_port.to_be()) as u32;
     // SAFETY: writes to user_ip4/user_ip6/user_port are allowed in connect hooks.

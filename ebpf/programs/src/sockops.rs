@@ -72,9 +72,13 @@ fn on_event(ctx: &SockOpsContext) {
     if pol.has(flags::SK_MSG) && local_peer {
         let mut key = pair;
         // SAFETY: `ops` is the live context the helper expects.
-        if SOCK_PAIRS.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64).is_ok() {
+        match SOCK_PAIRS.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64) {
             // So the close callback can drop a NO_BYPASS mark this socket may get.
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            Ok(()) => {
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
+            // Rare (the map is full): this pair stays on TCP, which is correct, only slower.
+            Err(e) => aya_log_ebpf::warn!(ctx, "SOCK_PAIRS update failed ({}); pair stays on TCP", e),
         }
     }
 }
