@@ -209,7 +209,7 @@ impl Controller {
                 warn!(error = %error_chain(&e), "proxy did not confirm the removal");
             }
         }
-        let net = sys::open_netns(&rec.netns).ok().map(|netns| PodNet { netns, cookie: rec.netns_cookie });
+        let net = reopen(&rec);
         if let Err(e) = self.redirector.unenroll(net.as_ref(), rec.netns_cookie, &rec.policy) {
             return Response::err(ErrorKind::Internal, error_chain(&e));
         }
@@ -260,7 +260,7 @@ impl Controller {
         let Some(rec) = self.registry.get(uid) else {
             return Response::err(ErrorKind::NotFound, format!("pod {uid} is not registered"));
         };
-        let net = sys::open_netns(&rec.netns).ok().map(|netns| PodNet { netns, cookie: rec.netns_cookie });
+        let net = reopen(rec);
         match self.redirector.verify(net.as_ref(), rec.netns_cookie, &rec.policy) {
             Ok(true) => Response::ok(rec),
             Ok(false) => Response::err(ErrorKind::NotReady, format!("interception for pod {uid} is not in place")),
@@ -354,6 +354,11 @@ impl Controller {
             Err(e) => Response::err(ErrorKind::BadRequest, error_chain(&e)),
         }
     }
+}
+
+/// A registered pod's netns, if it still exists (it is gone on a runtime's late DEL).
+fn reopen(rec: &PodRecord) -> Option<PodNet> {
+    sys::open_netns(&rec.netns).ok().map(|netns| PodNet { netns, cookie: rec.netns_cookie })
 }
 
 fn record(op: &str, r: &Response, started: std::time::Instant) {
