@@ -71,7 +71,7 @@ impl Controller {
         // For `podsteer status` while the agent is down.
         let saved = serde_json::json!({"mode": choice.mode, "reason": choice.reason, "features": choice.features, "pins_origin": origin, "cgroup": config.cgroup});
         std::fs::write(config.state_dir.join(STATUS_FILE), serde_json::to_vec_pretty(&saved)?)?;
-        let registry = Registry::load(Some(config.registry_path()));
+        let registry = Registry::open(config.registry_path())?;
         let proxy = config.proxy_socket.as_ref().map(|_| Arc::new(ProxyLink::default()));
         Ok(Controller { proxy, config, choice, redirector, registry, origin })
     }
@@ -86,10 +86,10 @@ impl Controller {
                 }
             }
         }
-        if let Some(link) = &self.proxy {
-            if link.connected().is_none() {
-                return Err("no proxy connected".into());
-            }
+        if let Some(link) = &self.proxy
+            && link.connected().is_none()
+        {
+            return Err("no proxy connected".into());
         }
         Ok(())
     }
@@ -182,9 +182,7 @@ impl Controller {
             proxy_ready,
             last_error: None,
         };
-        if let Err(e) = self.registry.insert(rec.clone()) {
-            return Response::err(ErrorKind::Internal, error_chain(&e));
-        }
+        self.registry.insert(rec.clone());
         info!(cookie, "pod enrolled");
         Response::ok(rec)
     }
@@ -213,11 +211,14 @@ impl Controller {
         if let Err(e) = self.redirector.unenroll(net.as_ref(), rec.netns_cookie, &rec.policy) {
             return Response::err(ErrorKind::Internal, error_chain(&e));
         }
-        if let Err(e) = self.registry.remove(uid) {
-            return Response::err(ErrorKind::Internal, error_chain(&e));
-        }
+        self.registry.remove(uid);
         info!("pod removed");
         Response::ok(serde_json::json!({"removed": true}))
+    }
+
+    /// Before exit: the registry's newest state is on disk for the next agent.
+    pub fn persist(&self) {
+        self.registry.flush();
     }
 
     /// Uninstall: every pod's interception is removed, then the pins.
@@ -290,6 +291,7 @@ impl Controller {
             outbound_port: policy.outbound_port,
             inbound_port: policy.inbound_port,
             return_inbound_listeners: self.redirector.mode() == Mode::Ebpf,
+            sk_msg: self.redirector.mode() == Mode::Ebpf && policy.sk_msg,
         }
     }
 
@@ -331,7 +333,7 @@ impl Controller {
                 }
             }
         }
-        let _ = self.registry.save();
+        self.registry.save();
         info!(pid = conn.pid, "proxy connected and replayed");
         if let Some(old) = link.promote(conn) {
             info!(pid = old.pid, "draining the previous proxy");
@@ -350,7 +352,8 @@ impl Controller {
             return Response::err(ErrorKind::BadRequest, format!("family {family} is neither 2 nor 10"));
         }
         match self.redirector.set_inbound_listener(rec.netns_cookie, family, fd) {
-            Ok(()) => Response::ok(serde_json::json!({"registered": true})),
+            // The sidecar must not splice(2) sockets that sk_msg feeds.
+            Ok(()) => Response::ok(serde_json::json!({"registered": true, "sk_msg": rec.policy.sk_msg})),
             Err(e) => Response::err(ErrorKind::BadRequest, error_chain(&e)),
         }
     }

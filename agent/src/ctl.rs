@@ -47,7 +47,7 @@ pub struct Paths {
 impl Paths {
     /// Pods the agent registered, from its saved registry (no agent needed).
     pub fn registry(&self) -> Vec<PodRecord> {
-        crate::registry::Registry::load(Some(self.state_dir.join("pods.json"))).all().cloned().collect()
+        crate::registry::Registry::load(&self.state_dir.join("pods.json")).all().cloned().collect()
     }
 
     pub fn pod_name(&self, cookie: u64) -> Option<String> {

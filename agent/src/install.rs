@@ -90,11 +90,7 @@ pub struct Installer {
 
 /// Writes through a temporary file and a rename, so readers never see half a file.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let tmp = path.with_extension(format!("podsteer-tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io("writing", &tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io("chmod", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("renaming into", path))
+    crate::sys::replace_file(path, bytes, mode).map_err(io("replacing", path))
 }
 
 fn render(v: &Value) -> String {
@@ -150,10 +146,10 @@ impl Installer {
                     std::fs::remove_file(&u.written_path).map_err(io("removing", &u.written_path))?;
                 }
                 write_atomic(&u.original_path, u.original.as_bytes(), 0o644)?;
-            } else if let Some(text) = current {
-                if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                    write_atomic(&u.written_path, render(&remove(&v)).as_bytes(), 0o644)?;
-                }
+            } else if let Some(text) = current
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+            {
+                write_atomic(&u.written_path, render(&remove(&v)).as_bytes(), 0o644)?;
             }
             let _ = std::fs::remove_file(&self.undo_file);
         }

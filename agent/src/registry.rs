@@ -1,5 +1,7 @@
-//! The single owner of what the agent knows about pods, saved atomically so a
-//! restarted agent knows them again.
+//! The single owner of what the agent knows about pods, saved atomically (by
+//! a writer thread, off the CNI path) so a restarted agent knows them again.
+
+mod writer;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -29,29 +31,25 @@ pub struct PodRecord {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("saving pod registry {path}")]
-pub struct RegistryError {
-    path: String,
-    #[source]
-    source: std::io::Error,
-}
-
 #[derive(Default)]
 pub struct Registry {
     pods: BTreeMap<String, PodRecord>,
-    path: Option<PathBuf>,
+    /// Only the agent's registry writes; `podsteer` reads a snapshot.
+    writer: Option<writer::Writer>,
 }
 
 impl Registry {
-    /// Loads the saved registry; a missing or unreadable file starts empty (repair fills it).
-    pub fn load(path: Option<PathBuf>) -> Registry {
-        let pods = path
-            .as_deref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        Registry { pods, path }
+    /// Reads the saved registry; a missing or unreadable file is empty (repair fills it).
+    pub fn load(path: &Path) -> Registry {
+        let pods = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        Registry { pods, writer: None }
+    }
+
+    /// The agent's registry: loaded, and saved after every change.
+    pub fn open(path: PathBuf) -> std::io::Result<Registry> {
+        let mut r = Registry::load(&path);
+        r.writer = Some(writer::Writer::spawn(path)?);
+        Ok(r)
     }
 
     pub fn get(&self, uid: &str) -> Option<&PodRecord> {
@@ -70,23 +68,31 @@ impl Registry {
         self.pods.values().find(|p| p.netns == netns)
     }
 
-    pub fn insert(&mut self, rec: PodRecord) -> Result<(), RegistryError> {
+    pub fn insert(&mut self, rec: PodRecord) {
         self.pods.insert(rec.uid.clone(), rec);
-        self.save()
+        self.save();
     }
 
-    pub fn remove(&mut self, uid: &str) -> Result<Option<PodRecord>, RegistryError> {
+    pub fn remove(&mut self, uid: &str) -> Option<PodRecord> {
         let r = self.pods.remove(uid);
-        self.save()?;
-        Ok(r)
+        self.save();
+        r
     }
 
-    pub fn save(&self) -> Result<(), RegistryError> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let err = |source| RegistryError { path: path.display().to_string(), source };
-        let tmp = path.with_extension("tmp");
-        let body = serde_json::to_vec_pretty(&self.pods).map_err(|e| err(e.into()))?;
-        std::fs::write(&tmp, body).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+    /// Hands the writer a snapshot; returns at once.
+    pub fn save(&self) {
+        let Some(w) = &self.writer else { return };
+        match serde_json::to_vec(&self.pods) {
+            Ok(body) => w.submit(body),
+            // Plain data always serializes; should it not, the last good file stays.
+            Err(e) => tracing::warn!(error = %e, "serializing the pod registry"),
+        }
+    }
+
+    /// Waits (boundedly) until the newest state is on disk: before the agent exits.
+    pub fn flush(&self) {
+        if let Some(w) = &self.writer {
+            w.flush(std::time::Duration::from_secs(5));
+        }
     }
 }

@@ -23,6 +23,17 @@ fn syscall(call: &'static str) -> SysError {
     SysError::Syscall { call, source: std::io::Error::last_os_error() }
 }
 
+/// Replaces `path` with `bytes` so that a reader, or a crash, sees the old file
+/// or the new one, never half of one: write a temporary file beside it, then
+/// rename it into place.
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = path.with_extension(format!("podsteer-tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Opens a netns by path and checks it really is one (NS_GET_NSTYPE).
 pub fn open_netns(path: &Path) -> Result<File, SysError> {
     let shown = path.display().to_string();

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::splice::SpliceMode;
+
 #[derive(Parser, Clone, Debug)]
 #[command(name = "podsteer-proxy", version, about = "podsteer's transparent L4 proxy")]
 pub struct ProxyConfig {
@@ -41,6 +43,10 @@ pub struct ProxyConfig {
     pub idle_timeout_ms: u64,
     #[arg(long, env = "PODSTEER_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
+    /// Zero-copy relay with splice(2): `auto` moves a direction to it once it
+    /// carries bulk data. Pods whose sockets sk_msg feeds always copy.
+    #[arg(long, env = "PODSTEER_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
+    pub splice: SpliceMode,
     /// Data-plane worker threads; 0 means one per CPU.
     #[arg(long, env = "PODSTEER_PROXY_WORKERS", default_value_t = 0)]
     pub workers: usize,
@@ -56,6 +62,7 @@ impl ProxyConfig {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             mark: (self.mark != 0).then_some(self.mark),
+            splice: self.splice,
         }
     }
 }

@@ -90,6 +90,7 @@ fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd) -> Result<Vec<(u1
         uid: spec.uid,
         outbound_port: spec.outbound_port,
         inbound_port: spec.inbound_port,
+        splice_allowed: !spec.sk_msg,
     };
     let listeners = state.with_pods(|p| p.add(req, netns)).map_err(|e| format!("{e}: {}", e.source))?;
     Ok(if spec.return_inbound_listeners { listeners } else { Vec::new() })

@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod pods;
 pub mod relay;
 pub mod socket;
+pub mod splice;
 pub mod state;

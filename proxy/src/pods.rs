@@ -15,6 +15,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::relay::{PodCtx, Settings};
 
 struct Pod {
+    ctx: Arc<PodCtx>,
     stop: watch::Sender<bool>,
     /// Duplicates of the inbound listeners, by family (2, 10), for the agent.
     inbound: Vec<(u16, OwnedFd)>,
@@ -32,6 +33,8 @@ pub struct PodRequest {
     pub label: String,
     pub outbound_port: u16,
     pub inbound_port: u16,
+    /// See [`PodCtx::splice_allowed`].
+    pub splice_allowed: bool,
 }
 
 impl Pods {
@@ -53,7 +56,7 @@ impl Pods {
         let (stop, stopping) = watch::channel(false);
         let conns = Arc::new(crate::conns::Conns::default());
         self.rt.spawn(crate::conns::sweeper(conns.clone(), stopping.clone(), self.settings.idle_timeout, self.settings.drain_timeout));
-        let ctx = Arc::new(PodCtx { label: req.label.clone(), netns, inbound_port: req.inbound_port, stopping, conns });
+        let ctx = Arc::new(PodCtx { label: req.label.clone(), netns, inbound_port: req.inbound_port, stopping, conns, splice_allowed: req.splice_allowed.into() });
         let _rt = self.rt.enter();
         let mut inbound = Vec::new();
         let mut ready = Vec::new();
@@ -70,7 +73,7 @@ impl Pods {
         }
         info!(pod = %req.label, uid = %req.uid, "listeners open");
         let out = dup_all(&inbound);
-        self.pods.insert(req.uid, Pod { stop, inbound });
+        self.pods.insert(req.uid, Pod { ctx, stop, inbound });
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(out)
     }
@@ -82,6 +85,13 @@ impl Pods {
         self.metrics.pods.set(self.pods.len() as i64);
         info!(uid, "listeners closed, draining");
         true
+    }
+
+    /// Lets a pod's new bulk connections splice(2), once it is known that sk_msg does not feed its sockets.
+    pub fn allow_splice(&self, uid: &str) {
+        if let Some(p) = self.pods.get(uid) {
+            p.ctx.splice_allowed.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     pub fn remove_all(&mut self) {

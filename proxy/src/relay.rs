@@ -6,11 +6,13 @@ use std::io;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::info;
@@ -19,6 +21,7 @@ use crate::conns::ConnState;
 use crate::inpod::netns::PodNetns;
 use crate::metrics::{ClosedLabels, ConnLabels, ConnectErrorLabels, Direction, DirectionLabels, Metrics, Outcome};
 use crate::socket;
+use crate::splice::{Fill, Pipe, SpliceMode};
 
 /// The per-thread read buffer. 64 KiB takes a full loopback TSO segment (or a
 /// whole sk_msg batch) in one read.
@@ -33,6 +36,7 @@ pub struct Settings {
     /// How long a removed pod's connections may go on before they are reset.
     pub drain_timeout: Duration,
     pub mark: Option<u32>,
+    pub splice: SpliceMode,
 }
 
 /// What every connection of one pod shares.
@@ -44,6 +48,15 @@ pub struct PodCtx {
     pub stopping: watch::Receiver<bool>,
     /// Live connections, which the pod's sweeper times out and drains.
     pub conns: Arc<crate::conns::Conns>,
+    /// False while the pod's sockets may be fed by sk_msg, which splice(2)
+    /// cannot read (see [`crate::splice`]).
+    pub splice_allowed: std::sync::atomic::AtomicBool,
+}
+
+impl PodCtx {
+    fn splice_mode(&self, s: &Settings) -> SpliceMode {
+        if self.splice_allowed.load(std::sync::atomic::Ordering::Relaxed) { s.splice } else { SpliceMode::Never }
+    }
 }
 
 /// Which side broke a relay half.
@@ -70,7 +83,7 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
                     reset(&client);
                     (Outcome::ConnectFailed, 0, 0)
                 }
-                Ok(upstream) => relay(&client, &upstream, &pod, &m, &labels).await,
+                Ok(upstream) => relay(&client, &upstream, &pod, pod.splice_mode(&s), &m, &labels).await,
             }
         }
     };
@@ -130,12 +143,12 @@ fn reset(s: &TcpStream) {
     let _ = socket::set_reset_on_close(s.as_fd());
 }
 
-async fn relay(client: &TcpStream, upstream: &TcpStream, pod: &PodCtx, m: &Metrics, labels: &ConnLabels) -> (Outcome, u64, u64) {
+async fn relay(client: &TcpStream, upstream: &TcpStream, pod: &PodCtx, splice: SpliceMode, m: &Metrics, labels: &ConnLabels) -> (Outcome, u64, u64) {
     let _ = client.set_nodelay(true);
     let state = pod.conns.open();
     let mut copy = Copy {
-        up: Half::new(m.bytes_from_client.get_or_create(labels).clone()),
-        down: Half::new(m.bytes_to_client.get_or_create(labels).clone()),
+        up: Half::new(m.bytes_from_client.get_or_create(labels).clone(), m, labels, splice),
+        down: Half::new(m.bytes_to_client.get_or_create(labels).clone(), m, labels, splice),
         client,
         upstream,
         state: &state,
@@ -145,19 +158,37 @@ async fn relay(client: &TcpStream, upstream: &TcpStream, pod: &PodCtx, m: &Metri
         reset(client);
         reset(upstream);
     }
-    (outcome, copy.up.total, copy.down.total)
+    (outcome, copy.up.moved.total, copy.down.moved.total)
 }
 
 /// One direction of the relay. Bytes are read into a per-thread scratch buffer
 /// and written straight on; only what the peer cannot take right away is kept,
-/// so an idle connection holds no buffer at all.
+/// so an idle connection holds no buffer at all. A bulk direction moves on to
+/// splice(2) through its own pipe.
 struct Half {
     /// Bytes read but not yet written (the peer's send buffer was full).
     pending: Vec<u8>,
-    total: u64,
+    moved: Moved,
     /// EOF seen and passed on as a half-close.
     done: bool,
-    counter: prometheus_client::metrics::counter::Counter,
+    splice: SpliceMode,
+    /// Set once this direction splices; `pending` is always empty before the pipe fills.
+    pipe: Option<Pipe>,
+    spliced: Counter,
+    fallbacks: Counter,
+}
+
+/// Bytes written on, for the access log and the metric.
+struct Moved {
+    total: u64,
+    counter: Counter,
+}
+
+impl Moved {
+    fn add(&mut self, n: usize) {
+        self.total += n as u64;
+        self.counter.inc_by(n as u64);
+    }
 }
 
 thread_local! {
@@ -167,27 +198,41 @@ thread_local! {
 }
 
 impl Half {
-    fn new(counter: prometheus_client::metrics::counter::Counter) -> Half {
-        Half { pending: Vec::new(), total: 0, done: false, counter }
+    fn new(counter: Counter, m: &Metrics, labels: &ConnLabels, splice: SpliceMode) -> Half {
+        let (spliced, fallbacks) = (m.bytes_spliced.get_or_create(labels).clone(), m.splice_fallbacks.clone());
+        let mut h = Half { pending: Vec::new(), moved: Moved { total: 0, counter }, done: false, splice, pipe: None, spliced, fallbacks };
+        if splice == SpliceMode::Always {
+            h.start_splicing();
+        }
+        h
     }
 
-    fn wrote(&mut self, n: usize) {
-        self.total += n as u64;
-        self.counter.inc_by(n as u64);
+    fn start_splicing(&mut self) {
+        match Pipe::new() {
+            Ok(p) => self.pipe = Some(p),
+            // Out of fds: this direction keeps copying, which is correct, only slower.
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipe for splice; copying");
+                self.splice = SpliceMode::Never;
+            }
+        }
+    }
+
+    /// End of stream passed on: FIN on the write side only.
+    fn half_close(&mut self, to: &TcpStream) -> Poll<Result<(), Broke>> {
+        self.done = true;
+        let _ = socket::shutdown_write(to.as_fd());
+        Poll::Ready(Ok(()))
     }
 
     /// Writes out what is pending; Ready(Ok) once nothing is.
     fn poll_flush(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<Result<(), Broke>> {
         while !self.pending.is_empty() {
-            match to.poll_write_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::To(e))),
-                Poll::Ready(Ok(())) => {}
-            }
+            ready!(to.poll_write_ready(cx)).map_err(Broke::To)?;
             match to.try_write(&self.pending) {
                 Ok(n) => {
                     self.pending.drain(..n);
-                    self.wrote(n);
+                    self.moved.add(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(Broke::To(e))),
@@ -201,18 +246,14 @@ impl Half {
     /// Moves bytes from `from` to `to` until one would block, EOF, or an error.
     fn poll_copy(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, state: &ConnState) -> Poll<Result<(), Broke>> {
         loop {
-            match self.poll_flush(cx, to) {
-                Poll::Ready(Ok(())) => {}
-                other => return other,
+            ready!(self.poll_flush(cx, to))?;
+            if self.pipe.is_some() {
+                return self.poll_splice(cx, from, to, state);
             }
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            match from.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::From(e))),
-                Poll::Ready(Ok(())) => {}
-            }
+            ready!(from.poll_read_ready(cx)).map_err(Broke::From)?;
             let step = SCRATCH.with_borrow_mut(|buf| -> Result<Option<usize>, Broke> {
                 let n = match from.try_read(buf) {
                     Ok(0) => return Ok(None),
@@ -226,23 +267,60 @@ impl Half {
                     Err(e) => return Err(Broke::To(e)),
                 };
                 self.pending.extend_from_slice(&buf[sent..n]);
-                self.wrote(sent);
+                self.moved.add(sent);
                 Ok(Some(n))
             });
             match step {
                 Err(b) => return Poll::Ready(Err(b)),
                 Ok(None) => {
                     // EOF: finish what is pending, then half-close.
-                    match self.poll_flush(cx, to) {
-                        Poll::Ready(Ok(())) => {}
-                        other => return other,
-                    }
-                    self.done = true;
-                    let _ = socket::shutdown_write(to.as_fd());
-                    return Poll::Ready(Ok(()));
+                    ready!(self.poll_flush(cx, to))?;
+                    return self.half_close(to);
                 }
                 Ok(Some(0)) => continue,
-                Ok(Some(_)) => state.touch(),
+                Ok(Some(n)) => {
+                    state.touch();
+                    if self.splice.promote(n, SCRATCH_BUFFER) {
+                        self.start_splicing();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The splice(2) twin of the copy loop: empty the pipe into `to`, then
+    /// refill it from `from`, until one would block, EOF, or an error.
+    fn poll_splice(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, state: &ConnState) -> Poll<Result<(), Broke>> {
+        let Some(pipe) = self.pipe.as_mut() else { return Poll::Ready(Ok(())) };
+        loop {
+            while pipe.held > 0 {
+                ready!(to.poll_write_ready(cx)).map_err(Broke::To)?;
+                match to.try_io(Interest::WRITABLE, || pipe.drain_to(to.as_fd())) {
+                    Ok(n) => {
+                        self.moved.add(n);
+                        self.spliced.inc_by(n as u64);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(Broke::To(e))),
+                }
+            }
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(from.poll_read_ready(cx)).map_err(Broke::From)?;
+            // Inside try_io, so readiness is cleared only when nothing was there to read.
+            match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_fd())) {
+                Ok(Fill::Eof) => return self.half_close(to),
+                Ok(Fill::Spliced(_)) => state.touch(),
+                Ok(Fill::CopyOnly) => {
+                    tracing::debug!("a sockmap feeds this socket; copying from now on");
+                    self.pipe = None;
+                    self.splice = SpliceMode::Never;
+                    self.fallbacks.inc();
+                    return self.poll_copy(cx, from, to, state);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(Broke::From(e))),
             }
         }
     }

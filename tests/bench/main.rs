@@ -23,6 +23,9 @@ pub struct Opts {
     /// Rounds, overriding the plan.
     #[arg(long)]
     pub rounds: Option<usize>,
+    /// CNI ADDs to time, overriding the plan (for investigating the tail).
+    #[arg(long)]
+    pub cni_adds: Option<usize>,
     /// Where results.json and latency.svg go.
     #[arg(long, default_value = "bench")]
     pub out: PathBuf,
@@ -68,6 +71,9 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench: setting up lab nodes ({})", if opts.quick { "quick" } else { "full" });
     if let Some(r) = opts.rounds {
         plan.rounds = r;
+    }
+    if let Some(n) = opts.cni_adds {
+        plan.cni_adds = n;
     }
     let mut lab = setup::Lab::new()?;
     if let Some(only) = &opts.only {

@@ -212,6 +212,9 @@ fn cni_adds(lab: &Lab, plan: &Plan) -> anyhow::Result<Value> {
     let run = |cmd: &str, ns: &NetNs, i: usize| -> anyhow::Result<std::time::Duration> {
         let started = Instant::now();
         let mut child = std::process::Command::new(bin("podsteer-cni"))
+            // As a runtime starts it: `cargo run` points the loader at the
+            // toolchain's directories, which costs every exec a few dozen failed opens.
+            .env_remove("LD_LIBRARY_PATH")
             .env("CNI_COMMAND", cmd)
             .env("CNI_CONTAINERID", format!("bench{i}"))
             .env("CNI_NETNS", ns.path())
@@ -227,6 +230,16 @@ fn cni_adds(lab: &Lab, plan: &Plan) -> anyhow::Result<Value> {
         anyhow::ensure!(out.status.success(), "cni {cmd}: {}", String::from_utf8_lossy(&out.stdout));
         Ok(took)
     };
+    // ADD latency on a settled node: the memory figure just closed thousands of
+    // connections through this node's proxy, and on two vCPUs their teardown
+    // would be what the ADDs measure.
+    if let Some(proxy) = setup.proxies.first() {
+        let active = || -> Option<f64> {
+            let text = proxy.get("/metrics").ok()?;
+            Some(text.lines().filter(|l| l.starts_with("podsteer_proxy_connections_active{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
+        };
+        podsteer_lab::wait::until("the proxy to finish closing connections", std::time::Duration::from_secs(60), || (active()? == 0.0).then_some(()))?;
+    }
     // "With the agent warm": the first few ADDs fault in code and maps, and are not counted.
     const WARMUP: usize = 10;
     for i in 0..plan.cni_adds + WARMUP {

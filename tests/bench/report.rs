@@ -154,6 +154,10 @@ impl Report {
                 g.push(Goal { goal: format!("sk_msg on beats off on p50 RR ({variant})"), value: format!("{a:.1} vs {b:.1} us"), met: a < b });
             }
         }
+        if let (Some(on), Some(off)) = (self.get("podsteer+iptables mesh"), self.get("podsteer+iptables mesh copy")) {
+            let (a, b) = (on.figures["bulk1_gbit"], off.figures["bulk1_gbit"]);
+            g.push(Goal { goal: "splice(2) beats copying on bulk (iptables mesh, 2 hops)".into(), value: format!("{a:.2} vs {b:.2} Gb/s"), met: a > b });
+        }
         let idle = self.memory["podsteer"]["idle_rss_kib"].as_f64().unwrap_or(f64::NAN);
         g.push(Goal { goal: "proxy idle RSS <= 10 MiB".into(), value: format!("{:.1} MiB", idle / 1024.0), met: idle <= 10.0 * 1024.0 });
         let per = self.memory["podsteer"]["bytes_per_conn"].as_f64().unwrap_or(f64::NAN);

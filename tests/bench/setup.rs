@@ -79,17 +79,19 @@ fn listening(port: u16) -> bool {
 }
 
 impl Setup {
-    fn new(agent_mode: Option<(&str, &[&str])>, shared_proxy: bool) -> anyhow::Result<Setup> {
+    /// `shared_proxy`: start one, with these flags besides [`PROXY_ARGS`].
+    fn new(agent_mode: Option<(&str, &[&str])>, shared_proxy: Option<&[&str]>) -> anyhow::Result<Setup> {
         let node = Node::new(NodeOptions::default())?;
         let agent = match agent_mode {
             None => None,
-            Some((mode, extra)) if shared_proxy => Some(Agent::start_with_proxy(&node, mode, extra)?),
+            Some((mode, extra)) if shared_proxy.is_some() => Some(Agent::start_with_proxy(&node, mode, extra)?),
             Some((mode, extra)) => Some(Agent::start(&node, mode, extra)?),
         };
         let mut proxies = Vec::new();
-        if shared_proxy {
+        if let Some(extra) = shared_proxy {
             let sock = agent.as_ref().and_then(|a| a.proxy_socket.clone()).expect("proxy socket");
-            proxies.push(Proxy::start_shared(&node, &sock, 15020, PROXY_ARGS)?);
+            let args: Vec<&str> = PROXY_ARGS.iter().chain(extra).copied().collect();
+            proxies.push(Proxy::start_shared(&node, &sock, 15020, &args)?);
         }
         Ok(Setup { processes: Vec::new(), proxies, pods: BTreeMap::new(), agent, node })
     }
@@ -126,7 +128,7 @@ impl Lab {
         let mut add = |name, setup, variant, node, client, server| scenarios.push(Scenario { name, setup, variant, node, client, server });
 
         // 0: no interception at all.
-        let mut direct = Setup::new(None, false)?;
+        let mut direct = Setup::new(None, None)?;
         direct.pod("client", false, &[])?;
         direct.pod("server", false, &[])?;
         setups.push(direct);
@@ -134,7 +136,7 @@ impl Lab {
 
         // 1: iptables REDIRECT with haproxy sidecars.
         let sidecar = [("podsteer.io/proxy-mode", "sidecar")];
-        let mut hap = Setup::new(Some(("iptables", &[])), false)?;
+        let mut hap = Setup::new(Some(("iptables", &[])), None)?;
         hap.pod("client", true, &sidecar)?;
         hap.pod("server-meshed", true, &sidecar)?;
         hap.pod("server-plain", false, &[])?;
@@ -145,8 +147,8 @@ impl Lab {
         add("haproxy+iptables out", "iptables + haproxy", "outbound-only", 1, "client", "server-plain");
         add("haproxy+iptables mesh", "iptables + haproxy", "full mesh", 1, "client", "server-meshed");
 
-        // 2: iptables REDIRECT with the shared podsteer-proxy.
-        let mut ipt = Setup::new(Some(("iptables", &[])), true)?;
+        // 2: iptables REDIRECT with the shared podsteer-proxy; bulk goes by splice(2).
+        let mut ipt = Setup::new(Some(("iptables", &[])), Some(&[]))?;
         ipt.pod("client", true, &[])?;
         ipt.pod("server-meshed", true, &[])?;
         ipt.pod("server-plain", false, &[])?;
@@ -156,7 +158,7 @@ impl Lab {
 
         // 3: eBPF with the shared podsteer-proxy, sk_msg off and on.
         let off = [("podsteer.io/sk-msg", "false")];
-        let mut ebpf = Setup::new(Some(("ebpf", &[])), true)?;
+        let mut ebpf = Setup::new(Some(("ebpf", &[])), Some(&[]))?;
         ebpf.pod("client-nosk", true, &off)?;
         ebpf.pod("server-meshed-nosk", true, &off)?;
         ebpf.pod("client", true, &[])?;
@@ -169,7 +171,7 @@ impl Lab {
         add("podsteer+ebpf+skmsg mesh", "eBPF + podsteer, sk_msg on", "full mesh", 3, "client", "server-meshed");
 
         // 4: eBPF with per-pod podsteer-proxy sidecars (sk_msg on).
-        let mut side = Setup::new(Some(("ebpf", &["--proxy-mode", "sidecar"])), false)?;
+        let mut side = Setup::new(Some(("ebpf", &["--proxy-mode", "sidecar"])), None)?;
         side.pod("client", true, &[])?;
         side.pod("server-meshed", true, &[])?;
         side.pod("server-plain", false, &[])?;
@@ -185,6 +187,13 @@ impl Lab {
         setups.push(side);
         add("podsteer sidecar+ebpf out", "eBPF + podsteer sidecars", "outbound-only", 4, "client", "server-plain");
         add("podsteer sidecar+ebpf mesh", "eBPF + podsteer sidecars", "full mesh", 4, "client", "server-meshed");
+
+        // 5: as 2, but the proxy always copies: what splice(2) is worth.
+        let mut copy = Setup::new(Some(("iptables", &[])), Some(&["--splice", "never"]))?;
+        copy.pod("client", true, &[])?;
+        copy.pod("server-meshed", true, &[])?;
+        setups.push(copy);
+        add("podsteer+iptables mesh copy", "iptables + podsteer, splice off", "full mesh", 5, "client", "server-meshed");
 
         Ok(Lab { setups, scenarios })
     }

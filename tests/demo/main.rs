@@ -46,7 +46,7 @@ fn run_mode(mode: &str, last: bool) -> anyhow::Result<()> {
     let _backend_app = start_server(&backend, None, &["whoami", "[::]:8080", "backend"])?;
     println!("\n{}", ctl(&agent, &node, &["pods"])?.trim_end());
 
-    println!("\n{:<10} {:<22} {:<10} {:<11} {}", "FROM", "TO", "ANSWERED", "VIA PROXY?", "SERVER SAW");
+    println!("\n{:<10} {:<22} {:<10} {:<11} SERVER SAW", "FROM", "TO", "ANSWERED", "VIA PROXY?");
     let b = backend.ipv4().expect("v4");
     let d = db.ipv4().expect("v4");
     for (from, to, pod_label) in [(&frontend, format!("{b}:8080"), "frontend"), (&frontend, format!("{d}:5432"), "frontend"), (&db, format!("{b}:8080"), "db")] {

@@ -166,10 +166,10 @@ impl Drop for Containerd {
         // parent; end them before the v1 twins of those cgroups are removed.
         let pods = self.node.pods_cgroup().to_owned();
         for dir in std::fs::read_dir(&pods).into_iter().flatten().filter_map(|e| e.ok().map(|e| e.path())) {
-            if dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with(CRI_CGROUP_PREFIX)) {
-                if let Err(e) = crate::cgroup::remove_tree(&dir) {
-                    eprintln!("lab: removing {}: {e:#}", dir.display());
-                }
+            if dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with(CRI_CGROUP_PREFIX))
+                && let Err(e) = crate::cgroup::remove_tree(&dir)
+            {
+                eprintln!("lab: removing {}: {e:#}", dir.display());
             }
         }
     }

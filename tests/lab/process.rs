@@ -112,10 +112,10 @@ pub fn enter_before_exec(cmd: &mut Command, netns: Option<OwnedFd>, cgroup_procs
     // SAFETY: the closure only calls setns and write, both async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(ns) = &netns {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(ns) = &netns
+                && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
             if let Some(procs) = &cgroup_procs {
                 // Writing "0" moves the writing process itself.

@@ -24,8 +24,12 @@ struct Mesh {
 
 impl Mesh {
     fn new(mode: &str, proxy_args: &[&str]) -> anyhow::Result<Mesh> {
+        Mesh::with_agent_args(mode, &[], proxy_args)
+    }
+
+    fn with_agent_args(mode: &str, agent_args: &[&str], proxy_args: &[&str]) -> anyhow::Result<Mesh> {
         let node = Node::new(NodeOptions::default())?;
-        let agent = Agent::start_with_proxy(&node, mode, &[])?;
+        let agent = Agent::start_with_proxy(&node, mode, agent_args)?;
         let control = agent.proxy_socket.clone().expect("proxy socket");
         let proxy = Proxy::start_shared(&node, &control, 15020, proxy_args)?;
         let a = node.add_pod(PodSpec::new("default", "a"))?;
@@ -45,6 +49,11 @@ impl Mesh {
     fn b(&self, port: u16) -> String {
         addr(self.b.ipv4().expect("v4"), port)
     }
+
+    /// Bytes the proxy moved with splice(2) for a pod, both ways.
+    fn spliced(&self, pod: &str, dir: &str) -> anyhow::Result<f64> {
+        self.proxy.metric(&format!("podsteer_proxy_bytes_spliced_total{{pod=\"default/{pod}\",direction=\"{dir}\"}}"))
+    }
 }
 
 
@@ -61,9 +70,41 @@ fn relays_every_byte_through_outbound_and_inbound(mode: &str) -> anyhow::Result<
     let opened = |pod: &str, dir: &str| m.proxy.metric(&format!("podsteer_proxy_connections_opened_total{{pod=\"default/{pod}\",direction=\"{dir}\"}}"));
     assert_eq!(opened("a", "outbound")?, 3.0);
     assert_eq!(opened("b", "inbound")?, 3.0);
+    // Bulk moves to splice(2) by itself, except where sk_msg feeds the sockets
+    // (eBPF mode): splice cannot read those, and the bytes there skip TCP anyway.
+    for (pod, dir) in [("a", "outbound"), ("b", "inbound")] {
+        let spliced = m.spliced(pod, dir)?;
+        match mode {
+            "iptables" => assert!(spliced >= f64::from(100u32 << 20), "{pod} {dir}: only {spliced} bytes spliced"),
+            _ => assert_eq!(spliced, 0.0, "{pod} {dir}: sk_msg sockets were spliced"),
+        }
+    }
     Ok(())
 }
 both_modes!(relays_every_byte_through_outbound_and_inbound);
+
+/// The splice(2) path from the first byte, in both modes (eBPF mode without
+/// sk_msg, which is what lets the proxy splice there): exact bytes, half-close
+/// both ways, a refused upstream still resets the client.
+fn the_splice_path_relays_exactly(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::with_agent_args(mode, &["--no-sk-msg"], &["--splice", "always"])?;
+    let out = run_client(&m.a, &["request", &m.b(8080), "200"])?;
+    assert!(out.starts_with("ok 200"), "{out}");
+    let out = run_client(&m.a, &["bulk", &m.b(8080), &(64 << 20).to_string()])?;
+    assert!(out.starts_with(&format!("ok {}", 64 << 20)), "{out}");
+    for side in ["client", "server"] {
+        let out = run_client(&m.a, &["halfclose", &m.b(8081), side])?;
+        assert!(out.starts_with("ok"), "{side}: {out}");
+    }
+    let refused = run_client(&m.a, &["expect-reset", &m.b(9999)])?;
+    assert!(refused.starts_with("reset"), "refused upstream: {refused}");
+    for (pod, dir) in [("a", "outbound"), ("b", "inbound")] {
+        let spliced = m.spliced(pod, dir)?;
+        assert!(spliced >= f64::from(2 * (64u32 << 20)), "{pod} {dir}: only {spliced} bytes spliced");
+    }
+    Ok(())
+}
+both_modes!(the_splice_path_relays_exactly);
 
 fn half_close_works_in_both_directions(mode: &str) -> anyhow::Result<()> {
     let m = Mesh::new(mode, &[])?;
@@ -115,7 +156,7 @@ fn metrics_count_the_traffic_exactly(mode: &str) -> anyhow::Result<()> {
         (format!("podsteer_proxy_bytes_from_client_total{}", labels("a", "outbound")), 25_000.0),
         (format!("podsteer_proxy_bytes_to_client_total{}", labels("a", "outbound")), 25_000.0),
         (format!("podsteer_proxy_bytes_from_client_total{}", labels("b", "inbound")), 25_000.0),
-        (format!("podsteer_proxy_connections_closed_total{{pod=\"default/a\",direction=\"outbound\",result=\"ok\"}}"), 25.0),
+        ("podsteer_proxy_connections_closed_total{pod=\"default/a\",direction=\"outbound\",result=\"ok\"}".to_string(), 25.0),
         (format!("podsteer_proxy_connections_active{}", labels("a", "outbound")), 0.0),
     ];
     // Closing is asynchronous to the client's exit: wait for the counts to settle.
@@ -136,10 +177,21 @@ fn sidecar_mode_serves_its_own_pod(mode: &str) -> anyhow::Result<()> {
     m.agent.add_pod(&s, &[("podsteer.io/proxy-mode", "sidecar")])?.map_err(|e| anyhow::anyhow!("{e}"))?;
     let refused = run_client(&s, &["hello", &m.b(8082)]);
     assert!(refused.is_err(), "no sidecar yet, the redirect must have nowhere to go: {refused:?}");
-    let sidecar = Proxy::start_sidecar(&m.node, &s, 15021, &[])?;
+    // No agent socket, so the sidecar cannot know whether sk_msg feeds its
+    // sockets (it does in eBPF mode): splicing from the first byte must still
+    // deliver everything, falling back to copying where a sockmap is found.
+    let sidecar = Proxy::start_sidecar(&m.node, &s, 15021, &["--splice", "always"])?;
     let out = run_client(&s, &["request", &m.b(8080), "5000"])?;
     assert!(out.starts_with("ok 5000"), "{out}");
-    assert_eq!(sidecar.metric("podsteer_proxy_connections_opened_total{pod=\"self\",direction=\"outbound\"}")?, 1.0);
+    let out = run_client(&s, &["bulk", &m.b(8080), &(16 << 20).to_string()])?;
+    assert!(out.starts_with(&format!("ok {}", 16 << 20)), "{out}");
+    assert_eq!(sidecar.metric("podsteer_proxy_connections_opened_total{pod=\"self\",direction=\"outbound\"}")?, 2.0);
+    let fallbacks = sidecar.metric("podsteer_proxy_splice_fallbacks_total")?;
+    let spliced = sidecar.metric("podsteer_proxy_bytes_spliced_total{pod=\"self\",direction=\"outbound\"}")?;
+    match mode {
+        "iptables" => assert!(fallbacks == 0.0 && spliced >= f64::from(2 * (16u32 << 20)), "fallbacks {fallbacks}, spliced {spliced}"),
+        _ => assert!(fallbacks >= 2.0, "sk_msg feeds both of the sidecar's sockets: fallbacks {fallbacks}, spliced {spliced}"),
+    }
     Ok(())
 }
 both_modes!(sidecar_mode_serves_its_own_pod);
@@ -209,7 +261,7 @@ fn a_pod_is_refused_while_no_proxy_takes_it() -> anyhow::Result<()> {
     let node = Node::new(NodeOptions::default())?;
     let agent = Agent::start_with_proxy(&node, "ebpf", &["--proxy-wait-ms", "200"])?;
     let a = node.add_pod(PodSpec::new("default", "a"))?;
-    let err = agent.add_pod(&a, &[])?.err().expect("no proxy: refused");
+    let err = agent.add_pod(&a, &[])?.expect_err("no proxy: refused");
     assert_eq!(err.kind, podsteer_agent::api::ErrorKind::NotReady, "{}", err.message);
     assert_eq!(agent.pods()?.as_array().map(Vec::len), Some(0), "nothing half-registered");
     Ok(())
@@ -222,7 +274,8 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
     let pod = node.add_pod(PodSpec::new("default", "p"))?;
     let sock = node.state_dir().join("fake-agent.sock");
     let listener = node.netns().run(|| podsteer_agent::proxy_link::bind(&sock))??;
-    let proxy = std::thread::scope(|s| -> anyhow::Result<()> {
+    
+    std::thread::scope(|s| -> anyhow::Result<()> {
         let h = s.spawn(|| Proxy::start_shared(&node, &sock, 15024, &[]));
         let conn = podsteer_agent::proxy_link::accept(listener.as_fd())?;
         let hello: FromProxy = wire::decode(&wire::recv_raw(conn.as_fd())?.0)?;
@@ -233,7 +286,7 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
         assert!(matches!(reply(&conn)?, FromProxy::Error { .. }));
         nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&conn), br#"{"type":"reboot"}"#, nix::sys::socket::MsgFlags::empty())?;
         assert!(matches!(reply(&conn)?, FromProxy::Error { .. }));
-        let spec = Spec { uid: "u1".into(), name: "p".into(), namespace: "default".into(), outbound_port: 15001, inbound_port: 15006, return_inbound_listeners: true };
+        let spec = Spec { uid: "u1".into(), name: "p".into(), namespace: "default".into(), outbound_port: 15001, inbound_port: 15006, return_inbound_listeners: true, sk_msg: true };
         wire::send(conn.as_fd(), &ToProxy::AddPod(spec.clone()), &[])?;
         assert!(matches!(reply(&conn)?, FromProxy::Nack { .. }), "AddPod without its netns fd");
         // The pod's outbound port is taken (no SO_REUSEPORT): the proxy must refuse, not half-open.
@@ -254,8 +307,7 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
         let p = h.join().map_err(|_| anyhow::anyhow!("proxy thread"))??;
         assert_eq!(p.metric("podsteer_proxy_pods")?, 1.0);
         Ok(())
-    });
-    proxy
+    })
 }
 
 #[test]

@@ -78,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 info!(signal = ?sig, "exiting; interception, pins and the CNI entry stay for the next agent");
             }
+            ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?.persist();
             Ok(())
         }
     }

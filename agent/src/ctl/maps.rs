@@ -129,10 +129,10 @@ fn pod_entry(cookie: u64, p: &PodPolicy, name: Option<String>) -> PodEntry {
 
 /// Reads every map (or the one asked for), keeping only `pod`'s entries when given.
 pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump, CtlError> {
-    if let Some(m) = only {
-        if !MAP_NAMES.contains(&m) {
-            return Err(CtlError::new(exit::USAGE, format!("no map {m:?}; the maps are {}", MAP_NAMES.join(", "))));
-        }
+    if let Some(m) = only
+        && !MAP_NAMES.contains(&m)
+    {
+        return Err(CtlError::new(exit::USAGE, format!("no map {m:?}; the maps are {}", MAP_NAMES.join(", "))));
     }
     super::require_pins(&paths.bpffs)?;
     let maps = Maps::open_pinned(&paths.bpffs).map_err(|e| CtlError::new(exit::FAILURE, crate::controller::error_chain(&e)))?;

@@ -1,12 +1,12 @@
 //! podsteer's kernel programs. Data path, in the order a connection meets them:
 //!
-//! 1. `connect`    cgroup connect4/6: a meshed app's connect() goes to its proxy;
-//!                 the original destination is kept under the socket cookie.
-//! 2. `sockops`    on establishment, re-keys that record by (netns, app addr) and
-//!                 puts local socket pairs into the SockHash.
-//! 3. `getsockopt` answers SO_ORIGINAL_DST for the proxy's accepted socket.
-//! 4. `sk_msg`     sends data between local pairs straight to the peer socket.
-//! 5. `sk_lookup`  steers inbound connections to a pod's proxy listener, no NAT.
+//! 1. `connect` (cgroup connect4/6): a meshed app's connect() goes to its proxy;
+//!    the original destination is kept under the socket cookie.
+//! 2. `sockops`: on establishment, re-keys that record by (netns, app addr) and
+//!    puts local socket pairs into the SockHash.
+//! 3. `getsockopt`: answers SO_ORIGINAL_DST for the proxy's accepted socket.
+//! 4. `sk_msg`: sends data between local pairs straight to the peer socket.
+//! 5. `sk_lookup`: steers inbound connections to a pod's proxy listener, no NAT.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // `field!` is used inside unsafe blocks too.

@@ -32,11 +32,23 @@ fn main() -> anyhow::Result<()> {
     info!(%admin, "admin endpoint");
 
     if cfg.sidecar {
-        let req = PodRequest { uid: "self".into(), label: "self".into(), outbound_port: cfg.outbound_port, inbound_port: cfg.inbound_port };
+        // With an agent socket this is eBPF mode, where sk_msg may feed the
+        // pod's sockets: no splice(2) until the agent says it does not.
+        let req = PodRequest {
+            uid: "self".into(),
+            label: "self".into(),
+            outbound_port: cfg.outbound_port,
+            inbound_port: cfg.inbound_port,
+            splice_allowed: cfg.agent_socket.is_none(),
+        };
         let listeners = state.with_pods(|p| p.add(req, PodNetns::Current)).context("opening sidecar listeners")?;
         if let (Some(sock), Some(uid)) = (&cfg.agent_socket, &cfg.pod_uid) {
+            let mut sk_msg = false;
             for (family, fd) in &listeners {
-                register_listener(sock, uid, *family, fd).with_context(|| format!("registering the inbound listener (family {family}) with the agent"))?;
+                sk_msg |= register_listener(sock, uid, *family, fd).with_context(|| format!("registering the inbound listener (family {family}) with the agent"))?;
+            }
+            if !sk_msg {
+                state.with_pods(|p| p.allow_splice("self"));
             }
         }
         if let Some(uid) = cfg.run_as_uid {
@@ -68,8 +80,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Hands one inbound listener to the agent: one JSON request line on its
-/// socket with the fd attached (SCM_RIGHTS), one JSON answer line back.
-fn register_listener(socket: &std::path::Path, uid: &str, family: u16, fd: &std::os::fd::OwnedFd) -> anyhow::Result<()> {
+/// socket with the fd attached (SCM_RIGHTS), one JSON answer line back, which
+/// says whether sk_msg feeds the pod's sockets.
+fn register_listener(socket: &std::path::Path, uid: &str, family: u16, fd: &std::os::fd::OwnedFd) -> anyhow::Result<bool> {
     use std::io::BufRead as _;
     use std::os::fd::AsRawFd as _;
     let stream = std::os::unix::net::UnixStream::connect(socket)?;
@@ -83,7 +96,8 @@ fn register_listener(socket: &std::path::Path, uid: &str, family: u16, fd: &std:
     std::io::BufReader::new(&stream).read_line(&mut answer)?;
     let v: serde_json::Value = serde_json::from_str(&answer)?;
     anyhow::ensure!(v["ok"] == true, "agent refused: {}", v["error"]);
-    Ok(())
+    // An agent that does not say is treated as feeding them: copying is always correct.
+    Ok(v["data"]["sk_msg"].as_bool().unwrap_or(true))
 }
 
 /// Every relayed connection costs two fds; the usual soft limit of 1024 would cap

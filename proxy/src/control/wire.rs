@@ -33,6 +33,14 @@ pub struct PodSpec {
     pub inbound_port: u16,
     /// The agent wants the inbound listeners back (eBPF mode steers to them with sk_lookup).
     pub return_inbound_listeners: bool,
+    /// sk_msg may feed the pod's sockets (eBPF mode), so the proxy reads them
+    /// with recvmsg and never splice(2). Absent means yes: the safe answer.
+    #[serde(default = "yes")]
+    pub sk_msg: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Proxy → agent.

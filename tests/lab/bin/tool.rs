@@ -331,11 +331,11 @@ fn expect_reset(addr: &str, quiet: bool) -> anyhow::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(20)))?;
     if !quiet {
         // A reset that arrives before this write is reported by the write.
-        if let Err(e) = c.write_all(b"x") {
-            if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) {
-                println!("reset after {}ms (on write)", started.elapsed().as_millis());
-                return Ok(());
-            }
+        if let Err(e) = c.write_all(b"x")
+            && matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
+        {
+            println!("reset after {}ms (on write)", started.elapsed().as_millis());
+            return Ok(());
         }
     }
     let mut buf = [0u8; 16];
