@@ -128,8 +128,7 @@ impl Controller {
     }
 
     fn add_inner(&mut self, pod: PodInfo) -> Response {
-        let span = info_span!("add", pod = %format!("{}/{}", pod.namespace, pod.name), netns = %pod.netns.display(), mode = ?self.choice.mode);
-        let _g = span.enter();
+        let _g = pod_span("add", &pod.namespace, &pod.name, &pod.netns, self.choice.mode).entered();
         if inject_disabled(&pod.annotations) {
             return Response::ok(serde_json::json!({"meshed": false, "reason": "podsteer.io/inject is false"}));
         }
@@ -199,8 +198,7 @@ impl Controller {
         let Some(rec) = self.registry.get(uid).cloned() else {
             return Response::ok(serde_json::json!({"removed": false}));
         };
-        let span = info_span!("del", pod = %format!("{}/{}", rec.namespace, rec.name), netns = %rec.netns.display(), mode = ?rec.mode);
-        let _g = span.enter();
+        let _g = pod_span("del", &rec.namespace, &rec.name, &rec.netns, rec.mode).entered();
         if let Some(link) = &self.proxy {
             // Best effort: a missing proxy has no listeners to close.
             if let Err(e) = link.with_proxy(Duration::ZERO, |p| p.del_pod(uid)) {
@@ -291,8 +289,14 @@ impl Controller {
             outbound_port: policy.outbound_port,
             inbound_port: policy.inbound_port,
             return_inbound_listeners: self.redirector.mode() == Mode::Ebpf,
-            sk_msg: self.redirector.mode() == Mode::Ebpf && policy.sk_msg,
+            sk_msg: self.sk_msg_feeds(policy),
         }
+    }
+
+    /// Whether sk_msg delivers to the pod's sockets, which the proxy must then
+    /// read with recvmsg and never splice(2).
+    fn sk_msg_feeds(&self, policy: &Policy) -> bool {
+        self.redirector.mode() == Mode::Ebpf && policy.sk_msg
     }
 
     fn install_listeners(&mut self, cookie: u64, listeners: &[(u16, std::os::fd::OwnedFd)]) {
@@ -310,8 +314,7 @@ impl Controller {
         let Some(link) = self.proxy.clone() else { return };
         let pods: Vec<PodRecord> = self.registry.all().filter(|p| p.policy.proxy_mode == ProxyMode::Shared).cloned().collect();
         for rec in pods {
-            let span = info_span!("replay", pod = %format!("{}/{}", rec.namespace, rec.name), netns = %rec.netns.display(), mode = ?rec.mode);
-            let _g = span.enter();
+            let _g = pod_span("replay", &rec.namespace, &rec.name, &rec.netns, rec.mode).entered();
             let Ok(netns) = sys::open_netns(&rec.netns) else {
                 warn!("netns gone; the pod will be removed by repair");
                 continue;
@@ -352,11 +355,15 @@ impl Controller {
             return Response::err(ErrorKind::BadRequest, format!("family {family} is neither 2 nor 10"));
         }
         match self.redirector.set_inbound_listener(rec.netns_cookie, family, fd) {
-            // The sidecar must not splice(2) sockets that sk_msg feeds.
-            Ok(()) => Response::ok(serde_json::json!({"registered": true, "sk_msg": rec.policy.sk_msg})),
+            Ok(()) => Response::ok(serde_json::json!({"registered": true, "sk_msg": self.sk_msg_feeds(&rec.policy)})),
             Err(e) => Response::err(ErrorKind::BadRequest, error_chain(&e)),
         }
     }
+}
+
+/// Every log line about one pod carries its name, netns and mode.
+fn pod_span(op: &'static str, namespace: &str, name: &str, netns: &std::path::Path, mode: Mode) -> tracing::Span {
+    info_span!("pod", op, pod = %format!("{namespace}/{name}"), netns = %netns.display(), ?mode)
 }
 
 /// A registered pod's netns, if it still exists (it is gone on a runtime's late DEL).

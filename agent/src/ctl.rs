@@ -49,10 +49,6 @@ impl Paths {
     pub fn registry(&self) -> Vec<PodRecord> {
         crate::registry::Registry::load(&self.state_dir.join("pods.json")).all().cloned().collect()
     }
-
-    pub fn pod_name(&self, cookie: u64) -> Option<String> {
-        self.registry().into_iter().find(|p| p.netns_cookie == cookie).map(|p| format!("{}/{}", p.namespace, p.name))
-    }
 }
 
 /// Reading pins and netns needs root (or CAP_BPF and CAP_SYS_ADMIN).

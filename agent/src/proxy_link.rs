@@ -113,16 +113,7 @@ impl ProxyLink {
 
 /// Binds the SOCK_SEQPACKET control socket, owner-only.
 pub fn bind(path: &Path) -> std::io::Result<OwnedFd> {
-    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket};
-    use std::os::unix::fs::PermissionsExt as _;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
-    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    listen(&fd, Backlog::new(16).map_err(std::io::Error::from)?)?;
+    let fd = crate::sys::bind_owner_only(path, nix::sys::socket::SockType::SeqPacket)?;
     info!(socket = %path.display(), "proxy control socket");
     Ok(fd)
 }

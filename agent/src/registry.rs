@@ -64,10 +64,6 @@ impl Registry {
         self.pods.values()
     }
 
-    pub fn by_netns(&self, netns: &Path) -> Option<&PodRecord> {
-        self.pods.values().find(|p| p.netns == netns)
-    }
-
     pub fn insert(&mut self, rec: PodRecord) {
         self.pods.insert(rec.uid.clone(), rec);
         self.save();

@@ -2,7 +2,6 @@
 //! are few, and fd passing is simplest on blocking sockets).
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -13,13 +12,7 @@ use crate::api::{self, ErrorKind, Request, Response};
 use crate::controller::Controller;
 
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    Ok(UnixListener::from(crate::sys::bind_owner_only(path, nix::sys::socket::SockType::Stream)?))
 }
 
 pub fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>) {
@@ -29,9 +22,16 @@ pub fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>) {
                 let ctl = ctl.clone();
                 std::thread::spawn(move || handle(stream, &ctl));
             }
-            Err(e) => warn!(error = %e, "accept on agent socket"),
+            Err(e) => accept_failed("agent", &e),
         }
     }
+}
+
+/// Out of fds, the next accept fails the same way at once: pause rather than
+/// spin a core and flood the log.
+fn accept_failed(socket: &str, e: &dyn std::fmt::Display) {
+    warn!(error = %e, "accept on the {socket} socket");
+    std::thread::sleep(std::time::Duration::from_millis(50));
 }
 
 fn handle(stream: UnixStream, ctl: &Mutex<Controller>) {
@@ -85,7 +85,7 @@ pub fn serve_proxies(listener: std::os::fd::OwnedFd, ctl: &Mutex<Controller>) {
         let fd = match proxy_link::accept(listener.as_fd()) {
             Ok(fd) => fd,
             Err(e) => {
-                warn!(error = %e, "accept on proxy socket");
+                accept_failed("proxy", &e);
                 continue;
             }
         };

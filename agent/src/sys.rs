@@ -23,6 +23,22 @@ fn syscall(call: &'static str) -> SysError {
     SysError::Syscall { call, source: std::io::Error::last_os_error() }
 }
 
+/// A listening Unix socket at `path` that only root can connect to. A stale
+/// socket file from an earlier run is replaced.
+pub fn bind_owner_only(path: &Path, kind: nix::sys::socket::SockType) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, UnixAddr, bind, listen, socket};
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let fd = socket(AddressFamily::Unix, kind, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listen(&fd, Backlog::new(128).map_err(std::io::Error::from)?)?;
+    Ok(fd)
+}
+
 /// Replaces `path` with `bytes` so that a reader, or a crash, sees the old file
 /// or the new one, never half of one: write a temporary file beside it, then
 /// rename it into place.

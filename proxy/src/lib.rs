@@ -8,6 +8,7 @@ pub mod conns;
 pub mod control;
 pub mod inpod;
 pub mod listeners;
+pub mod logs;
 pub mod metrics;
 pub mod pods;
 pub mod relay;

@@ -19,6 +19,9 @@ use crate::socket;
 /// Connection ids, unique for the life of the proxy.
 static CONN_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// How long a listener rests after a failed accept.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Pending connections per listener before the kernel refuses more.
 const BACKLOG: u32 = 4096;
 
@@ -84,7 +87,12 @@ pub async fn accept_loop(l: TcpListener, dir: Direction, pod: Arc<PodCtx>, s: Ar
                     let span = tracing::info_span!("conn", pod = %pod.label, id = CONN_IDS.fetch_add(1, Ordering::Relaxed), dir = dir.as_str());
                     tokio::spawn(relay::serve(conn, dir, pod.clone(), s.clone(), m.clone()).instrument(span));
                 }
-                Err(e) => warn!(pod = %pod.label, error = %e, "accept"),
+                Err(e) => {
+                    warn!(pod = %pod.label, error = %e, "accept");
+                    // Out of fds or memory the next accept fails the same way at
+                    // once: pause rather than spin the worker and flood the log.
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
             }
         }
     }

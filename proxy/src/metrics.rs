@@ -126,6 +126,8 @@ pub struct Metrics {
     pub connect_errors: Family<ConnectErrorLabels, Counter>,
     pub connect_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub pods: Gauge,
+    /// Connections being relayed, all pods together: what a drain waits for.
+    pub live: Gauge,
     pub registry: Registry,
 }
 
@@ -143,6 +145,7 @@ impl Metrics {
             connect_errors: Family::default(),
             connect_duration: Family::new_with_constructor(connect_histogram as fn() -> Histogram),
             pods: Gauge::default(),
+            live: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("connections_opened", "Connections accepted", m.opened.clone());

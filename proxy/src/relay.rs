@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -69,6 +70,7 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
     let labels = ConnLabels { pod: pod.label.clone(), direction: dir };
     m.opened.get_or_create(&labels).inc();
     m.active.get_or_create(&labels).inc();
+    m.live.inc();
     let started = Instant::now();
     let mut dst = None;
     let (outcome, up, down) = match destination(&client, dir, &pod) {
@@ -88,6 +90,7 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
         }
     };
     m.active.get_or_create(&labels).dec();
+    m.live.dec();
     m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: outcome }).inc();
     // The connection's span adds its id; pod and direction stay in the event so
     // an access line reads on its own.
@@ -146,9 +149,11 @@ fn reset(s: &TcpStream) {
 async fn relay(client: &TcpStream, upstream: &TcpStream, pod: &PodCtx, splice: SpliceMode, m: &Metrics, labels: &ConnLabels) -> (Outcome, u64, u64) {
     let _ = client.set_nodelay(true);
     let state = pod.conns.open();
+    let spliced = m.bytes_spliced.get_or_create(labels).clone();
+    let half = |moved: &Family<ConnLabels, Counter>| Half::new(moved.get_or_create(labels).clone(), spliced.clone(), m.splice_fallbacks.clone(), splice);
     let mut copy = Copy {
-        up: Half::new(m.bytes_from_client.get_or_create(labels).clone(), m, labels, splice),
-        down: Half::new(m.bytes_to_client.get_or_create(labels).clone(), m, labels, splice),
+        up: half(&m.bytes_from_client),
+        down: half(&m.bytes_to_client),
         client,
         upstream,
         state: &state,
@@ -198,8 +203,7 @@ thread_local! {
 }
 
 impl Half {
-    fn new(counter: Counter, m: &Metrics, labels: &ConnLabels, splice: SpliceMode) -> Half {
-        let (spliced, fallbacks) = (m.bytes_spliced.get_or_create(labels).clone(), m.splice_fallbacks.clone());
+    fn new(counter: Counter, spliced: Counter, fallbacks: Counter, splice: SpliceMode) -> Half {
         let mut h = Half { pending: Vec::new(), moved: Moved { total: 0, counter }, done: false, splice, pipe: None, spliced, fallbacks };
         if splice == SpliceMode::Always {
             h.start_splicing();

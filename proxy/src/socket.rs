@@ -51,11 +51,6 @@ pub fn set_v6only(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)
 }
 
-/// Request/response traffic must not wait on Nagle: a proxy hop adds no batching.
-pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
-    set_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
-}
-
 /// Sends FIN on the write side only: half-close, the other direction keeps flowing.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write).map_err(io::Error::from)

@@ -12,7 +12,7 @@ use tracing::info;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(podsteer_agent::config::args_with_file(std::env::args_os().collect())?);
-    init_logs(cli.config.log_json);
+    podsteer_proxy::logs::init(cli.config.log_json);
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::RemovePins => {
             EbpfDataPath::remove_pins(&cli.config.bpffs)?;
@@ -91,12 +91,4 @@ fn block_signals() -> anyhow::Result<SigSet> {
     }
     set.thread_block()?;
     Ok(set)
-}
-
-fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    // Colour only for a terminal: logs usually land in files and collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if json { b.json().init() } else { b.init() }
 }

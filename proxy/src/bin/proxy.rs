@@ -15,7 +15,7 @@ use tracing::info;
 
 fn main() -> anyhow::Result<()> {
     let cfg = ProxyConfig::parse();
-    init_logs(cfg.log_json);
+    podsteer_proxy::logs::init(cfg.log_json);
     anyhow::ensure!(cfg.control.is_some() || cfg.sidecar, "give --control SOCKET (shared mode) or --sidecar");
     raise_fd_limit()?;
     // One worker means a current-thread runtime: no work-stealing handoffs, and
@@ -116,15 +116,7 @@ fn raise_fd_limit() -> anyhow::Result<()> {
 /// Waits until no connection is active, or the drain timeout passed.
 async fn wait_for_connections(state: &State, deadline: Duration) {
     let end = tokio::time::Instant::now() + deadline;
-    while tokio::time::Instant::now() < end && state.metrics.encode().lines().any(|l| l.starts_with("podsteer_proxy_connections_active{") && !l.ends_with(" 0")) {
+    while tokio::time::Instant::now() < end && state.metrics.live.get() > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    // Colour only for a terminal: logs usually land in files and collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if json { b.json().init() } else { b.init() }
 }
