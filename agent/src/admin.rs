@@ -30,7 +30,8 @@ fn refresh(ctl: &Mutex<Controller>) {
     let m = metrics();
     let pods = c.pods();
     for mode in ["ebpf", "iptables"] {
-        let n = pods.iter().filter(|p| serde_json::to_value(p.mode).ok().and_then(|v| v.as_str().map(|s| s == mode)).unwrap_or(false)).count();
+        let n =
+            pods.iter().filter(|p| serde_json::to_value(p.mode).ok().and_then(|v| v.as_str().map(|s| s == mode)).unwrap_or(false)).count();
         m.pods.get_or_create(&ModeLabel { mode: mode.into() }).set(n as i64);
     }
     if let Some(counters) = c.ebpf_counters() {

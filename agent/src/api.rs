@@ -30,15 +30,26 @@ pub struct PodInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Add { pod: PodInfo },
-    Del { uid: String },
-    Check { uid: String },
+    Add {
+        pod: PodInfo,
+    },
+    Del {
+        uid: String,
+    },
+    Check {
+        uid: String,
+    },
     Status,
     Pods,
     /// The inbound listener fd for `family` (2 or 10) comes with the message.
-    RegisterListener { uid: String, family: u16 },
+    RegisterListener {
+        uid: String,
+        family: u16,
+    },
     /// CNI GC: forget every pod whose sandbox is not in `keep`.
-    Gc { keep: Vec<String> },
+    Gc {
+        keep: Vec<String>,
+    },
 }
 
 /// Why a request failed; the CNI plugin maps these to CNI error codes.
@@ -90,7 +101,11 @@ impl Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("agent socket {path}")]
-    Connect { path: String, #[source] source: std::io::Error },
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("talking to the agent")]
     Io(#[from] std::io::Error),
     #[error("agent sent an unreadable answer")]

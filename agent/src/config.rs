@@ -186,7 +186,9 @@ pub fn args_with_file(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::
     }
     if let Some(path) = file {
         let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
-        out.extend(parse_config_file(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?.into_iter().map(Into::into));
+        out.extend(
+            parse_config_file(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?.into_iter().map(Into::into),
+        );
     }
     out.extend(rest);
     Ok(out)
@@ -222,7 +224,8 @@ mod tests {
 
     #[test]
     fn config_file_flags_parse_and_the_command_line_wins() {
-        let file = "# node settings\nmode = iptables\noutbound-port = 15011\ninstall-cni\nexclude-namespaces = \"kube-system,monitoring\"\n";
+        let file =
+            "# node settings\nmode = iptables\noutbound-port = 15011\ninstall-cni\nexclude-namespaces = \"kube-system,monitoring\"\n";
         let mut argv = vec!["podsteer-agent".to_owned()];
         argv.extend(parse_config_file(file).unwrap());
         argv.push("--outbound-port=15021".into());

@@ -107,7 +107,8 @@ impl Controller {
             mode: self.choice.mode,
             reason: &self.choice.reason,
             features: &self.choice.features,
-            pins: matches!(self.redirector, Redirector::Ebpf(_)).then(|| crate::ebpf::pins::PinDir::new(&self.config.bpffs).root().display().to_string()),
+            pins: matches!(self.redirector, Redirector::Ebpf(_))
+                .then(|| crate::ebpf::pins::PinDir::new(&self.config.bpffs).root().display().to_string()),
             pins_origin: self.origin,
             cgroup: self.config.cgroup.display().to_string(),
             pods: self.registry.all().count(),
@@ -136,7 +137,10 @@ impl Controller {
             if existing.netns == pod.netns {
                 return Response::ok(existing);
             }
-            return Response::err(ErrorKind::BadRequest, format!("pod {} is already registered with netns {}", pod.uid, existing.netns.display()));
+            return Response::err(
+                ErrorKind::BadRequest,
+                format!("pod {} is already registered with netns {}", pod.uid, existing.netns.display()),
+            );
         }
         // Validate everything before touching the kernel.
         let policy = match Policy::from_annotations(&self.config.node_defaults(), &pod.annotations, &pod.ips) {
@@ -152,7 +156,10 @@ impl Controller {
             Err(e) => return Response::err(ErrorKind::BadNetns, error_chain(&e)),
         };
         if let Some(other) = self.registry.all().find(|p| p.netns_cookie == cookie) {
-            return Response::err(ErrorKind::BadRequest, format!("netns {} already belongs to pod {}/{}", pod.netns.display(), other.namespace, other.name));
+            return Response::err(
+                ErrorKind::BadRequest,
+                format!("netns {} already belongs to pod {}/{}", pod.netns.display(), other.namespace, other.name),
+            );
         }
         let net = PodNet { netns, cookie };
         if let Err(e) = self.redirector.enroll(&net, &policy) {
@@ -240,12 +247,8 @@ impl Controller {
 
     /// CNI GC: removes every pod whose sandbox the runtime no longer lists.
     pub fn gc(&mut self, keep: &[String]) -> Response {
-        let stale: Vec<String> = self
-            .registry
-            .all()
-            .filter(|p| p.container_id.as_ref().is_some_and(|c| !keep.contains(c)))
-            .map(|p| p.uid.clone())
-            .collect();
+        let stale: Vec<String> =
+            self.registry.all().filter(|p| p.container_id.as_ref().is_some_and(|c| !keep.contains(c))).map(|p| p.uid.clone()).collect();
         for uid in &stale {
             let r = self.del(uid);
             if !r.ok {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{ListPodSandboxRequest, PodSandboxState, PodSandboxStateValue, PodSandboxFilter, PodSandboxStatusRequest};
+use k8s_cri::v1::{ListPodSandboxRequest, PodSandboxFilter, PodSandboxState, PodSandboxStateValue, PodSandboxStatusRequest};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::api::PodInfo;
@@ -15,9 +15,17 @@ use crate::api::PodInfo;
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
     #[error("connecting to the CRI socket {path}")]
-    Connect { path: String, #[source] source: tonic::transport::Error },
+    Connect {
+        path: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
     #[error("CRI {call}")]
-    Call { call: &'static str, #[source] source: Box<tonic::Status> },
+    Call {
+        call: &'static str,
+        #[source]
+        source: Box<tonic::Status>,
+    },
 }
 
 pub type Client = RuntimeServiceClient<Channel>;
@@ -38,7 +46,8 @@ pub async fn connect(socket: &Path) -> Result<Client, CriError> {
 
 /// Every ready pod sandbox with what enrolment needs: identity, netns, IPs, annotations.
 pub async fn ready_pods(client: &mut Client) -> Result<Vec<PodInfo>, CriError> {
-    let filter = PodSandboxFilter { state: Some(PodSandboxStateValue { state: PodSandboxState::SandboxReady as i32 }), ..Default::default() };
+    let filter =
+        PodSandboxFilter { state: Some(PodSandboxStateValue { state: PodSandboxState::SandboxReady as i32 }), ..Default::default() };
     let list = client
         .list_pod_sandbox(ListPodSandboxRequest { filter: Some(filter) })
         .await

@@ -67,7 +67,10 @@ pub fn require_pins(bpffs: &Path) -> Result<(), CtlError> {
     } else {
         Err(CtlError::new(
             exit::UNAVAILABLE,
-            format!("no pinned podsteer state under {}: the agent has not run in eBPF mode on this node (or was uninstalled)", pins.root().display()),
+            format!(
+                "no pinned podsteer state under {}: the agent has not run in eBPF mode on this node (or was uninstalled)",
+                pins.root().display()
+            ),
         ))
     }
 }

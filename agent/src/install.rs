@@ -13,7 +13,12 @@ use crate::cni::PLUGIN_TYPE;
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     #[error("{op} {path}")]
-    Io { op: &'static str, path: String, #[source] source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not a CNI config: {reason}")]
     BadConfig { path: String, reason: String },
     #[error("no CNI config in {dir} yet")]
@@ -64,7 +69,8 @@ pub fn remove(existing: &Value) -> Value {
 }
 
 pub fn has_entry_last(v: &Value) -> bool {
-    v.get("plugins").and_then(Value::as_array).and_then(|p| p.last()).and_then(|p| p.get("type")).and_then(Value::as_str) == Some(PLUGIN_TYPE)
+    v.get("plugins").and_then(Value::as_array).and_then(|p| p.last()).and_then(|p| p.get("type")).and_then(Value::as_str)
+        == Some(PLUGIN_TYPE)
 }
 
 /// What uninstall needs to put things back.
@@ -113,17 +119,21 @@ impl Installer {
         }
         let path = primary(&self.conf_dir).ok_or_else(|| InstallError::NoPrimary { dir: self.conf_dir.display().to_string() })?;
         let text = std::fs::read_to_string(&path).map_err(io("reading", &path))?;
-        let existing: Value = serde_json::from_str(&text).map_err(|e| InstallError::BadConfig { path: path.display().to_string(), reason: e.to_string() })?;
+        let existing: Value =
+            serde_json::from_str(&text).map_err(|e| InstallError::BadConfig { path: path.display().to_string(), reason: e.to_string() })?;
         if has_entry_last(&existing) && existing.get("plugins").and_then(Value::as_array).and_then(|p| p.last()) == Some(&self.entry) {
             return Ok(false);
         }
         let new = inject(&existing, &self.entry).map_err(|reason| InstallError::BadConfig { path: path.display().to_string(), reason })?;
-        let target = if path.extension().and_then(|e| e.to_str()) == Some("conflist") { path.clone() } else { path.with_extension("conflist") };
+        let target =
+            if path.extension().and_then(|e| e.to_str()) == Some("conflist") { path.clone() } else { path.with_extension("conflist") };
         let rendered = render(&new);
         // The first write keeps the original; later re-insertions (after the primary
         // CNI rewrote the file) keep the original of the file as that CNI left it.
         let undo = match self.read_undo() {
-            Some(u) if u.written_path == target && !has_entry_last(&existing) => Undo { original_path: path.clone(), original: text, written_path: target.clone(), written: rendered.clone() },
+            Some(u) if u.written_path == target && !has_entry_last(&existing) => {
+                Undo { original_path: path.clone(), original: text, written_path: target.clone(), written: rendered.clone() }
+            }
             Some(u) => Undo { written: rendered.clone(), ..u },
             None => Undo { original_path: path.clone(), original: text, written_path: target.clone(), written: rendered.clone() },
         };
@@ -177,7 +187,11 @@ impl Installer {
     pub fn watch(&self, on_reinsert: impl Fn()) -> Result<(), InstallError> {
         use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
         let ino = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| io("inotify", &self.conf_dir)(e.into()))?;
-        let flags = AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM;
+        let flags = AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_FROM;
         ino.add_watch(&self.conf_dir, flags).map_err(|e| io("watching", &self.conf_dir)(e.into()))?;
         loop {
             ino.read_events().map_err(|e| io("reading inotify events for", &self.conf_dir)(e.into()))?;

@@ -76,11 +76,19 @@ impl AgentMetrics {
         registry.register("pods", "Pods registered, by interception mode", m.pods.clone());
         registry.register("registrations", "Pod registrations and removals, by result", m.registrations.clone());
         registry.register("registration_duration_seconds", "Time to register or remove a pod", m.registration_seconds.clone());
-        registry.register("requests", "Requests on the agent socket (from podsteer-cni and the CLI), by command and result", m.requests.clone());
+        registry.register(
+            "requests",
+            "Requests on the agent socket (from podsteer-cni and the CLI), by command and result",
+            m.requests.clone(),
+        );
         registry.register("ebpf_events", "The eBPF programs' per-CPU counters, summed", m.ebpf.clone());
         registry.register("iptables_operations", "iptables-save and iptables-restore runs, by result", m.iptables.clone());
         registry.register("repair_actions", "Pods enrolled or removed by repair", m.repair.clone());
-        registry.register("conflist_reinsertions", "Times the CNI entry was put back after someone rewrote the conflist", m.conflist_reinsertions.clone());
+        registry.register(
+            "conflist_reinsertions",
+            "Times the CNI entry was put back after someone rewrote the conflist",
+            m.conflist_reinsertions.clone(),
+        );
         AgentMetrics { registry, ..m }
     }
 

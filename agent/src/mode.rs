@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
+use aya::maps::MapType;
 use aya::programs::ProgramType;
 use aya::sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported};
-use aya::maps::MapType;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -52,7 +52,10 @@ pub fn probe(cgroup_root: Option<&Path>, masked: &[String]) -> Vec<Feature> {
     let map = |t: MapType| is_map_supported(t).unwrap_or(false);
     let mut f = vec![
         ("cgroup2", cgroup_root.is_some()),
-        ("bpffs", Path::new("/proc/filesystems").exists() && std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| s.contains("\tbpf"))),
+        (
+            "bpffs",
+            Path::new("/proc/filesystems").exists() && std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| s.contains("\tbpf")),
+        ),
         ("prog:cgroup_sock_addr", prog(ProgramType::CgroupSockAddr)),
         ("prog:cgroup_sockopt", prog(ProgramType::CgroupSockopt)),
         ("prog:sock_ops", prog(ProgramType::SockOps)),

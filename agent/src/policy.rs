@@ -272,18 +272,45 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    /// A named case: its annotations, and the error they must be refused with.
+    type Refusal<'a> = (&'a str, &'a [(&'a str, &'a str)], PolicyError);
+
     #[test]
     fn refuses_bad_annotations_with_the_reason() {
         use annotations::*;
         let d = NodeDefaults::default();
-        let cases: &[(&str, &[(&str, &str)], PolicyError)] = &[
+        let cases: &[Refusal] = &[
             ("port zero", &[(EXCLUDE_OUTBOUND_PORTS, "0")], PolicyError::BadPort { annotation: EXCLUDE_OUTBOUND_PORTS, value: "0".into() }),
-            ("port too big", &[(EXCLUDE_INBOUND_PORTS, "70000")], PolicyError::BadPort { annotation: EXCLUDE_INBOUND_PORTS, value: "70000".into() }),
-            ("port not a number", &[(EXCLUDE_OUTBOUND_PORTS, "80,http")], PolicyError::BadPort { annotation: EXCLUDE_OUTBOUND_PORTS, value: "http".into() }),
-            ("too many ports", &[(EXCLUDE_OUTBOUND_PORTS, "1,2,3,4,5,6,7,8,9")], PolicyError::TooMany { annotation: EXCLUDE_OUTBOUND_PORTS, max: MAX_PORTS }),
-            ("bad cidr", &[(EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/33")], PolicyError::BadCidr { annotation: EXCLUDE_OUTBOUND_CIDRS, value: "10.0.0.0/33".into() }),
-            ("overlapping cidrs", &[(EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,10.1.0.0/16")], PolicyError::OverlappingCidrs { annotation: EXCLUDE_OUTBOUND_CIDRS, a: "10.0.0.0/8".into(), b: "10.1.0.0/16".into() }),
-            ("bad proxy mode", &[(PROXY_MODE, "ambient")], PolicyError::BadValue { annotation: PROXY_MODE, value: "ambient".into(), allowed: "shared, sidecar" }),
+            (
+                "port too big",
+                &[(EXCLUDE_INBOUND_PORTS, "70000")],
+                PolicyError::BadPort { annotation: EXCLUDE_INBOUND_PORTS, value: "70000".into() },
+            ),
+            (
+                "port not a number",
+                &[(EXCLUDE_OUTBOUND_PORTS, "80,http")],
+                PolicyError::BadPort { annotation: EXCLUDE_OUTBOUND_PORTS, value: "http".into() },
+            ),
+            (
+                "too many ports",
+                &[(EXCLUDE_OUTBOUND_PORTS, "1,2,3,4,5,6,7,8,9")],
+                PolicyError::TooMany { annotation: EXCLUDE_OUTBOUND_PORTS, max: MAX_PORTS },
+            ),
+            (
+                "bad cidr",
+                &[(EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/33")],
+                PolicyError::BadCidr { annotation: EXCLUDE_OUTBOUND_CIDRS, value: "10.0.0.0/33".into() },
+            ),
+            (
+                "overlapping cidrs",
+                &[(EXCLUDE_OUTBOUND_CIDRS, "10.0.0.0/8,10.1.0.0/16")],
+                PolicyError::OverlappingCidrs { annotation: EXCLUDE_OUTBOUND_CIDRS, a: "10.0.0.0/8".into(), b: "10.1.0.0/16".into() },
+            ),
+            (
+                "bad proxy mode",
+                &[(PROXY_MODE, "ambient")],
+                PolicyError::BadValue { annotation: PROXY_MODE, value: "ambient".into(), allowed: "shared, sidecar" },
+            ),
         ];
         for (name, a, want) in cases {
             assert_eq!(Policy::from_annotations(&d, &ann(a), &[]).as_ref().err(), Some(want), "case {name}");

@@ -62,7 +62,10 @@ fn dispatch(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd
     };
     let r = dispatch_inner(c, req, fd);
     let result = if r.ok { "ok" } else { "error" };
-    crate::metrics::metrics().requests.get_or_create(&crate::metrics::CommandResult { command: command.into(), result: result.into() }).inc();
+    crate::metrics::metrics()
+        .requests
+        .get_or_create(&crate::metrics::CommandResult { command: command.into(), result: result.into() })
+        .inc();
     r
 }
 

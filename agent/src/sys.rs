@@ -10,11 +10,19 @@ use nix::sched::{CloneFlags, setns};
 #[derive(Debug, thiserror::Error)]
 pub enum SysError {
     #[error("opening netns {path}")]
-    OpenNetns { path: String, #[source] source: std::io::Error },
+    OpenNetns {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not a network namespace")]
     NotNetns { path: String },
     #[error("{call}")]
-    Syscall { call: &'static str, #[source] source: std::io::Error },
+    Syscall {
+        call: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("thread in netns {path} panicked")]
     ThreadPanic { path: String },
 }
@@ -67,8 +75,7 @@ pub fn open_netns(path: &Path) -> Result<File, SysError> {
 pub fn in_netns<T: Send>(netns: BorrowedFd<'_>, f: impl FnOnce() -> T + Send) -> Result<T, SysError> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            setns(netns, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| SysError::Syscall { call: "setns", source: e.into() })?;
+            setns(netns, CloneFlags::CLONE_NEWNET).map_err(|e| SysError::Syscall { call: "setns", source: e.into() })?;
             Ok(f())
         })
         .join()
@@ -93,9 +100,7 @@ fn cookie_here() -> Result<u64, SysError> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: cookie and len are valid for the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
-    };
+    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len) };
     if rc != 0 {
         return Err(syscall("getsockopt(SO_NETNS_COOKIE)"));
     }
@@ -191,4 +196,3 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), SysError> {
     nix::mount::mount(Some("bpffs"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
         .map_err(|e| SysError::Syscall { call: "mount bpffs", source: e.into() })
 }
-

@@ -37,7 +37,11 @@ fn answer(conn: TcpStream, route: &impl Fn(&str) -> Answer) -> std::io::Result<(
     BufReader::new(&conn).read_line(&mut first)?;
     let (status, body) = route(first.split_whitespace().nth(1).unwrap_or("/"));
     let mut w = &conn;
-    write!(w, "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    write!(
+        w,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// The proxy's endpoints: /metrics, /ready (every registered pod's listeners

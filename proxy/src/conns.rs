@@ -59,7 +59,12 @@ pub struct Conns {
 
 impl Conns {
     pub fn open(&self) -> Arc<ConnState> {
-        let c = Arc::new(ConnState { start: Instant::now(), last_ms: AtomicU64::new(0), ended: AtomicU8::new(LIVE), waker: AtomicWaker::new() });
+        let c = Arc::new(ConnState {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            ended: AtomicU8::new(LIVE),
+            waker: AtomicWaker::new(),
+        });
         self.live.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&c));
         c
     }
@@ -86,7 +91,8 @@ impl Conns {
 /// times per idle timeout (at most every second), so idle connections end within
 /// a quarter of the timeout after it.
 pub async fn sweeper(conns: Arc<Conns>, mut stopping: watch::Receiver<bool>, idle_timeout: Duration, drain_timeout: Duration) {
-    let tick = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)).min(drain_timeout.max(Duration::from_millis(10)));
+    let tick =
+        (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)).min(drain_timeout.max(Duration::from_millis(10)));
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {

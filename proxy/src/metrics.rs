@@ -153,8 +153,16 @@ impl Metrics {
         registry.register("connections_closed", "Connections ended, by result", m.closed.clone());
         registry.register("bytes_from_client", "Bytes relayed client to upstream", m.bytes_from_client.clone());
         registry.register("bytes_to_client", "Bytes relayed upstream to client", m.bytes_to_client.clone());
-        registry.register("bytes_spliced", "Bytes of either direction moved by splice(2), never copied to user space", m.bytes_spliced.clone());
-        registry.register("splice_fallbacks", "Directions that went back to copying because a sockmap feeds their socket", m.splice_fallbacks.clone());
+        registry.register(
+            "bytes_spliced",
+            "Bytes of either direction moved by splice(2), never copied to user space",
+            m.bytes_spliced.clone(),
+        );
+        registry.register(
+            "splice_fallbacks",
+            "Directions that went back to copying because a sockmap feeds their socket",
+            m.splice_fallbacks.clone(),
+        );
         registry.register("connect_errors", "Upstream connects that failed, by kind", m.connect_errors.clone());
         registry.register("connect_duration_seconds", "Time to connect upstream", m.connect_duration.clone());
         registry.register("pods", "Pods with open listeners", m.pods.clone());

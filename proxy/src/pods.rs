@@ -56,7 +56,14 @@ impl Pods {
         let (stop, stopping) = watch::channel(false);
         let conns = Arc::new(crate::conns::Conns::default());
         self.rt.spawn(crate::conns::sweeper(conns.clone(), stopping.clone(), self.settings.idle_timeout, self.settings.drain_timeout));
-        let ctx = Arc::new(PodCtx { label: req.label.clone(), netns, inbound_port: req.inbound_port, stopping, conns, splice_allowed: req.splice_allowed.into() });
+        let ctx = Arc::new(PodCtx {
+            label: req.label.clone(),
+            netns,
+            inbound_port: req.inbound_port,
+            stopping,
+            conns,
+            splice_allowed: req.splice_allowed.into(),
+        });
         let _rt = self.rt.enter();
         let mut inbound = Vec::new();
         let mut ready = Vec::new();

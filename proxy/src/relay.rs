@@ -2,13 +2,13 @@
 //! the pod (marked, so it is not intercepted again), then relay both directions
 //! until each side has finished. Resets are passed on as resets.
 
-use std::io;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
 use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -146,18 +146,21 @@ fn reset(s: &TcpStream) {
     let _ = socket::set_reset_on_close(s.as_fd());
 }
 
-async fn relay(client: &TcpStream, upstream: &TcpStream, pod: &PodCtx, splice: SpliceMode, m: &Metrics, labels: &ConnLabels) -> (Outcome, u64, u64) {
+async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    pod: &PodCtx,
+    splice: SpliceMode,
+    m: &Metrics,
+    labels: &ConnLabels,
+) -> (Outcome, u64, u64) {
     let _ = client.set_nodelay(true);
     let state = pod.conns.open();
     let spliced = m.bytes_spliced.get_or_create(labels).clone();
-    let half = |moved: &Family<ConnLabels, Counter>| Half::new(moved.get_or_create(labels).clone(), spliced.clone(), m.splice_fallbacks.clone(), splice);
-    let mut copy = Copy {
-        up: half(&m.bytes_from_client),
-        down: half(&m.bytes_to_client),
-        client,
-        upstream,
-        state: &state,
+    let half = |moved: &Family<ConnLabels, Counter>| {
+        Half::new(moved.get_or_create(labels).clone(), spliced.clone(), m.splice_fallbacks.clone(), splice)
     };
+    let mut copy = Copy { up: half(&m.bytes_from_client), down: half(&m.bytes_to_client), client, upstream, state: &state };
     let outcome = (&mut copy).await;
     if outcome != Outcome::Ok {
         reset(client);
@@ -376,5 +379,3 @@ fn classify_one(r: Option<&Result<u64, Broke>>) -> Outcome {
         _ => Outcome::Ok,
     }
 }
-
-

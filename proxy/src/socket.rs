@@ -44,7 +44,9 @@ pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
 pub fn set_reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: l outlives the call and its size is passed.
-    check(unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const l).cast(), size_of::<libc::linger>() as _) })
+    check(unsafe {
+        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const l).cast(), size_of::<libc::linger>() as _)
+    })
 }
 
 pub fn set_v6only(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -22,7 +22,14 @@ pub struct State {
 
 impl State {
     pub fn new(pods: Pods, metrics: Arc<Metrics>, needs_agent: bool) -> State {
-        State { pods: Mutex::new(pods), metrics, connected: AtomicBool::new(false), needs_agent, draining: AtomicBool::new(false), drained: Notify::new() }
+        State {
+            pods: Mutex::new(pods),
+            metrics,
+            connected: AtomicBool::new(false),
+            needs_agent,
+            draining: AtomicBool::new(false),
+            drained: Notify::new(),
+        }
     }
 
     pub fn with_pods<T>(&self, f: impl FnOnce(&mut Pods) -> T) -> T {

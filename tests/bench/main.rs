@@ -63,7 +63,10 @@ fn main() -> anyhow::Result<()> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
         let fit = ((hard.saturating_sub(1000)) / 2) as usize;
         if fit < plan.idle_conns {
-            eprintln!("bench: the open-file limit is {hard} and cannot be raised here; measuring {fit} idle connections instead of {}", plan.idle_conns);
+            eprintln!(
+                "bench: the open-file limit is {hard} and cannot be raised here; measuring {fit} idle connections instead of {}",
+                plan.idle_conns
+            );
             plan.idle_conns = fit;
         }
     }

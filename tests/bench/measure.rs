@@ -6,9 +6,9 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::Stdio;
 use std::time::Instant;
 
+use podsteer_lab::Pod;
 use podsteer_lab::agent::bin;
 use podsteer_lab::netns::NetNs;
-use podsteer_lab::Pod;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -196,7 +196,10 @@ fn memory(lab: &Lab, plan: &Plan) -> anyhow::Result<Value> {
         drop(child.stdin.take());
         child.wait()?;
         let per_conn = (busy.saturating_sub(idle) * 1024) as f64 / plan.idle_conns as f64;
-        out.insert(label.into(), json!({"idle_rss_kib": idle, "rss_kib_with_idle_conns": busy, "idle_conns": plan.idle_conns, "bytes_per_conn": per_conn}));
+        out.insert(
+            label.into(),
+            json!({"idle_rss_kib": idle, "rss_kib_with_idle_conns": busy, "idle_conns": plan.idle_conns, "bytes_per_conn": per_conn}),
+        );
         eprintln!("bench: {label} RSS idle {idle} KiB, {busy} KiB with {} idle connections ({per_conn:.0} B each)", plan.idle_conns);
     }
     Ok(Value::Object(out))
@@ -236,9 +239,16 @@ fn cni_adds(lab: &Lab, plan: &Plan) -> anyhow::Result<Value> {
     if let Some(proxy) = setup.proxies.first() {
         let active = || -> Option<f64> {
             let text = proxy.get("/metrics").ok()?;
-            Some(text.lines().filter(|l| l.starts_with("podsteer_proxy_connections_active{")).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum())
+            Some(
+                text.lines()
+                    .filter(|l| l.starts_with("podsteer_proxy_connections_active{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum(),
+            )
         };
-        podsteer_lab::wait::until("the proxy to finish closing connections", std::time::Duration::from_secs(60), || (active()? == 0.0).then_some(()))?;
+        podsteer_lab::wait::until("the proxy to finish closing connections", std::time::Duration::from_secs(60), || {
+            (active()? == 0.0).then_some(())
+        })?;
     }
     // "With the agent warm": the first few ADDs fault in code and maps, and are not counted.
     const WARMUP: usize = 10;
@@ -262,31 +272,62 @@ fn sockperf(lab: &Lab, plan: &Plan) -> anyhow::Result<Value> {
     let server = &setup.pods[s.server];
     let ip = server.ipv4().expect("v4").to_string();
     let mut cmd = server.command("taskset")?;
-    cmd.args(["-c", &PINNED_CPU.to_string(), "sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", "11111"]).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(["-c", &PINNED_CPU.to_string(), "sockperf", "server", "--tcp", "-i", "0.0.0.0", "-p", "11111"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let _srv = server.spawn("sockperf", cmd)?;
     let client = lab.client(s);
     podsteer_lab::wait::until("sockperf server", std::time::Duration::from_secs(5), || {
         client.run(|| std::net::TcpStream::connect((ip.as_str(), 11111)).is_ok()).ok()?.then_some(())
     })?;
     let secs = ((plan.run_ms * 2) / 1000).max(1).to_string();
-    let out = client.command("taskset")?.args(["-c", &PINNED_CPU.to_string(), "sockperf", "ping-pong", "--tcp", "-i", &ip, "-p", "11111", "-m", "14", "-t", &secs, "--full-rtt"]).output()?;
+    let out = client
+        .command("taskset")?
+        .args([
+            "-c",
+            &PINNED_CPU.to_string(),
+            "sockperf",
+            "ping-pong",
+            "--tcp",
+            "-i",
+            &ip,
+            "-p",
+            "11111",
+            "-m",
+            "14",
+            "-t",
+            &secs,
+            "--full-rtt",
+        ])
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let sockperf_p50 = text.lines().find_map(|l| l.split("percentile 50.000 =").nth(1)?.trim().parse::<f64>().ok());
     place(lab, s, &[PINNED_CPU]);
-    let ours = loadgen(client, &["rr", &lab.server_addr(s), "14", "1", &plan.warm_ms.to_string(), &(plan.run_ms * 2).to_string(), &PINNED_CPU.to_string()].map(str::to_owned))?;
+    let ours = loadgen(
+        client,
+        &["rr", &lab.server_addr(s), "14", "1", &plan.warm_ms.to_string(), &(plan.run_ms * 2).to_string(), &PINNED_CPU.to_string()]
+            .map(str::to_owned),
+    )?;
     place(lab, s, &all_cpus());
     let ours_p50 = ours["p50_us"].as_f64();
     let agree = match (sockperf_p50, ours_p50) {
         (Some(a), Some(b)) => ((a - b).abs() / a) <= 0.20,
         _ => false,
     };
-    eprintln!("bench: direct RR p50, 14-byte messages: sockperf {sockperf_p50:?} us, podsteer-loadgen {ours_p50:?} us (agree within 20%: {agree})");
-    Ok(json!({"tool": "sockperf ping-pong --tcp -m 14 --full-rtt", "sockperf_p50_us": sockperf_p50, "loadgen_p50_us": ours_p50, "within_20_percent": agree}))
+    eprintln!(
+        "bench: direct RR p50, 14-byte messages: sockperf {sockperf_p50:?} us, podsteer-loadgen {ours_p50:?} us (agree within 20%: {agree})"
+    );
+    Ok(
+        json!({"tool": "sockperf ping-pong --tcp -m 14 --full-rtt", "sockperf_p50_us": sockperf_p50, "loadgen_p50_us": ours_p50, "within_20_percent": agree}),
+    )
 }
 
 fn machine() -> Value {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let model = read("/proc/cpuinfo").lines().find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(|s| s.trim().to_owned())).unwrap_or_default();
+    let model = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(|s| s.trim().to_owned()))
+        .unwrap_or_default();
     let kernel = read("/proc/sys/kernel/osrelease").trim().to_owned();
     let mem = read("/proc/meminfo").lines().next().unwrap_or_default().split_whitespace().nth(1).unwrap_or("").to_owned();
     json!({"cpu": model, "cpus": all_cpus().len(), "kernel": kernel, "mem_kib": mem, "os": read("/etc/debian_version").trim()})

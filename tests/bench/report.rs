@@ -58,10 +58,14 @@ const FIGURES: &[Fig] = &[
     ("bulk1_gbit", |r| r.bulk1["gbit_s"].as_f64(), true),
     ("bulk4_gbit", |r| r.bulk4["gbit_s"].as_f64(), true),
     ("conn_per_s", |r| r.connrate["conn_s"].as_f64(), true),
-    ("proxy_cpu_s_per_100k", |r| {
-        let req = r.rr1["requests"].as_f64()?;
-        (req > 0.0).then(|| r.proxy_cpu_s / req * 100_000.0)
-    }, false),
+    (
+        "proxy_cpu_s_per_100k",
+        |r| {
+            let req = r.rr1["requests"].as_f64()?;
+            (req > 0.0).then(|| r.proxy_cpu_s / req * 100_000.0)
+        },
+        false,
+    ),
     ("unpinned_rr1_p50_us", |r| r.rr1_unpinned["p50_us"].as_f64(), false),
     ("unpinned_rr1_p99_us", |r| r.rr1_unpinned["p99_us"].as_f64(), false),
     ("unpinned_bulk1_gbit", |r| r.bulk1_unpinned["gbit_s"].as_f64(), true),
@@ -69,7 +73,10 @@ const FIGURES: &[Fig] = &[
 
 /// Runs that stalled for 10 s and were retried, per round.
 fn stalls(r: &Round) -> u64 {
-    [&r.rr1, &r.rr1k, &r.rr32, &r.bulk1, &r.bulk4, &r.connrate, &r.rr1_unpinned, &r.bulk1_unpinned].iter().filter_map(|v| v["stalls"].as_u64()).sum()
+    [&r.rr1, &r.rr1k, &r.rr32, &r.bulk1, &r.bulk4, &r.connrate, &r.rr1_unpinned, &r.bulk1_unpinned]
+        .iter()
+        .filter_map(|v| v["stalls"].as_u64())
+        .sum()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -88,13 +95,15 @@ impl Report {
             .iter()
             .map(|(name, setup, variant)| {
                 let rounds = r.rounds.get(name).cloned().unwrap_or_default();
-                let mut figures: BTreeMap<&'static str, f64> = FIGURES.iter().map(|(k, f, _)| (*k, median(rounds.iter().filter_map(f).collect()))).collect();
+                let mut figures: BTreeMap<&'static str, f64> =
+                    FIGURES.iter().map(|(k, f, _)| (*k, median(rounds.iter().filter_map(f).collect()))).collect();
                 figures.insert("stalled_runs", rounds.iter().map(stalls).sum::<u64>() as f64);
                 Summary { name: name.clone(), setup: setup.clone(), variant: variant.clone(), figures, ..Summary::default() }
             })
             .collect();
         let direct = summaries.iter().find(|s| s.variant == "direct").cloned().unwrap_or_default();
-        let haproxy: BTreeMap<String, Summary> = summaries.iter().filter(|s| s.setup == "iptables + haproxy").map(|s| (s.variant.clone(), s.clone())).collect();
+        let haproxy: BTreeMap<String, Summary> =
+            summaries.iter().filter(|s| s.setup == "iptables + haproxy").map(|s| (s.variant.clone(), s.clone())).collect();
         for s in &mut summaries {
             for (k, v) in s.figures.clone() {
                 s.vs_direct.insert(k, v / direct.figures.get(k).copied().unwrap_or(f64::NAN));
@@ -132,8 +141,20 @@ impl Report {
         ratio_goal("full mesh, eBPF + sk_msg: p50 RR <= 2.0x direct", "podsteer+ebpf+skmsg mesh", "rr1_p50_us", Some(2.0), None);
         ratio_goal("outbound-only, eBPF + sk_msg: p50 RR <= 1.5x direct", "podsteer+ebpf+skmsg out", "rr1_p50_us", Some(1.5), None);
         ratio_goal("full mesh, eBPF + sk_msg: p99 RR <= 2.5x direct", "podsteer+ebpf+skmsg mesh", "rr1_p99_us", Some(2.5), None);
-        ratio_goal("bulk throughput >= 70% of direct (outbound-only, eBPF + sk_msg)", "podsteer+ebpf+skmsg out", "bulk1_gbit", None, Some(0.70));
-        ratio_goal("connection rate >= 60% of direct (outbound-only, eBPF + sk_msg)", "podsteer+ebpf+skmsg out", "conn_per_s", None, Some(0.60));
+        ratio_goal(
+            "bulk throughput >= 70% of direct (outbound-only, eBPF + sk_msg)",
+            "podsteer+ebpf+skmsg out",
+            "bulk1_gbit",
+            None,
+            Some(0.70),
+        );
+        ratio_goal(
+            "connection rate >= 60% of direct (outbound-only, eBPF + sk_msg)",
+            "podsteer+ebpf+skmsg out",
+            "conn_per_s",
+            None,
+            Some(0.60),
+        );
         for variant in ["out", "mesh"] {
             let (e, i) = (self.get(&format!("podsteer+ebpf+skmsg {variant}")), self.get(&format!("podsteer+iptables {variant}")));
             if let (Some(e), Some(i)) = (e, i) {
@@ -146,24 +167,44 @@ impl Report {
                     })
                     .map(|(k, _, _)| *k)
                     .collect();
-                g.push(Goal { goal: format!("eBPF beats iptables on every figure ({variant})"), value: if worse.is_empty() { "all".into() } else { format!("not on {}", worse.join(", ")) }, met: worse.is_empty() });
+                g.push(Goal {
+                    goal: format!("eBPF beats iptables on every figure ({variant})"),
+                    value: if worse.is_empty() { "all".into() } else { format!("not on {}", worse.join(", ")) },
+                    met: worse.is_empty(),
+                });
             }
             let (on, off) = (self.get(&format!("podsteer+ebpf+skmsg {variant}")), self.get(&format!("podsteer+ebpf {variant}")));
             if let (Some(on), Some(off)) = (on, off) {
                 let (a, b) = (on.figures["rr1_p50_us"], off.figures["rr1_p50_us"]);
-                g.push(Goal { goal: format!("sk_msg on beats off on p50 RR ({variant})"), value: format!("{a:.1} vs {b:.1} us"), met: a < b });
+                g.push(Goal {
+                    goal: format!("sk_msg on beats off on p50 RR ({variant})"),
+                    value: format!("{a:.1} vs {b:.1} us"),
+                    met: a < b,
+                });
             }
         }
         if let (Some(on), Some(off)) = (self.get("podsteer+iptables mesh"), self.get("podsteer+iptables mesh copy")) {
             let (a, b) = (on.figures["bulk1_gbit"], off.figures["bulk1_gbit"]);
-            g.push(Goal { goal: "splice(2) beats copying on bulk (iptables mesh, 2 hops)".into(), value: format!("{a:.2} vs {b:.2} Gb/s"), met: a > b });
+            g.push(Goal {
+                goal: "splice(2) beats copying on bulk (iptables mesh, 2 hops)".into(),
+                value: format!("{a:.2} vs {b:.2} Gb/s"),
+                met: a > b,
+            });
         }
         let idle = self.memory["podsteer"]["idle_rss_kib"].as_f64().unwrap_or(f64::NAN);
         g.push(Goal { goal: "proxy idle RSS <= 10 MiB".into(), value: format!("{:.1} MiB", idle / 1024.0), met: idle <= 10.0 * 1024.0 });
         let per = self.memory["podsteer"]["bytes_per_conn"].as_f64().unwrap_or(f64::NAN);
-        g.push(Goal { goal: "proxy memory <= 16 KiB per idle proxied connection".into(), value: format!("{:.1} KiB", per / 1024.0), met: per <= 16.0 * 1024.0 });
+        g.push(Goal {
+            goal: "proxy memory <= 16 KiB per idle proxied connection".into(),
+            value: format!("{:.1} KiB", per / 1024.0),
+            met: per <= 16.0 * 1024.0,
+        });
         let (p50, p99) = (self.cni_add_ms["p50_ms"].as_f64().unwrap_or(f64::NAN), self.cni_add_ms["p99_ms"].as_f64().unwrap_or(f64::NAN));
-        g.push(Goal { goal: "CNI ADD p50 <= 5 ms, p99 <= 20 ms".into(), value: format!("p50 {p50:.2} ms, p99 {p99:.2} ms"), met: p50 <= 5.0 && p99 <= 20.0 });
+        g.push(Goal {
+            goal: "CNI ADD p50 <= 5 ms, p99 <= 20 ms".into(),
+            value: format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+            met: p50 <= 5.0 && p99 <= 20.0,
+        });
         g.push(Goal {
             goal: "load generator agrees with sockperf within 20%".into(),
             value: format!("{} vs {} us", self.validation["loadgen_p50_us"], self.validation["sockperf_p50_us"]),
@@ -233,7 +274,8 @@ impl Report {
     /// Grouped bars of pinned 1-byte RR latency percentiles per scenario.
     pub fn svg(&self) -> String {
         let series = [("rr1_p50_us", "p50", "#4c78a8"), ("rr1_p99_us", "p99", "#f58518"), ("rr1_p999_us", "p99.9", "#e45756")];
-        let max = self.summaries.iter().flat_map(|s| series.iter().map(|(k, _, _)| s.figures[k])).filter(|v| v.is_finite()).fold(1.0, f64::max);
+        let max =
+            self.summaries.iter().flat_map(|s| series.iter().map(|(k, _, _)| s.figures[k])).filter(|v| v.is_finite()).fold(1.0, f64::max);
         let (row, left, width) = (34.0, 230.0, 560.0);
         let height = 60.0 + row * self.summaries.len() as f64;
         let mut svg = format!(
@@ -243,7 +285,11 @@ impl Report {
             self.plan.rounds
         );
         for (i, (_, label, color)) in series.iter().enumerate() {
-            svg += &format!("<rect x=\"{}\" y=\"28\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"37\">{label}</text>\n", left + i as f64 * 70.0, left + 14.0 + i as f64 * 70.0);
+            svg += &format!(
+                "<rect x=\"{}\" y=\"28\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"37\">{label}</text>\n",
+                left + i as f64 * 70.0,
+                left + 14.0 + i as f64 * 70.0
+            );
         }
         for (i, s) in self.summaries.iter().enumerate() {
             let y = 50.0 + row * i as f64;
@@ -252,7 +298,12 @@ impl Report {
                 let v = s.figures[k];
                 let w = if v.is_finite() { v / max * width } else { 0.0 };
                 let by = y + 4.0 + j as f64 * 9.0;
-                svg += &format!("<rect x=\"{left}\" y=\"{by}\" width=\"{w:.1}\" height=\"8\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{}</text>\n", left + w + 4.0, by + 8.0, fmt(v));
+                svg += &format!(
+                    "<rect x=\"{left}\" y=\"{by}\" width=\"{w:.1}\" height=\"8\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{}</text>\n",
+                    left + w + 4.0,
+                    by + 8.0,
+                    fmt(v)
+                );
             }
         }
         svg + "</svg>\n"
@@ -287,4 +338,3 @@ fn fmt(v: f64) -> String {
         format!("{v:.2}")
     }
 }
-

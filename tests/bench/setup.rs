@@ -72,10 +72,9 @@ fn haproxy(node: &Node, pod: &Pod, bind: &str) -> anyhow::Result<LabProcess> {
 /// Whether something listens on `port` (IPv4) in the calling thread's netns.
 fn listening(port: u16) -> bool {
     let want = format!(":{port:04X} ");
-    std::fs::read_to_string("/proc/thread-self/net/tcp")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&want)) && l.split_whitespace().nth(3) == Some("0A"))
+    std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default().lines().any(|l| {
+        l.split_whitespace().nth(1).is_some_and(|local| format!("{local} ").ends_with(&want)) && l.split_whitespace().nth(3) == Some("0A")
+    })
 }
 
 impl Setup {

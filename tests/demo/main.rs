@@ -37,7 +37,12 @@ fn run_mode(mode: &str, last: bool) -> anyhow::Result<()> {
     let proxy = Proxy::start_shared(&node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?;
     let status = agent.status()?;
     println!("agent: mode {} ({})", status["mode"], status["reason"].as_str().unwrap_or_default());
-    let types: Vec<String> = node.runtime().conflist()["plugins"].as_array().into_iter().flatten().filter_map(|p| p["type"].as_str().map(str::to_owned)).collect();
+    let types: Vec<String> = node.runtime().conflist()["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["type"].as_str().map(str::to_owned))
+        .collect();
     println!("conflist chain after install: {}", types.join(" -> "));
 
     // Pods started through the chain: bridge, host-local, portmap, podsteer-cni.
@@ -49,7 +54,9 @@ fn run_mode(mode: &str, last: bool) -> anyhow::Result<()> {
     println!("\n{:<10} {:<22} {:<10} {:<11} SERVER SAW", "FROM", "TO", "ANSWERED", "VIA PROXY?");
     let b = backend.ipv4().expect("v4");
     let d = db.ipv4().expect("v4");
-    for (from, to, pod_label) in [(&frontend, format!("{b}:8080"), "frontend"), (&frontend, format!("{d}:5432"), "frontend"), (&db, format!("{b}:8080"), "db")] {
+    for (from, to, pod_label) in
+        [(&frontend, format!("{b}:8080"), "frontend"), (&frontend, format!("{d}:5432"), "frontend"), (&db, format!("{b}:8080"), "db")]
+    {
         let before_out = metric(&proxy, pod_label, "outbound");
         let before_in = metric(&proxy, "backend", "inbound");
         let line = run_client(from, &["hello", &to])?;

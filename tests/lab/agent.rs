@@ -62,7 +62,16 @@ impl Agent {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let proxy_socket = args.iter().position(|a| a == "--proxy-socket").and_then(|i| args.get(i + 1)).map(PathBuf::from);
-        let mut agent = Agent { process: None, node: node.clone(), args, socket, proxy_socket, bpffs, state_dir: dir.clone(), log: dir.join("agent.log") };
+        let mut agent = Agent {
+            process: None,
+            node: node.clone(),
+            args,
+            socket,
+            proxy_socket,
+            bpffs,
+            state_dir: dir.clone(),
+            log: dir.join("agent.log"),
+        };
         agent.spawn()?;
         Ok(agent)
     }
@@ -158,17 +167,8 @@ impl Agent {
         let conf_dir = node.cni_conf_dir().display().to_string();
         let plugin = bin("podsteer-cni").display().to_string();
         let log = node.state_dir().join("cni.log").display().to_string();
-        let mut args = vec![
-            "--install-cni",
-            "--cni-bin-dir",
-            &bin_dir,
-            "--cni-conf-dir",
-            &conf_dir,
-            "--cni-plugin",
-            &plugin,
-            "--cni-log-file",
-            &log,
-        ];
+        let mut args =
+            vec!["--install-cni", "--cni-bin-dir", &bin_dir, "--cni-conf-dir", &conf_dir, "--cni-plugin", &plugin, "--cni-log-file", &log];
         args.extend_from_slice(extra);
         Agent::start_with_proxy(node, mode, &args)
     }

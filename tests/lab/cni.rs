@@ -151,9 +151,7 @@ impl Runtime {
     }
 
     fn cache_path(&self, att: &Attachment) -> PathBuf {
-        self.cache_dir
-            .join("results")
-            .join(format!("{}-{}-{}", self.network_name(), att.container_id, att.ifname))
+        self.cache_dir.join("results").join(format!("{}-{}-{}", self.network_name(), att.container_id, att.ifname))
     }
 
     /// The exact stdin a plugin gets: its own entry plus name, version, prevResult and runtimeConfig.
@@ -169,10 +167,8 @@ impl Runtime {
             .as_object()
             .map(|caps| caps.iter().filter(|(_, on)| on.as_bool() == Some(true)).map(|(k, _)| k.clone()).collect())
             .unwrap_or_default();
-        let rc: Map<String, Value> = declared
-            .iter()
-            .filter_map(|cap| att.runtime_config.get(cap).map(|v| (cap.clone(), v.clone())))
-            .collect();
+        let rc: Map<String, Value> =
+            declared.iter().filter_map(|cap| att.runtime_config.get(cap).map(|v| (cap.clone(), v.clone()))).collect();
         if !rc.is_empty() {
             conf.insert("runtimeConfig".into(), Value::Object(rc));
         }
@@ -242,11 +238,5 @@ fn write_file(path: &Path, v: &Value) -> std::io::Result<()> {
 
 /// Reads the IPs (without prefix length) from a CNI result.
 pub fn result_ips(result: &Value) -> Vec<std::net::IpAddr> {
-    result["ips"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-        .collect()
+    result["ips"].as_array().into_iter().flatten().filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok()).collect()
 }
-

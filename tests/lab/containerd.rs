@@ -37,7 +37,8 @@ impl Containerd {
         std::fs::create_dir_all(&dir)?;
         for p in PLUGINS {
             let link = node.cni_bin_dir().join(p);
-            let src = SYSTEM_PLUGIN_DIRS.iter().map(|d| Path::new(d).join(p)).find(|s| s.exists()).with_context(|| format!("CNI plugin {p}"))?;
+            let src =
+                SYSTEM_PLUGIN_DIRS.iter().map(|d| Path::new(d).join(p)).find(|s| s.exists()).with_context(|| format!("CNI plugin {p}"))?;
             if !link.exists() {
                 std::os::unix::fs::symlink(src, link)?;
             }
@@ -92,7 +93,12 @@ impl Containerd {
         let logs = self.dir.join("logs").join(name);
         std::fs::create_dir_all(&logs)?;
         let config = self.sandbox_config(namespace, name, &uid, &logs, annotations);
-        let id = self.cri(async |c| Ok(c.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() }).await?.into_inner().pod_sandbox_id))?;
+        let id = self.cri(async |c| {
+            Ok(c.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() })
+                .await?
+                .into_inner()
+                .pod_sandbox_id)
+        })?;
         Ok(id)
     }
 
@@ -127,7 +133,11 @@ impl Containerd {
         let sb = sandbox.to_owned();
         let id = self.cri(async |c| {
             let id = c
-                .create_container(cri::CreateContainerRequest { pod_sandbox_id: sb, config: Some(config), sandbox_config: Some(sandbox_config) })
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: sb,
+                    config: Some(config),
+                    sandbox_config: Some(sandbox_config),
+                })
                 .await?
                 .into_inner()
                 .container_id;
@@ -138,7 +148,12 @@ impl Containerd {
         let client = &mut self.client;
         crate::wait::until("the app container to exit", Duration::from_secs(20), || {
             rt.block_on(async {
-                let st = client.container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false }).await.ok()?.into_inner().status?;
+                let st = client
+                    .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .status?;
                 (st.state == cri::ContainerState::ContainerExited as i32).then_some(())
             })
         })?;

@@ -9,19 +9,17 @@
 //! also when a test panics; [`sweep::sweep`] removes whatever a killed run left.
 
 pub mod agent;
-pub mod cgroup;
 pub mod cni;
 pub mod containerd;
 pub mod images;
-pub mod names;
-pub mod netns;
 pub mod node;
 pub mod pod;
-pub mod process;
 pub mod proxy;
-pub mod sweep;
-pub mod wait;
 pub mod workload;
+
+// The host resources live in their own crate (xtask sweeps with it before set-up);
+// the lab's modules and its users reach them under the same paths as before.
+pub use podsteer_lab_host::{cgroup, names, netns, process, sweep, wait};
 
 pub use node::{Node, NodeOptions};
 pub use pod::{Pod, PodSpec};

@@ -152,12 +152,7 @@ impl Node {
     /// The bridge's addresses, which pods use as their gateway.
     pub fn gateway_ips(&self) -> Vec<IpAddr> {
         let subnets = self.inner.runtime.conflist()["plugins"][0]["ipam"]["ranges"].clone();
-        subnets
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| first_host(r[0]["subnet"].as_str()?))
-            .collect()
+        subnets.as_array().into_iter().flatten().filter_map(|r| first_host(r[0]["subnet"].as_str()?)).collect()
     }
 
     pub fn add_pod(&self, spec: PodSpec) -> anyhow::Result<Pod> {

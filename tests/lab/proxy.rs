@@ -75,10 +75,7 @@ impl Proxy {
     /// One sample from /metrics, matched by its full name and label text.
     pub fn metric(&self, name_and_labels: &str) -> anyhow::Result<f64> {
         let text = self.get("/metrics")?;
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-            .unwrap_or(0.0))
+        Ok(text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok()).unwrap_or(0.0))
     }
 
     pub fn pid(&self) -> i32 {

@@ -33,7 +33,9 @@ impl Installed {
         let apps = vec![start_server(&server, None, &["echo", "[::]:8080"])?];
         let agent = Agent::start_installed(&node, mode, &[])?;
         let proxy = Proxy::start_shared(&node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?;
-        wait::until("the conflist to carry podsteer-cni", Duration::from_secs(5), || plugin_types(&node).ends_with(&["podsteer-cni".to_owned()]).then_some(()))?;
+        wait::until("the conflist to carry podsteer-cni", Duration::from_secs(5), || {
+            plugin_types(&node).ends_with(&["podsteer-cni".to_owned()]).then_some(())
+        })?;
         Ok(Installed { _apps: apps, server, proxy, agent, node })
     }
 
@@ -130,7 +132,9 @@ fn a_rewritten_conflist_gets_the_entry_back_within_a_second() -> anyhow::Result<
     let tmp = path.with_extension("new");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)?;
     std::fs::rename(&tmp, &path)?;
-    wait::until("the entry to come back", Duration::from_secs(1), || plugin_types(&lab.node).last().is_some_and(|t| t == "podsteer-cni").then_some(()))?;
+    wait::until("the entry to come back", Duration::from_secs(1), || {
+        plugin_types(&lab.node).last().is_some_and(|t| t == "podsteer-cni").then_some(())
+    })?;
     Ok(())
 }
 
@@ -184,12 +188,18 @@ fn a_single_conf_is_converted_and_restored() -> anyhow::Result<()> {
 
 fn uninstall_args(agent: &Agent, node: &Node) -> Vec<String> {
     [
-        "--bpffs", &agent.bpffs.display().to_string(),
-        "--state-dir", &agent.state_dir.display().to_string(),
-        "--cgroup", &node.pods_cgroup().display().to_string(),
-        "--socket", &agent.state_dir.join("uninstall.sock").display().to_string(),
-        "--cni-bin-dir", &node.cni_bin_dir().display().to_string(),
-        "--cni-conf-dir", &node.cni_conf_dir().display().to_string(),
+        "--bpffs",
+        &agent.bpffs.display().to_string(),
+        "--state-dir",
+        &agent.state_dir.display().to_string(),
+        "--cgroup",
+        &node.pods_cgroup().display().to_string(),
+        "--socket",
+        &agent.state_dir.join("uninstall.sock").display().to_string(),
+        "--cni-bin-dir",
+        &node.cni_bin_dir().display().to_string(),
+        "--cni-conf-dir",
+        &node.cni_conf_dir().display().to_string(),
         "uninstall",
     ]
     .iter()
@@ -243,18 +253,29 @@ fn bad_input_gets_its_own_cni_error_and_changes_nothing() -> anyhow::Result<()> 
     let conf = |extra: Value| -> String {
         let mut c = json!({"cniVersion": "1.0.0", "name": "podsteer-lab", "type": "podsteer-cni", "agentSocket": sock, "prevResult": prev});
         for (k, v) in extra.as_object().into_iter().flatten() {
-            if v.is_null() { c.as_object_mut().expect("object").remove(k); } else { c[k] = v.clone(); }
+            if v.is_null() {
+                c.as_object_mut().expect("object").remove(k);
+            } else {
+                c[k] = v.clone();
+            }
         }
         c.to_string()
     };
     let with_ann = |k: &str, v: &str| conf(json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": {k: v}}}));
     let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=victim;K8S_POD_UID={}", "bad-input-uid");
     let env = |cmd: &'static str, drop: &[&str], ns: &str| -> Vec<(String, String)> {
-        [("CNI_COMMAND", cmd), ("CNI_CONTAINERID", "c0ffee"), ("CNI_NETNS", ns), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/usr/lib/cni"), ("CNI_ARGS", args.as_str())]
-            .into_iter()
-            .filter(|(k, v)| !drop.contains(k) && !v.is_empty())
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
+        [
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", "c0ffee"),
+            ("CNI_NETNS", ns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+            ("CNI_ARGS", args.as_str()),
+        ]
+        .into_iter()
+        .filter(|(k, v)| !drop.contains(k) && !v.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
     };
     let add = |drop: &[&str]| env("ADD", drop, &netns);
     struct Case {
@@ -286,16 +307,41 @@ fn bad_input_gets_its_own_cni_error_and_changes_nothing() -> anyhow::Result<()> 
         Case { name: "ADD without CNI_PATH", env: add(&["CNI_PATH"]), stdin: conf(json!({})), code: 4 },
         Case { name: "netns does not exist", env: env("ADD", &[], "/run/netns/podsteer-nope"), stdin: conf(json!({})), code: 4 },
         Case { name: "netns is not a netns", env: env("ADD", &[], &garbage), stdin: conf(json!({})), code: 4 },
-        Case { name: "prevResult with a bad IP", env: add(&[]), stdin: conf(json!({"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.999/24"}]}})), code: 7 },
-        Case { name: "annotations not an object", env: add(&[]), stdin: conf(json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": "x"}})), code: 7 },
+        Case {
+            name: "prevResult with a bad IP",
+            env: add(&[]),
+            stdin: conf(json!({"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.999/24"}]}})),
+            code: 7,
+        },
+        Case {
+            name: "annotations not an object",
+            env: add(&[]),
+            stdin: conf(json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": "x"}})),
+            code: 7,
+        },
         Case { name: "excluded port 0", env: add(&[]), stdin: with_ann("podsteer.io/exclude-outbound-ports", "0"), code: 100 },
-        Case { name: "overlapping CIDRs", env: add(&[]), stdin: with_ann("podsteer.io/exclude-outbound-cidrs", "10.0.0.0/8,10.1.0.0/16"), code: 100 },
+        Case {
+            name: "overlapping CIDRs",
+            env: add(&[]),
+            stdin: with_ann("podsteer.io/exclude-outbound-cidrs", "10.0.0.0/8,10.1.0.0/16"),
+            code: 100,
+        },
         Case { name: "unknown proxy mode", env: add(&[]), stdin: with_ann("podsteer.io/proxy-mode", "ambient"), code: 100 },
         Case { name: "sk-msg not a bool", env: add(&[]), stdin: with_ann("podsteer.io/sk-msg", "maybe"), code: 100 },
-        Case { name: "agent socket absent", env: add(&[]), stdin: conf(json!({"agentSocket": "/run/podsteer-lab/no-agent.sock"})), code: 11 },
+        Case {
+            name: "agent socket absent",
+            env: add(&[]),
+            stdin: conf(json!({"agentSocket": "/run/podsteer-lab/no-agent.sock"})),
+            code: 11,
+        },
         Case { name: "CHECK without prevResult", env: env("CHECK", &[], &netns), stdin: conf(json!({"prevResult": null})), code: 7 },
         Case { name: "CHECK of a pod never added", env: env("CHECK", &[], &netns), stdin: conf(json!({})), code: 102 },
-        Case { name: "STATUS with the agent absent", env: env("STATUS", &[], &netns), stdin: conf(json!({"agentSocket": "/run/podsteer-lab/no-agent.sock"})), code: 50 },
+        Case {
+            name: "STATUS with the agent absent",
+            env: env("STATUS", &[], &netns),
+            stdin: conf(json!({"agentSocket": "/run/podsteer-lab/no-agent.sock"})),
+            code: 50,
+        },
     ];
     assert!(cases.len() >= 25);
     let registry = std::fs::read(lab.agent.state_dir.join("pods.json"))?;

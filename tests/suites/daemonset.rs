@@ -79,7 +79,10 @@ fn every_object_is_a_valid_kubernetes_object() -> anyhow::Result<()> {
     let m = manifest()?;
     let p = pod(&m);
     assert_eq!(p.priority_class_name.as_deref(), Some("system-node-critical"));
-    assert!(p.tolerations.as_ref().is_some_and(|t| t.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())), "tolerates every taint");
+    assert!(
+        p.tolerations.as_ref().is_some_and(|t| t.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())),
+        "tolerates every taint"
+    );
     assert_eq!(m.ds.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()), Some("RollingUpdate"));
     assert_eq!(p.host_pid, Some(false));
     Ok(())
@@ -95,7 +98,9 @@ fn the_agent_args_env_and_ports_parse_with_the_agents_own_cli() -> anyhow::Resul
     assert!(cli.config.install_cni);
     let admin = cli.config.admin_addr.port() as i32;
     assert!(agent.ports.iter().flatten().any(|pt| pt.container_port == admin), "admin port exposed");
-    let probe_port = |pr: &Option<k8s_openapi::api::core::v1::Probe>| pr.as_ref().and_then(|p| p.http_get.as_ref()).map(|g| (g.path.clone(), g.port.clone()));
+    let probe_port = |pr: &Option<k8s_openapi::api::core::v1::Probe>| {
+        pr.as_ref().and_then(|p| p.http_get.as_ref()).map(|g| (g.path.clone(), g.port.clone()))
+    };
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     assert_eq!(probe_port(&agent.liveness_probe), Some((Some("/healthz".into()), IntOrString::Int(admin))));
     assert_eq!(probe_port(&agent.readiness_probe), Some((Some("/readyz".into()), IntOrString::Int(admin))));
@@ -158,7 +163,11 @@ fn only_the_bpffs_init_step_is_privileged() -> anyhow::Result<()> {
             assert!(!privileged, "{} must use named capabilities", c.name);
             let caps = sc.capabilities.as_ref().expect("capabilities");
             assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]), "{}", c.name);
-            assert!(c.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key("memory")), "{} has a memory limit", c.name);
+            assert!(
+                c.resources.as_ref().and_then(|r| r.limits.as_ref()).is_some_and(|l| l.contains_key("memory")),
+                "{} has a memory limit",
+                c.name
+            );
         }
     }
     Ok(())

@@ -56,7 +56,6 @@ impl Mesh {
     }
 }
 
-
 fn relays_every_byte_through_outbound_and_inbound(mode: &str) -> anyhow::Result<()> {
     let m = Mesh::new(mode, &[])?;
     let out = run_client(&m.a, &["request", &m.b(8080), "1000"])?;
@@ -67,7 +66,9 @@ fn relays_every_byte_through_outbound_and_inbound(mode: &str) -> anyhow::Result<
     let out = run_client(&m.a, &["bulk", &v6, &(8 << 20).to_string()])?;
     assert!(out.starts_with(&format!("ok {}", 8 << 20)), "{out}");
     // Both proxies saw it: the outbound one in a, the inbound one in b.
-    let opened = |pod: &str, dir: &str| m.proxy.metric(&format!("podsteer_proxy_connections_opened_total{{pod=\"default/{pod}\",direction=\"{dir}\"}}"));
+    let opened = |pod: &str, dir: &str| {
+        m.proxy.metric(&format!("podsteer_proxy_connections_opened_total{{pod=\"default/{pod}\",direction=\"{dir}\"}}"))
+    };
     assert_eq!(opened("a", "outbound")?, 3.0);
     assert_eq!(opened("b", "inbound")?, 3.0);
     // Bulk moves to splice(2) by itself, except where sk_msg feeds the sockets
@@ -225,7 +226,9 @@ fn handover_to_a_new_proxy_refuses_nothing(mode: &str) -> anyhow::Result<()> {
     cmd.args(["loop", &m.b(8080), "3000"]).stdout(std::process::Stdio::piped());
     let mut looping = m.a.spawn("loop", cmd)?;
     let key = "podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}";
-    wait::until("the loop to be running through the old proxy", Duration::from_secs(5), || (m.proxy.metric(key).ok()? >= 20.0).then_some(()))?;
+    wait::until("the loop to be running through the old proxy", Duration::from_secs(5), || {
+        (m.proxy.metric(key).ok()? >= 20.0).then_some(())
+    })?;
     let control = m.agent.proxy_socket.clone().expect("proxy socket");
     let new = Proxy::start_shared(&m.node, &control, 15022, &[])?;
     let status = m.proxy.process_mut().wait_exit(Duration::from_secs(10))?;
@@ -274,7 +277,7 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
     let pod = node.add_pod(PodSpec::new("default", "p"))?;
     let sock = node.state_dir().join("fake-agent.sock");
     let listener = node.netns().run(|| podsteer_agent::proxy_link::bind(&sock))??;
-    
+
     std::thread::scope(|s| -> anyhow::Result<()> {
         let h = s.spawn(|| Proxy::start_shared(&node, &sock, 15024, &[]));
         let conn = podsteer_agent::proxy_link::accept(listener.as_fd())?;
@@ -286,7 +289,15 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
         assert!(matches!(reply(&conn)?, FromProxy::Error { .. }));
         nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&conn), br#"{"type":"reboot"}"#, nix::sys::socket::MsgFlags::empty())?;
         assert!(matches!(reply(&conn)?, FromProxy::Error { .. }));
-        let spec = Spec { uid: "u1".into(), name: "p".into(), namespace: "default".into(), outbound_port: 15001, inbound_port: 15006, return_inbound_listeners: true, sk_msg: true };
+        let spec = Spec {
+            uid: "u1".into(),
+            name: "p".into(),
+            namespace: "default".into(),
+            outbound_port: 15001,
+            inbound_port: 15006,
+            return_inbound_listeners: true,
+            sk_msg: true,
+        };
         wire::send(conn.as_fd(), &ToProxy::AddPod(spec.clone()), &[])?;
         assert!(matches!(reply(&conn)?, FromProxy::Nack { .. }), "AddPod without its netns fd");
         // The pod's outbound port is taken (no SO_REUSEPORT): the proxy must refuse, not half-open.
@@ -335,6 +346,10 @@ fn established_connections_keep_flowing_while_the_agent_restarts() -> anyhow::Re
     m.agent.restart()?;
     first.push_str(&say("three after the restart")?);
     assert_eq!(first, "two while the agent is gone\nthree after the restart\n");
-    assert_eq!(m.proxy.metric("podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}")?, 1.0, "one connection all along");
+    assert_eq!(
+        m.proxy.metric("podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}")?,
+        1.0,
+        "one connection all along"
+    );
     Ok(())
 }

@@ -56,7 +56,6 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("")
 }
 
-
 fn outbound_lands_on_the_proxy_with_the_original_destination(mode: &str) -> anyhow::Result<()> {
     let s = Scene::new(mode, &[])?;
     for dst in [addr(s.b4(), 8080), addr(s.b6(), 8080)] {
@@ -126,7 +125,11 @@ fn not_intercepted(mode: &str) -> anyhow::Result<()> {
             flags: vec![],
         },
         Case { name: "proxy mark", annotations: |_| vec![], flags: vec!["--mark", "0x539"] },
-        Case { name: "proxy UID (sidecar)", annotations: |_| vec![("podsteer.io/proxy-mode".into(), "sidecar".into())], flags: vec!["--uid", "1337"] },
+        Case {
+            name: "proxy UID (sidecar)",
+            annotations: |_| vec![("podsteer.io/proxy-mode".into(), "sidecar".into())],
+            flags: vec!["--uid", "1337"],
+        },
     ];
     for case in cases {
         let s = Scene::with(mode, case.annotations)?;
@@ -193,7 +196,8 @@ fn removal_leaves_nothing(mode: &str) -> anyhow::Result<()> {
     let cookie = rec["netns_cookie"].as_u64().expect("cookie");
     agent.call(&podsteer_agent::api::Request::Del { uid: a.uid().into() })?.map_err(|e| anyhow::anyhow!("{e}"))?;
     let after: Vec<String> = fam.iter().map(|f| backend.save(a.netns().fd(), *f)).collect::<Result<_, _>>()?;
-    let strip = |v: &[String]| v.iter().map(|s| s.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")).collect::<Vec<_>>();
+    let strip =
+        |v: &[String]| v.iter().map(|s| s.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")).collect::<Vec<_>>();
     assert_eq!(strip(&before), strip(&after), "{mode}: iptables-save differs after removal");
     if mode == "ebpf" {
         let maps = Maps::open_pinned(&agent.bpffs)?;
@@ -203,7 +207,8 @@ fn removal_leaves_nothing(mode: &str) -> anyhow::Result<()> {
         assert!(!pins.pod_link(cookie).exists());
         drop(maps);
         agent.kill();
-        let out = node.command(podsteer_lab::agent::bin("podsteer-agent"))?
+        let out = node
+            .command(podsteer_lab::agent::bin("podsteer-agent"))?
             .args(["--bpffs", &agent.bpffs.display().to_string(), "remove-pins"])
             .output()?;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -214,12 +219,15 @@ fn removal_leaves_nothing(mode: &str) -> anyhow::Result<()> {
 }
 both_modes!(removal_leaves_nothing);
 
+/// A named bad ADD: its annotations, a netns path to use instead of the pod's, and the error it must get.
+type BadAdd<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<std::path::PathBuf>, ErrorKind);
+
 fn bad_input_is_refused_and_changes_nothing(mode: &str) -> anyhow::Result<()> {
     let s = Scene::new(mode, &[])?;
     let victim = s.node.add_pod(PodSpec::new("default", "victim"))?;
     let pods_before = s.agent.pods()?;
     let save_before = podsteer_agent::iptables::Backend::Nft.save(victim.netns().fd(), podsteer_agent::iptables::Family::V4)?;
-    let cases: Vec<(&str, Vec<(&str, &str)>, Option<std::path::PathBuf>, ErrorKind)> = vec![
+    let cases: Vec<BadAdd> = vec![
         ("port 0", vec![("podsteer.io/exclude-outbound-ports", "0")], None, ErrorKind::InvalidPolicy),
         ("overlapping CIDRs", vec![("podsteer.io/exclude-outbound-cidrs", "10.0.0.0/8,10.2.0.0/16")], None, ErrorKind::InvalidPolicy),
         ("unknown netns", vec![], Some("/run/netns/podsteer-no-such-netns".into()), ErrorKind::BadNetns),

@@ -48,7 +48,9 @@ fn an_app_container_is_intercepted_from_its_first_connection_and_cleanup_is_comp
         ctrd.stop_and_remove(&sandbox)?;
         assert_eq!(agent.pods()?.as_array().map(Vec::len), Some(0), "{mode}: DEL unregistered the pod");
         assert!(!std::path::Path::new(&netns).exists(), "{mode}: sandbox netns {netns} left behind");
-        wait::until("the proxy to close the pod's listeners", Duration::from_secs(5), || (proxy.metric("podsteer_proxy_pods").ok()? == 0.0).then_some(()))?;
+        wait::until("the proxy to close the pod's listeners", Duration::from_secs(5), || {
+            (proxy.metric("podsteer_proxy_pods").ok()? == 0.0).then_some(())
+        })?;
         drop(ctrd);
     }
     Ok(())

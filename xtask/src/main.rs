@@ -22,7 +22,8 @@ enum Task {
     Build,
     /// Build and run the demo on a simulated node, then clean up.
     Demo,
-    /// Run every test: unit tests and lab suites against the real kernel and plugins.
+    /// Check formatting and clippy, then run every test: unit tests and lab
+    /// suites against the real kernel and plugins, then the quick benchmark.
     Test {
         /// Extra arguments for `cargo test` (a test name filter, say).
         #[arg(trailing_var_arg = true)]
@@ -65,6 +66,9 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup::run()?;
+            // Style first, as aya and ztunnel check it in CI: it fails in seconds.
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])?;
             // Lab suites run the real binaries (agent, plugin, proxy), which
             // `cargo test` alone does not build for packages without tests of their own.
             cargo(&["build", "--workspace", "--bins"])?;
@@ -72,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             test.extend(args.iter().map(String::as_str));
             let result = cargo(&test);
             // A test that leaked lab resources has a cleanup bug, even if it passed.
-            let leftovers = podsteer_lab::sweep::sweep()?;
+            let leftovers = podsteer_lab_host::sweep::sweep()?;
             result?;
             if !leftovers.is_empty() {
                 bail!("tests left lab resources behind (now removed):\n  {}", leftovers.join("\n  "));
@@ -88,7 +92,7 @@ fn main() -> anyhow::Result<()> {
             bench(quick, out, Profile::Release)
         }
         Task::Lab { cmd: LabCmd::Clean } => {
-            let removed = podsteer_lab::sweep::sweep()?;
+            let removed = podsteer_lab_host::sweep::sweep()?;
             if removed.is_empty() {
                 println!("lab clean: nothing to remove");
             } else {
@@ -118,7 +122,7 @@ fn bench(quick: bool, out: Option<String>, profile: Profile) -> anyhow::Result<(
         args.push("--quick");
     }
     let result = cargo(&args);
-    let leftovers = podsteer_lab::sweep::sweep()?;
+    let leftovers = podsteer_lab_host::sweep::sweep()?;
     result?;
     if !leftovers.is_empty() {
         bail!("the benchmark left lab resources behind (now removed):\n  {}", leftovers.join("\n  "));

@@ -3,11 +3,11 @@
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 use podsteer_agent::cli::{Cli, Cmd};
 use podsteer_agent::controller::Controller;
 use podsteer_agent::ebpf::EbpfDataPath;
 use podsteer_agent::{proxy_link, server};
-use nix::sys::signal::{SigSet, Signal};
 use tracing::info;
 
 fn main() -> anyhow::Result<()> {

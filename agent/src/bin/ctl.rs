@@ -8,7 +8,11 @@ use podsteer_agent::ctl::output::{Format, print_json};
 use podsteer_agent::ctl::{self, CtlError, Paths, exit, explain, maps, status};
 
 #[derive(Parser)]
-#[command(name = "podsteer", version, about = "Inspect podsteer on this node: maps, status, pods, and why a connection is (not) intercepted")]
+#[command(
+    name = "podsteer",
+    version,
+    about = "Inspect podsteer on this node: maps, status, pods, and why a connection is (not) intercepted"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -112,7 +112,8 @@ pub const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
-        let conf: NetConf = serde_json::from_slice(stdin).map_err(|e| CniError::new(Code::Decode, "cannot decode the network config", e.to_string()))?;
+        let conf: NetConf =
+            serde_json::from_slice(stdin).map_err(|e| CniError::new(Code::Decode, "cannot decode the network config", e.to_string()))?;
         if !super::SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
             return Err(CniError::new(
                 Code::IncompatibleVersion,
@@ -121,7 +122,8 @@ impl NetConf {
             ));
         }
         if conf.kind != super::PLUGIN_TYPE {
-            return Err(CniError::new(Code::InvalidConfig, format!("type is {:?}, not {}", conf.kind, super::PLUGIN_TYPE), "").in_version(&conf.cni_version));
+            return Err(CniError::new(Code::InvalidConfig, format!("type is {:?}, not {}", conf.kind, super::PLUGIN_TYPE), "")
+                .in_version(&conf.cni_version));
         }
         if conf.timeout_ms == 0 {
             return Err(CniError::new(Code::InvalidConfig, "timeoutMs must be positive", "").in_version(&conf.cni_version));
@@ -137,8 +139,13 @@ impl NetConf {
     pub fn annotations(&self) -> Result<BTreeMap<String, String>, CniError> {
         match self.runtime(ANNOTATIONS_CAPABILITY) {
             None | Some(Value::Null) => Ok(BTreeMap::new()),
-            Some(Value::Object(m)) => Ok(m.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect()),
-            Some(other) => Err(CniError::new(Code::InvalidConfig, "pod annotations must be an object", other.to_string()).in_version(&self.cni_version)),
+            Some(Value::Object(m)) => {
+                Ok(m.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect())
+            }
+            Some(other) => {
+                Err(CniError::new(Code::InvalidConfig, "pod annotations must be an object", other.to_string())
+                    .in_version(&self.cni_version))
+            }
         }
     }
 
@@ -151,7 +158,11 @@ impl NetConf {
             let parsed = addr.split('/').next().and_then(|a| a.parse().ok());
             match parsed {
                 Some(a) => out.push(a),
-                None => return Err(CniError::new(Code::InvalidConfig, "prevResult has an invalid IP", addr.to_owned()).in_version(&self.cni_version)),
+                None => {
+                    return Err(
+                        CniError::new(Code::InvalidConfig, "prevResult has an invalid IP", addr.to_owned()).in_version(&self.cni_version)
+                    );
+                }
             }
         }
         Ok(out)

@@ -44,10 +44,14 @@ fn skip_reason(conf: &NetConf, namespace: &str, ann: &std::collections::BTreeMap
 fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {
     let v = &conf.cni_version;
     env.require(true).map_err(|e| e.in_version(v))?;
-    let prev = conf
-        .prev_result
-        .clone()
-        .ok_or_else(|| CniError::new(Code::InvalidConfig, "podsteer-cni is a chained plugin: ADD needs prevResult", "put it after the main plugin in the conflist").in_version(v))?;
+    let prev = conf.prev_result.clone().ok_or_else(|| {
+        CniError::new(
+            Code::InvalidConfig,
+            "podsteer-cni is a chained plugin: ADD needs prevResult",
+            "put it after the main plugin in the conflist",
+        )
+        .in_version(v)
+    })?;
     if !std::path::Path::new(&env.netns).exists() {
         return Err(CniError::new(Code::InvalidEnv, format!("CNI_NETNS {} does not exist", env.netns), "").in_version(v));
     }
@@ -61,7 +65,15 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {
         log(conf, &format!("{namespace}/{name}: not meshed: {why}"));
         return Ok(Some(prev));
     }
-    let pod = PodInfo { uid, name: name.clone(), namespace: namespace.clone(), netns: env.netns.clone().into(), ips, annotations: ann, container_id: Some(env.container_id.clone()) };
+    let pod = PodInfo {
+        uid,
+        name: name.clone(),
+        namespace: namespace.clone(),
+        netns: env.netns.clone().into(),
+        ips,
+        annotations: ann,
+        container_id: Some(env.container_id.clone()),
+    };
     match api::call(&conf.agent_socket, &Request::Add { pod }, Duration::from_millis(conf.timeout_ms), None) {
         Ok(resp) => match resp.into_result() {
             Ok(_) => {
@@ -99,7 +111,11 @@ fn unreachable(socket: &std::path::Path, e: &ClientError) -> CniError {
         details.push_str(&s.to_string());
         src = s.source();
     }
-    CniError::new(Code::TryAgainLater, format!("podsteer agent unreachable at {}; the pod will not start un-intercepted", socket.display()), details)
+    CniError::new(
+        Code::TryAgainLater,
+        format!("podsteer agent unreachable at {}; the pod will not start un-intercepted", socket.display()),
+        details,
+    )
 }
 
 /// Idempotent: unknown pods, a missing netns and an absent agent are all success.
@@ -125,7 +141,10 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {
         return Ok(None);
     }
     match api::call(&conf.agent_socket, &Request::Check { uid }, SHORT_DEADLINE, None) {
-        Ok(resp) => resp.into_result().map(|_| None).map_err(|e| CniError::new(Code::NotIntercepted, "interception is not in place", e.message).in_version(v)),
+        Ok(resp) => resp
+            .into_result()
+            .map(|_| None)
+            .map_err(|e| CniError::new(Code::NotIntercepted, "interception is not in place", e.message).in_version(v)),
         Err(e) => Err(unreachable(&conf.agent_socket, &e).in_version(v)),
     }
 }
@@ -133,7 +152,10 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {
 fn status(conf: &NetConf) -> Result<Option<Value>, CniError> {
     match api::call(&conf.agent_socket, &Request::Status, SHORT_DEADLINE, None) {
         Ok(resp) if resp.ok => Ok(None),
-        Ok(resp) => Err(CniError::new(Code::NotAvailable, "podsteer agent is not ready", resp.error.map(|e| e.message).unwrap_or_default()).in_version(&conf.cni_version)),
+        Ok(resp) => {
+            Err(CniError::new(Code::NotAvailable, "podsteer agent is not ready", resp.error.map(|e| e.message).unwrap_or_default())
+                .in_version(&conf.cni_version))
+        }
         Err(e) => Err(CniError::new(Code::NotAvailable, "podsteer agent is not reachable", e.to_string()).in_version(&conf.cni_version)),
     }
 }

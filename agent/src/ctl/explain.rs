@@ -36,16 +36,21 @@ fn rule_comment(v: Verdict) -> &'static str {
 }
 
 pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlError> {
-    let destination: SocketAddr = dest.parse().map_err(|_| CtlError::new(exit::USAGE, format!("{dest:?} is not IP:PORT (use [v6]:port for IPv6)")))?;
+    let destination: SocketAddr =
+        dest.parse().map_err(|_| CtlError::new(exit::USAGE, format!("{dest:?} is not IP:PORT (use [v6]:port for IPv6)")))?;
     let Some(rec) = paths.registry().into_iter().find(|p| format!("{}/{}", p.namespace, p.name) == pod) else {
-        return Err(CtlError::new(exit::NO_SUCH_POD, format!("pod {pod} is not registered on this node, so nothing of its traffic is intercepted")));
+        return Err(CtlError::new(
+            exit::NO_SUCH_POD,
+            format!("pod {pod} is not registered on this node, so nothing of its traffic is intercepted"),
+        ));
     };
     let mut dst = ip_key(destination.ip());
     dst.port = destination.port().to_be();
     let (policy, decided_by, mode) = match rec.mode {
         Mode::Ebpf => {
             super::require_pins(&paths.bpffs)?;
-            let maps = crate::ebpf::maps::Maps::open_pinned(&paths.bpffs).map_err(|e| CtlError::new(exit::FAILURE, crate::controller::error_chain(&e)))?;
+            let maps = crate::ebpf::maps::Maps::open_pinned(&paths.bpffs)
+                .map_err(|e| CtlError::new(exit::FAILURE, crate::controller::error_chain(&e)))?;
             match maps.pods.get(&rec.netns_cookie, 0) {
                 Ok(p) => (p, format!("PODS[{}]", rec.netns_cookie), "ebpf"),
                 Err(_) => {
@@ -64,14 +69,26 @@ pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlE
         Mode::Iptables => (rec.policy.to_kernel(), String::new(), "iptables"),
     };
     let verdict = verdict(&policy, &dst);
-    let decided_by = if mode == "iptables" { format!("rule {} in PODSTEER_OUTPUT", rule_comment(verdict)) } else { format!("{decided_by}: {}", field(verdict)) };
+    let decided_by = if mode == "iptables" {
+        format!("rule {} in PODSTEER_OUTPUT", rule_comment(verdict))
+    } else {
+        format!("{decided_by}: {}", field(verdict))
+    };
     let lands_on = if verdict == Verdict::Redirect {
         let lo = if destination.is_ipv4() { "127.0.0.1" } else { "[::1]" };
         format!("{lo}:{} in the pod's netns (the proxy's outbound listener), original destination {destination}", policy.outbound_port)
     } else {
         destination.to_string()
     };
-    Ok(Explanation { pod: pod.into(), destination, mode: mode.into(), intercepted: verdict == Verdict::Redirect, reason: verdict.reason().into(), decided_by, lands_on })
+    Ok(Explanation {
+        pod: pod.into(),
+        destination,
+        mode: mode.into(),
+        intercepted: verdict == Verdict::Redirect,
+        reason: verdict.reason().into(),
+        decided_by,
+        lands_on,
+    })
 }
 
 fn verdict(p: &PodPolicy, dst: &Addr) -> Verdict {

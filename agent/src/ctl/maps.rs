@@ -12,7 +12,8 @@ use super::{CtlError, Paths, exit};
 use crate::ebpf::maps::Maps;
 
 /// Names accepted by `--map`.
-pub const MAP_NAMES: &[&str] = &["pods", "pod_ips", "original_destinations", "pending_connects", "sock_pairs", "no_bypass", "inbound_listeners", "counters"];
+pub const MAP_NAMES: &[&str] =
+    &["pods", "pod_ips", "original_destinations", "pending_connects", "sock_pairs", "no_bypass", "inbound_listeners", "counters"];
 
 #[derive(Debug, Default, Serialize)]
 pub struct Dump {
@@ -136,10 +137,17 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
     }
     super::require_pins(&paths.bpffs)?;
     let maps = Maps::open_pinned(&paths.bpffs).map_err(|e| CtlError::new(exit::FAILURE, crate::controller::error_chain(&e)))?;
-    let names: BTreeMap<u64, String> = paths.registry().into_iter().map(|p| (p.netns_cookie, format!("{}/{}", p.namespace, p.name))).collect();
+    let names: BTreeMap<u64, String> =
+        paths.registry().into_iter().map(|p| (p.netns_cookie, format!("{}/{}", p.namespace, p.name))).collect();
     let want_cookie = match pod {
         None => None,
-        Some(p) => Some(*names.iter().find(|(_, n)| n.as_str() == p).map(|(c, _)| c).ok_or_else(|| CtlError::new(exit::NO_SUCH_POD, format!("pod {p} is not registered on this node")))?),
+        Some(p) => Some(
+            *names
+                .iter()
+                .find(|(_, n)| n.as_str() == p)
+                .map(|(c, _)| c)
+                .ok_or_else(|| CtlError::new(exit::NO_SUCH_POD, format!("pod {p} is not registered on this node")))?,
+        ),
     };
     let keep = |c: u64| want_cookie.is_none_or(|w| w == c);
     let name = |c: u64| names.get(&c).cloned();
@@ -149,18 +157,39 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
         d.pods = Some(maps.pods.iter().filter_map(Result::ok).filter(|(c, _)| keep(*c)).map(|(c, p)| pod_entry(c, &p, name(c))).collect());
     }
     if wants("pod_ips") {
-        d.pod_ips = Some(maps.pod_by_ip.iter().filter_map(Result::ok).filter(|(_, c)| keep(*c)).map(|(a, c)| PodIp { ip: ip(&a), netns_cookie: c, pod: name(c) }).collect());
+        d.pod_ips = Some(
+            maps.pod_by_ip
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, c)| keep(*c))
+                .map(|(a, c)| PodIp { ip: ip(&a), netns_cookie: c, pod: name(c) })
+                .collect(),
+        );
     }
     if wants("original_destinations") {
         d.original_destinations = Some(
-            maps.orig_by_tuple.iter().filter_map(Result::ok).filter(|(k, _)| keep(k.netns)).map(|(k, v)| OrigEntry { netns_cookie: k.netns, pod: name(k.netns), app: sock(&k.addr), original_dst: sock(&v) }).collect(),
+            maps.orig_by_tuple
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, _)| keep(k.netns))
+                .map(|(k, v)| OrigEntry { netns_cookie: k.netns, pod: name(k.netns), app: sock(&k.addr), original_dst: sock(&v) })
+                .collect(),
         );
     }
     if wants("pending_connects") && want_cookie.is_none() {
-        d.pending_connects = Some(maps.orig_by_cookie.iter().filter_map(Result::ok).map(|(c, v)| PendingConnect { socket_cookie: c, original_dst: sock(&v) }).collect());
+        d.pending_connects = Some(
+            maps.orig_by_cookie
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(c, v)| PendingConnect { socket_cookie: c, original_dst: sock(&v) })
+                .collect(),
+        );
     }
     let pairs = |it: Vec<podsteer_common::SockPairKey>| -> Vec<Pair> {
-        it.into_iter().filter(|k| keep(k.netns)).map(|k| Pair { netns_cookie: k.netns, pod: name(k.netns), local: sock(&k.local), remote: sock(&k.remote) }).collect()
+        it.into_iter()
+            .filter(|k| keep(k.netns))
+            .map(|k| Pair { netns_cookie: k.netns, pod: name(k.netns), local: sock(&k.local), remote: sock(&k.remote) })
+            .collect()
     };
     if wants("sock_pairs") {
         d.sock_pairs = Some(pairs(maps.sock_pairs.keys().filter_map(Result::ok).collect()));
@@ -174,7 +203,11 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
                 .keys()
                 .filter_map(Result::ok)
                 .filter(|k| keep(k.netns))
-                .map(|k| Listener { netns_cookie: k.netns, pod: name(k.netns), family: if k.addr.family == AF_INET { "ipv4" } else { "ipv6" } })
+                .map(|k| Listener {
+                    netns_cookie: k.netns,
+                    pod: name(k.netns),
+                    family: if k.addr.family == AF_INET { "ipv4" } else { "ipv6" },
+                })
                 .collect(),
         );
     }
@@ -211,25 +244,44 @@ pub fn render(d: &Dump) -> String {
     }
     if let Some(ips) = &d.pod_ips {
         out += "\nPOD_BY_IP (inbound lookups)\n";
-        out += &table(&["IP", "COOKIE", "POD"], &ips.iter().map(|i| vec![i.ip.to_string(), i.netns_cookie.to_string(), or_dash(&i.pod)]).collect::<Vec<_>>());
+        out += &table(
+            &["IP", "COOKIE", "POD"],
+            &ips.iter().map(|i| vec![i.ip.to_string(), i.netns_cookie.to_string(), or_dash(&i.pod)]).collect::<Vec<_>>(),
+        );
     }
     if let Some(o) = &d.original_destinations {
         out += "\nORIG_BY_TUPLE (what SO_ORIGINAL_DST answers)\n";
-        out += &table(&["COOKIE", "POD", "APP SOCKET", "ORIGINAL DST"], &o.iter().map(|e| vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.app.to_string(), e.original_dst.to_string()]).collect::<Vec<_>>());
+        out += &table(
+            &["COOKIE", "POD", "APP SOCKET", "ORIGINAL DST"],
+            &o.iter()
+                .map(|e| vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.app.to_string(), e.original_dst.to_string()])
+                .collect::<Vec<_>>(),
+        );
     }
     if let Some(p) = &d.pending_connects {
         out += "\nORIG_BY_COOKIE (connects not yet established)\n";
-        out += &table(&["SOCKET COOKIE", "ORIGINAL DST"], &p.iter().map(|e| vec![e.socket_cookie.to_string(), e.original_dst.to_string()]).collect::<Vec<_>>());
+        out += &table(
+            &["SOCKET COOKIE", "ORIGINAL DST"],
+            &p.iter().map(|e| vec![e.socket_cookie.to_string(), e.original_dst.to_string()]).collect::<Vec<_>>(),
+        );
     }
     for (title, pairs) in [("SOCK_PAIRS (spliced by sk_msg)", &d.sock_pairs), ("NO_BYPASS (kept on TCP)", &d.no_bypass)] {
         if let Some(p) = pairs {
             out += &format!("\n{title}\n");
-            out += &table(&["COOKIE", "POD", "LOCAL", "REMOTE"], &p.iter().map(|e| vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.local.to_string(), e.remote.to_string()]).collect::<Vec<_>>());
+            out += &table(
+                &["COOKIE", "POD", "LOCAL", "REMOTE"],
+                &p.iter()
+                    .map(|e| vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.local.to_string(), e.remote.to_string()])
+                    .collect::<Vec<_>>(),
+            );
         }
     }
     if let Some(l) = &d.inbound_listeners {
         out += "\nINBOUND_LISTENERS (sk_lookup targets)\n";
-        out += &table(&["COOKIE", "POD", "FAMILY"], &l.iter().map(|e| vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.family.to_owned()]).collect::<Vec<_>>());
+        out += &table(
+            &["COOKIE", "POD", "FAMILY"],
+            &l.iter().map(|e| vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.family.to_owned()]).collect::<Vec<_>>(),
+        );
     }
     if let Some(c) = &d.counters {
         out += "\nCOUNTERS (summed over CPUs)\n";

@@ -48,18 +48,31 @@ fn agent_status(paths: &Paths) -> Result<Value, String> {
 pub fn status(paths: &Paths) -> Result<Status, CtlError> {
     let live = agent_status(paths);
     // With the agent down, what it decided at start is in its state dir.
-    let saved: Value = std::fs::read(paths.state_dir.join(crate::controller::STATUS_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+    let saved: Value = std::fs::read(paths.state_dir.join(crate::controller::STATUS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
     let src = live.as_ref().unwrap_or(&saved);
     if live.is_err() && saved.is_null() {
-        return Err(CtlError::new(exit::UNAVAILABLE, format!("no podsteer agent answers on {} and none has run with state dir {}", paths.socket.display(), paths.state_dir.display())));
+        return Err(CtlError::new(
+            exit::UNAVAILABLE,
+            format!(
+                "no podsteer agent answers on {} and none has run with state dir {}",
+                paths.socket.display(),
+                paths.state_dir.display()
+            ),
+        ));
     }
     let pins = crate::ebpf::pins::PinDir::new(&paths.bpffs);
-    let mut links: Vec<String> = std::fs::read_dir(pins.links()).into_iter().flatten().filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    let mut links: Vec<String> =
+        std::fs::read_dir(pins.links()).into_iter().flatten().filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
     links.sort();
     let proxy = match &live {
         Ok(v) => match v["proxy_pid"].as_u64() {
             Some(pid) => Health { up: true, detail: format!("shared proxy pid {pid} connected") },
-            None if v["config"]["proxy_socket"].is_null() => Health { up: true, detail: "no shared proxy configured (sidecar or external proxies)".into() },
+            None if v["config"]["proxy_socket"].is_null() => {
+                Health { up: true, detail: "no shared proxy configured (sidecar or external proxies)".into() }
+            }
             None => Health { up: false, detail: "no shared proxy connected".into() },
         },
         Err(_) => Health { up: false, detail: "unknown while the agent is down".into() },
@@ -90,19 +103,36 @@ pub fn status(paths: &Paths) -> Result<Status, CtlError> {
 
 pub fn render_status(s: &Status) -> String {
     let yes = |b: bool| if b { "yes" } else { "no" };
-    let missing: Vec<String> = s.features.iter().filter(|f| f["present"] == false).filter_map(|f| f["name"].as_str().map(str::to_owned)).collect();
+    let missing: Vec<String> =
+        s.features.iter().filter(|f| f["present"] == false).filter_map(|f| f["name"].as_str().map(str::to_owned)).collect();
     let mut rows = vec![
         vec!["agent".into(), format!("{} ({})", if s.agent.up { "up" } else { "DOWN" }, s.agent.detail)],
         vec!["mode".into(), s.mode.clone().unwrap_or_default()],
         vec!["why".into(), s.reason.clone().unwrap_or_default()],
-        vec!["kernel features".into(), format!("{} probed, {} missing{}", s.features.len(), missing.len(), if missing.is_empty() { String::new() } else { format!(": {}", missing.join(", ")) })],
+        vec![
+            "kernel features".into(),
+            format!(
+                "{} probed, {} missing{}",
+                s.features.len(),
+                missing.len(),
+                if missing.is_empty() { String::new() } else { format!(": {}", missing.join(", ")) }
+            ),
+        ],
         vec!["attach cgroup".into(), s.cgroup.clone().unwrap_or_default()],
         vec!["pins".into(), s.pins.clone().unwrap_or_else(|| "none".into())],
         vec!["links".into(), s.links.join(", ")],
         vec!["proxy".into(), format!("{} ({})", if s.proxy.up { "ok" } else { "NOT OK" }, s.proxy.detail)],
         vec!["pods".into(), s.pods.to_string()],
     ];
-    rows.push(vec!["cni entry".into(), format!("{} in {} (last in chain: {})", yes(s.cni.installed), s.cni.conflist.clone().unwrap_or_else(|| "no conflist".into()), yes(s.cni.last))]);
+    rows.push(vec![
+        "cni entry".into(),
+        format!(
+            "{} in {} (last in chain: {})",
+            yes(s.cni.installed),
+            s.cni.conflist.clone().unwrap_or_else(|| "no conflist".into()),
+            yes(s.cni.last)
+        ),
+    ]);
     table(&["", ""], &rows).lines().skip(1).collect::<Vec<_>>().join("\n") + "\n"
 }
 
@@ -151,6 +181,19 @@ pub fn render_pods(rows: &[PodRow]) -> String {
     let yes = |b: bool| if b { "yes" } else { "NO" }.to_owned();
     table(
         &["POD", "MODE", "COOKIE", "IPS", "PROGRAMMED", "PROXY", "LAST ERROR"],
-        &rows.iter().map(|r| vec![r.pod.clone(), r.mode.clone(), r.netns_cookie.to_string(), r.ips.join(","), yes(r.programmed), yes(r.proxy_listening), r.last_error.clone().unwrap_or_else(|| "-".into())]).collect::<Vec<_>>(),
+        &rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.pod.clone(),
+                    r.mode.clone(),
+                    r.netns_cookie.to_string(),
+                    r.ips.join(","),
+                    yes(r.programmed),
+                    yes(r.proxy_listening),
+                    r.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect::<Vec<_>>(),
     )
 }

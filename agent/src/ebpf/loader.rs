@@ -20,17 +20,38 @@ pub enum EbpfError {
     #[error("loading the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("program {name}")]
-    Program { name: &'static str, #[source] source: Box<aya::programs::ProgramError> },
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("program {name} is missing from the object")]
     MissingProgram { name: &'static str },
     #[error("map {name}")]
-    Map { name: &'static str, #[source] source: Box<aya::maps::MapError> },
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
     #[error("{op} {path}")]
-    Pin { op: &'static str, path: String, #[source] source: SysError },
+    Pin {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: SysError,
+    },
     #[error("pin directory {path}")]
-    PinDir { path: String, #[source] source: std::io::Error },
+    PinDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("opening cgroup {path}")]
-    Cgroup { path: String, #[source] source: std::io::Error },
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How the agent came by its attachments.
@@ -79,10 +100,8 @@ impl EbpfDataPath {
         for dir in [pins.maps(), pins.links()] {
             std::fs::create_dir_all(&dir).map_err(|source| EbpfError::PinDir { path: dir.display().to_string(), source })?;
         }
-        let mut bpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.maps())
-            .load(super::OBJECT)
-            .map_err(|e| EbpfError::Load(Box::new(e)))?;
+        let mut bpf =
+            EbpfLoader::new().default_map_pin_directory(pins.maps()).load(super::OBJECT).map_err(|e| EbpfError::Load(Box::new(e)))?;
         let cg = File::open(cgroup).map_err(|source| EbpfError::Cgroup { path: cgroup.display().to_string(), source })?;
         forward_program_logs(&mut bpf);
 
@@ -153,9 +172,7 @@ impl EbpfDataPath {
     pub fn detach_pod(&self, cookie: u64) -> Result<(), EbpfError> {
         let link = self.pins.pod_link(cookie);
         match std::fs::remove_file(&link) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(EbpfError::PinDir { path: link.display().to_string(), source: e })
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(EbpfError::PinDir { path: link.display().to_string(), source: e }),
             _ => Ok(()),
         }
     }
@@ -171,7 +188,6 @@ impl EbpfDataPath {
         }
     }
 }
-
 
 /// The programs log only rare events (a full map); a thread forwards them into
 /// the agent's log as they come. Without the log map the agent runs on.

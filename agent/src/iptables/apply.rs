@@ -11,7 +11,11 @@ use super::plan::Family;
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
     #[error("running {program}")]
-    Spawn { program: String, #[source] source: std::io::Error },
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{program} failed: {stderr}")]
     Failed { program: String, stderr: String },
 }

@@ -32,8 +32,7 @@ pub mod map_names {
     pub const NO_BYPASS: &str = "NO_BYPASS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: &[&str] =
-        &[PODS, POD_BY_IP, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_PAIRS, NO_BYPASS, INBOUND_LISTENERS, COUNTERS];
+    pub const ALL: &[&str] = &[PODS, POD_BY_IP, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_PAIRS, NO_BYPASS, INBOUND_LISTENERS, COUNTERS];
 }
 
 /// Names of the programs, which are also their pin and link names.

@@ -76,4 +76,3 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     }
     count(Counter::OutboundRedirects);
 }
-

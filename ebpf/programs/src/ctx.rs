@@ -41,4 +41,3 @@ macro_rules! field {
     };
 }
 pub(crate) use field;
-

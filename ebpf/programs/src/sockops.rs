@@ -2,8 +2,8 @@
 //! address (what the proxy sees as its peer) and enrol local pairs for sk_msg.
 
 use aya_ebpf::bindings::{
-    BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-    BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
+    BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    bpf_sock_ops,
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::sock_ops;

@@ -45,7 +45,8 @@ fn main() -> anyhow::Result<()> {
         if let (Some(sock), Some(uid)) = (&cfg.agent_socket, &cfg.pod_uid) {
             let mut sk_msg = false;
             for (family, fd) in &listeners {
-                sk_msg |= register_listener(sock, uid, *family, fd).with_context(|| format!("registering the inbound listener (family {family}) with the agent"))?;
+                sk_msg |= register_listener(sock, uid, *family, fd)
+                    .with_context(|| format!("registering the inbound listener (family {family}) with the agent"))?;
             }
             if !sk_msg {
                 state.with_pods(|p| p.allow_splice("self"));

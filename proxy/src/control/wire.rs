@@ -47,12 +47,23 @@ fn yes() -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromProxy {
-    Hello { pid: u32, version: String },
+    Hello {
+        pid: u32,
+        version: String,
+    },
     /// Listeners are open. With `return_inbound_listeners`, the fds follow in `families` order.
-    Ack { uid: String, families: Vec<u16> },
-    Nack { uid: String, error: String },
+    Ack {
+        uid: String,
+        families: Vec<u16>,
+    },
+    Nack {
+        uid: String,
+        error: String,
+    },
     /// The message could not be understood; nothing was changed.
-    Error { error: String },
+    Error {
+        error: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

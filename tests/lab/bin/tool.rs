@@ -89,7 +89,9 @@ fn whoami(addr: &str, name: &str, rest: &[&str]) -> anyhow::Result<()> {
     println!("listening {}", l.local_addr()?);
     for conn in l.incoming() {
         let mut c = conn?;
-        let orig = original_dst(&c).map(|a| a.to_string()).unwrap_or_else(|| format!("local:{}", c.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+        let orig = original_dst(&c)
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| format!("local:{}", c.local_addr().map(|a| a.to_string()).unwrap_or_default()));
         let local = c.local_addr()?;
         let peer = c.peer_addr()?;
         let _ = writeln!(c, "server={name} orig={orig} local={local} peer={peer}");

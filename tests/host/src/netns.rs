@@ -157,10 +157,7 @@ mod tests {
 face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
 lo:     120       2    0    0    0     0          0         0      120       2    0    0    0     0       0          0\n  \
 eth0: 5000 10 0 0 0 0 0 0 7000 12 0 0 0 0 0 0\n";
-        assert_eq!(
-            parse_net_dev(text, "eth0"),
-            Some(IfCounters { rx_bytes: 5000, rx_packets: 10, tx_bytes: 7000, tx_packets: 12 })
-        );
+        assert_eq!(parse_net_dev(text, "eth0"), Some(IfCounters { rx_bytes: 5000, rx_packets: 10, tx_bytes: 7000, tx_packets: 12 }));
         assert_eq!(parse_net_dev(text, "lo").map(|c| c.tx_packets), Some(2));
         assert_eq!(parse_net_dev(text, "eth1"), None);
     }

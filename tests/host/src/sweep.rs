@@ -39,7 +39,11 @@ pub fn sweep() -> anyhow::Result<Vec<String>> {
     }
     for pin in prefixed(Path::new(BPFFS_ROOT), PREFIX)? {
         unmount_below(&pin);
-        if pin.is_dir() { fs::remove_dir_all(&pin)? } else { fs::remove_file(&pin)? }
+        if pin.is_dir() {
+            fs::remove_dir_all(&pin)?
+        } else {
+            fs::remove_file(&pin)?
+        }
         removed.push(format!("bpffs {}", pin.display()));
     }
     Ok(removed)
@@ -52,11 +56,7 @@ fn prefixed(dir: &Path, prefix: &str) -> anyhow::Result<Vec<PathBuf>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
-    Ok(entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-        .map(|e| e.path())
-        .collect())
+    Ok(entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).map(|e| e.path()).collect())
 }
 
 /// Lazily unmounts everything mounted at or below `dir` (bpffs, runtime state), deepest first.

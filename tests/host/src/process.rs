@@ -133,7 +133,10 @@ pub fn enter_before_exec(cmd: &mut Command, netns: Option<OwnedFd>, cgroup_procs
 pub fn command_in(program: impl AsRef<std::ffi::OsStr>, netns: &Path, cgroup: &Path) -> anyhow::Result<Command> {
     let mut cmd = Command::new(program);
     let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?.into();
-    let procs = OpenOptions::new().write(true).open(cgroup.join("cgroup.procs")).with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("opening {}/cgroup.procs", cgroup.display()))?;
     enter_before_exec(&mut cmd, Some(ns), Some(procs));
     Ok(cmd)
 }

@@ -80,11 +80,7 @@ impl Drop for CgroupDir {
 }
 
 pub fn read_procs(dir: &Path) -> Vec<i32> {
-    fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 /// Removes a cgroup directory and its children, deepest first. A process that
@@ -101,11 +97,9 @@ pub fn remove_tree(dir: &Path) -> anyhow::Result<()> {
     }
     // Every process in a lab cgroup was started by the lab, so cgroup.kill ends only ours.
     let _ = fs::write(dir.join("cgroup.kill"), "1");
-    crate::wait::until(&format!("cgroup {} to empty", dir.display()), Duration::from_secs(5), || {
-        match fs::remove_dir(dir) {
-            Ok(()) => Some(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(()),
-            Err(_) => None,
-        }
+    crate::wait::until(&format!("cgroup {} to empty", dir.display()), Duration::from_secs(5), || match fs::remove_dir(dir) {
+        Ok(()) => Some(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(()),
+        Err(_) => None,
     })
 }
