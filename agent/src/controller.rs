@@ -73,7 +73,59 @@ impl Controller {
         std::fs::write(config.state_dir.join(STATUS_FILE), serde_json::to_vec_pretty(&saved)?)?;
         let registry = Registry::open(config.registry_path())?;
         let proxy = config.proxy_socket.as_ref().map(|_| Arc::new(ProxyLink::default()));
-        Ok(Controller { proxy, config, choice, redirector, registry, origin })
+        let mut c = Controller { proxy, config, choice, redirector, registry, origin };
+        c.remove_stale_state();
+        Ok(c)
+    }
+
+    /// At start, what a previous agent left that matches no live pod is removed,
+    /// logged and counted, and never stops the agent: records of pods whose
+    /// netns is gone or whose pinned link was stale (the pod died while no agent
+    /// ran), and, in eBPF mode, map entries and links no record explains (a
+    /// crash between programming a pod and recording it).
+    fn remove_stale_state(&mut self) {
+        let stale_links: Vec<u64> = match &self.redirector {
+            Redirector::Ebpf(dp) => dp.stale_pods().to_vec(),
+            Redirector::Iptables(_) => Vec::new(),
+        };
+        let gone: Vec<(PodRecord, &'static str)> = self
+            .registry
+            .all()
+            .filter_map(|r| {
+                if stale_links.contains(&r.netns_cookie) {
+                    Some((r.clone(), "stale_link"))
+                } else if sys::open_netns(&r.netns).is_err() {
+                    Some((r.clone(), "netns_gone"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (rec, kind) in gone {
+            let _g = pod_span("start", &rec.namespace, &rec.name, &rec.netns, rec.mode).entered();
+            if let Err(e) = self.redirector.unenroll(None, rec.netns_cookie, &rec.policy) {
+                warn!(error = %error_chain(&e), "removing a gone pod's map entries");
+            }
+            self.registry.remove(&rec.uid);
+            stale_removed(kind);
+            warn!(kind, cookie = rec.netns_cookie, "pod went away while no agent ran; its state is removed");
+        }
+        if let Redirector::Ebpf(dp) = &mut self.redirector {
+            let known: std::collections::HashSet<u64> = self.registry.all().map(|r| r.netns_cookie).collect();
+            let mut orphans: Vec<u64> =
+                dp.maps.pod_cookies().into_iter().chain(dp.pins().pod_links()).filter(|c| !known.contains(c)).collect();
+            orphans.sort_unstable();
+            orphans.dedup();
+            for cookie in orphans {
+                let removed = dp.maps.forget(cookie).and_then(|()| dp.detach_pod(cookie));
+                match removed {
+                    Ok(()) => warn!(cookie, "map entries and link that no pod record explains are removed"),
+                    Err(e) => warn!(cookie, error = %error_chain(&e), "removing orphaned map entries"),
+                }
+                stale_removed("orphan");
+            }
+        }
+        self.registry.save();
     }
 
     /// Ready: a mode is chosen, the kernel side is in place, and the shared proxy
@@ -372,6 +424,10 @@ fn pod_span(op: &'static str, namespace: &str, name: &str, netns: &std::path::Pa
 /// A registered pod's netns, if it still exists (it is gone on a runtime's late DEL).
 fn reopen(rec: &PodRecord) -> Option<PodNet> {
     sys::open_netns(&rec.netns).ok().map(|netns| PodNet { netns, cookie: rec.netns_cookie })
+}
+
+fn stale_removed(kind: &str) {
+    crate::metrics::metrics().stale_removed.get_or_create(&crate::metrics::ActionLabel { action: kind.into() }).inc();
 }
 
 fn record(op: &str, r: &Response, started: std::time::Instant) {

@@ -55,6 +55,7 @@ pub struct AgentMetrics {
     pub ebpf: Family<CounterLabel, Gauge>,
     pub iptables: Family<OpResult, Counter>,
     pub repair: Family<ActionLabel, Counter>,
+    pub stale_removed: Family<ActionLabel, Counter>,
     pub conflist_reinsertions: Counter,
     registry: Registry,
 }
@@ -70,6 +71,7 @@ impl AgentMetrics {
             ebpf: Family::default(),
             iptables: Family::default(),
             repair: Family::default(),
+            stale_removed: Family::default(),
             conflist_reinsertions: Counter::default(),
             registry: Registry::default(),
         };
@@ -84,6 +86,11 @@ impl AgentMetrics {
         registry.register("ebpf_events", "The eBPF programs' per-CPU counters, summed", m.ebpf.clone());
         registry.register("iptables_operations", "iptables-save and iptables-restore runs, by result", m.iptables.clone());
         registry.register("repair_actions", "Pods enrolled or removed by repair", m.repair.clone());
+        registry.register(
+            "stale_state_removed",
+            "State a previous agent left that matches no live pod, removed at start, by kind (stale_link, netns_gone, orphan)",
+            m.stale_removed.clone(),
+        );
         registry.register(
             "conflist_reinsertions",
             "Times the CNI entry was put back after someone rewrote the conflist",

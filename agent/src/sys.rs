@@ -117,6 +117,7 @@ pub mod attach_type {
 }
 
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -160,6 +161,20 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<(), Sys
     a.put_u32(0, link.as_raw_fd() as u32);
     a.put_u32(4, prog.as_raw_fd() as u32);
     bpf(BPF_LINK_UPDATE, &mut a, "bpf(BPF_LINK_UPDATE)").map(drop)
+}
+
+/// The inode of the netns a netns link (sk_lookup) is attached to; 0 once that
+/// netns is gone, since such a link does not keep its netns alive.
+pub fn link_netns_ino(link: BorrowedFd<'_>) -> Result<u32, SysError> {
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose
+    // netns member starts with netns_ino.
+    let mut info = [0u8; 64];
+    let mut a = Attr::new();
+    a.put_u32(0, link.as_raw_fd() as u32); // bpf_fd
+    a.put_u32(4, info.len() as u32); // info_len
+    a.put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a, "bpf(BPF_OBJ_GET_INFO_BY_FD)")?;
+    Ok(u32::from_ne_bytes([info[16], info[17], info[18], info[19]]))
 }
 
 fn path_attr(path: &Path) -> Result<std::ffi::CString, SysError> {

@@ -141,6 +141,12 @@ impl Agent {
         self.spawn()
     }
 
+    /// One sample of the agent's /metrics (on its default admin address in the node netns).
+    pub fn metric(&self, name_and_labels: &str) -> anyhow::Result<f64> {
+        let netns = std::fs::File::open(self.node.netns().path())?;
+        crate::admin::metric(std::os::fd::AsFd::as_fd(&netns), ([127, 0, 0, 1], 15021).into(), name_and_labels)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

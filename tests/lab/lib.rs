@@ -8,6 +8,7 @@
 //! Every resource is named with [`names::PREFIX`] and removed by a guard on drop,
 //! also when a test panics; [`sweep::sweep`] removes whatever a killed run left.
 
+pub mod admin;
 pub mod agent;
 pub mod cni;
 pub mod containerd;

@@ -1,8 +1,7 @@
 //! Runs the real `podsteer-proxy` in the lab: shared (a node process in the
 //! proxy cgroup, fed by the agent) or per pod (a sidecar in the pod's netns).
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -60,22 +59,12 @@ impl Proxy {
 
     /// An HTTP GET on the admin endpoint, from inside the node netns.
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        let admin = self.admin;
-        let path = path.to_owned();
-        crate::netns::run_in(self.admin_netns.as_fd(), "proxy admin", move || -> anyhow::Result<String> {
-            let mut c = TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(c, "GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n")?;
-            let mut s = String::new();
-            c.read_to_string(&mut s)?;
-            Ok(s)
-        })?
+        crate::admin::get(self.admin_netns.as_fd(), self.admin, path)
     }
 
     /// One sample from /metrics, matched by its full name and label text.
     pub fn metric(&self, name_and_labels: &str) -> anyhow::Result<f64> {
-        let text = self.get("/metrics")?;
-        Ok(text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok()).unwrap_or(0.0))
+        crate::admin::metric(self.admin_netns.as_fd(), self.admin, name_and_labels)
     }
 
     pub fn pid(&self) -> i32 {

@@ -336,3 +336,103 @@ fn sk_msg_never_reorders_a_first_message_sent_before_the_peer_was_enrolled() -> 
     assert!(counters["sk_msg_redirects"] + counters["sk_msg_fallbacks"] > 0, "{counters:?}");
     Ok(())
 }
+
+/// The sum of one of the programs' counters, read from the pins.
+fn counter(agent: &Agent, which: podsteer_common::Counter) -> anyhow::Result<u64> {
+    Ok(Maps::open_pinned(&agent.bpffs)?.counters()?.into_iter().find(|(c, _)| *c == which).map_or(0, |(_, v)| v))
+}
+
+/// A pod that goes away while no agent runs leaves a pinned sk_lookup link whose
+/// netns is gone: such a link does not keep its netns alive, so updating it
+/// fails with ENOLINK. The agent used to exit on that at every start (a crash
+/// loop that failed every new pod's ADD); it must serve, forget the pod, count
+/// it, and keep intercepting the pods that live.
+#[test]
+fn agent_restart_after_a_pod_died_while_it_was_down_serves_and_forgets_it() -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+    let mut s = Scene::new("ebpf", &[])?;
+    let c = s.node.add_pod(PodSpec::new("default", "c"))?;
+    let rec = s.agent.add_pod(&c, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cookie = rec["netns_cookie"].as_u64().ok_or_else(|| anyhow::anyhow!("no cookie in {rec}"))?;
+    let pin = s.agent.bpffs.join("podsteer/links").join(format!("sk_lookup-{cookie}"));
+    assert!(pin.exists(), "c's sk_lookup link is pinned");
+    s.agent.kill();
+    drop(c);
+    // The kernel frees a netns asynchronously: wait until the link has lost it.
+    podsteer_lab::wait::until("c's netns to be freed", std::time::Duration::from_secs(10), || {
+        let link = podsteer_agent::sys::obj_get(&pin).ok()?;
+        (podsteer_agent::sys::link_netns_ino(link.as_fd()).ok()? == 0).then_some(())
+    })?;
+    s.agent.restart()?;
+    let pods = s.agent.pods()?;
+    let names: Vec<&str> = pods.as_array().into_iter().flatten().filter_map(|p| p["name"].as_str()).collect();
+    assert_eq!(names, ["a"], "the gone pod is forgotten, the live one kept");
+    assert!(!pin.exists(), "the stale link is unpinned");
+    assert_eq!(s.agent.metric("podsteer_agent_stale_state_removed_total{action=\"stale_link\"}")?, 1.0);
+    assert!(s.agent.log_text().contains("stale pod link removed"), "{}", s.agent.log_text());
+    let line = run_client(&s.a, &["hello", &addr(s.b4(), 8080)])?;
+    assert_eq!(field(&line, "server="), "proxy", "the live pod is still intercepted: {line}");
+    let d = s.node.add_pod(PodSpec::new("default", "d"))?;
+    s.agent.add_pod(&d, &[])?.map_err(|e| anyhow::anyhow!("a new pod's ADD after the restart: {e}"))?;
+    Ok(())
+}
+
+/// With no proxy listener in a meshed pod (the proxy down or restarting), an
+/// inbound connection is refused, never handed to the app unproxied; once the
+/// listener is back it lands there, and when the listener dies, refused again.
+fn inbound_fails_closed_while_the_proxy_has_no_listener(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    let c = s.node.add_pod(PodSpec::new("default", "c"))?;
+    let _app = start_server(&s.a, None, &["whoami", "[::]:8080", "app"])?;
+    let refused = |dst: &str, when: &str| match run_client(&c, &["hello", dst]) {
+        Ok(line) => panic!("{mode} / {when}: {dst} was answered by {line}"),
+        Err(e) => assert!(format!("{e:#}").contains("ECONNREFUSED"), "{mode} / {when}: {dst}: {e:#}"),
+    };
+    let families = [(s.a.ipv4(), "0.0.0.0:15006"), (s.a.ipv6(), "[::]:15006")];
+    for (ip, _) in families {
+        refused(&addr(ip.expect("pod address"), 8080), "no listener yet");
+    }
+    if mode == "ebpf" {
+        assert_eq!(counter(&s.agent, podsteer_common::Counter::InboundRefused)?, 2, "each refusal is counted");
+    }
+    let sock = s.agent.socket.display().to_string();
+    let uid = s.a.uid().to_string();
+    // One family at a time: the proxy listens per family, and a [::] listener
+    // would take 0.0.0.0's port.
+    for (ip, bind) in families {
+        let dst = addr(ip.expect("pod address"), 8080);
+        let mut args = vec!["whoami", bind, "inbound"];
+        if mode == "ebpf" {
+            args.extend(["--register", &sock, &uid]);
+        }
+        let inbound = start_server(&s.a, Some(s.node.proxy_cgroup()), &args)?;
+        let line = run_client(&c, &["hello", &dst])?;
+        assert_eq!(field(&line, "server="), "inbound", "{mode} / listener back: {line}");
+        drop(inbound);
+        refused(&dst, "listener died");
+    }
+    Ok(())
+}
+both_modes!(inbound_fails_closed_while_the_proxy_has_no_listener);
+
+/// After IP reuse, the old pod's late DEL must leave the address to the new pod
+/// that holds it now, or the new pod's inbound traffic stops being steered.
+#[test]
+fn a_late_del_of_an_old_pod_keeps_the_new_owner_of_its_ip() -> anyhow::Result<()> {
+    let s = Scene::new("ebpf", &[])?;
+    let old = s.node.add_pod(PodSpec::new("default", "old"))?;
+    s.agent.add_pod(&old, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let new = s.node.add_pod(PodSpec::new("default", "new"))?;
+    // The runtime handed the old pod's addresses to the new one.
+    let mut info = podsteer_lab::agent::pod_info(&new, &[]);
+    info.ips = old.ips().to_vec();
+    let rec = s.agent.call(&podsteer_agent::api::Request::Add { pod: info })?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let new_cookie = rec["netns_cookie"].as_u64().ok_or_else(|| anyhow::anyhow!("no cookie in {rec}"))?;
+    s.agent.call(&podsteer_agent::api::Request::Del { uid: old.uid().into() })?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let maps = Maps::open_pinned(&s.agent.bpffs)?;
+    for ip in old.ips() {
+        let owner = maps.pod_by_ip.get(&podsteer_agent::ebpf::maps::ip_key(*ip), 0).ok();
+        assert_eq!(owner, Some(new_cookie), "POD_BY_IP[{ip}] after the old pod's DEL");
+    }
+    Ok(())
+}

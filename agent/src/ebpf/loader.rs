@@ -9,7 +9,7 @@ use std::path::Path;
 use aya::programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use podsteer_common::program_names as prog;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::maps::Maps;
 use super::pins::PinDir;
@@ -70,6 +70,7 @@ pub struct EbpfDataPath {
     pub maps: Maps,
     pins: PinDir,
     origin: Origin,
+    stale_pods: Vec<u64>,
 }
 
 struct CgroupProgram {
@@ -130,14 +131,35 @@ impl EbpfDataPath {
         let sk_lookup: &mut SkLookup = program(&mut bpf, prog::SK_LOOKUP)?;
         sk_lookup.load().map_err(prog_err(prog::SK_LOOKUP))?;
         let origin = if adopted == CGROUP_PROGRAMS.len() { Origin::Adopted } else { Origin::Attached };
-        let dp = EbpfDataPath { bpf, maps, pins, origin };
-        for cookie in dp.pins.pod_links() {
-            let link = dp.pins.pod_link(cookie);
-            let l = sys::obj_get(&link).map_err(pin_err("opening pinned link", &link))?;
-            sys::link_update(l.as_fd(), dp.sk_lookup_fd()?).map_err(pin_err("updating link", &link))?;
-        }
-        info!(origin = ?dp.origin, pins = %dp.pins.root().display(), cgroup = %cgroup.display(), "eBPF data path ready");
+        let mut dp = EbpfDataPath { bpf, maps, pins, origin, stale_pods: Vec::new() };
+        dp.stale_pods = dp.adopt_pod_links()?;
+        info!(origin = ?dp.origin, pins = %dp.pins.root().display(), cgroup = %cgroup.display(), stale = dp.stale_pods.len(), "eBPF data path ready");
         Ok(dp)
+    }
+
+    /// Gives every pinned pod link the new sk_lookup program. One pod can never
+    /// stop the agent from starting: a link whose netns is gone (the pod died
+    /// while no agent ran; sk_lookup links do not keep their netns alive, so the
+    /// kernel answers ENOLINK) or that cannot be opened or updated is unpinned,
+    /// logged and returned, and the caller forgets that pod.
+    fn adopt_pod_links(&self) -> Result<Vec<u64>, EbpfError> {
+        let prog = self.sk_lookup_fd()?;
+        let mut stale = Vec::new();
+        for cookie in self.pins.pod_links() {
+            let link = self.pins.pod_link(cookie);
+            let updated = sys::obj_get(&link).and_then(|l| sys::link_update(l.as_fd(), prog));
+            if let Err(e) = updated {
+                warn!(cookie, link = %link.display(), error = %crate::controller::error_chain(&e), "stale pod link removed");
+                self.detach_pod(cookie)?;
+                stale.push(cookie);
+            }
+        }
+        Ok(stale)
+    }
+
+    /// Netns cookies of pods whose pinned links were stale at start (see `adopt_pod_links`).
+    pub fn stale_pods(&self) -> &[u64] {
+        &self.stale_pods
     }
 
     pub fn origin(&self) -> Origin {

@@ -91,12 +91,33 @@ impl Maps {
     pub fn unenroll(&mut self, cookie: u64, ips: &[IpAddr]) -> Result<(), EbpfError> {
         ignore_missing(self.pods.remove(&cookie)).map_err(map_err(names::PODS))?;
         for ip in ips {
-            ignore_missing(self.pod_by_ip.remove(&ip_key(*ip))).map_err(map_err(names::POD_BY_IP))?;
+            // Only our own entry: after IP reuse a late cleanup of an old pod
+            // must not take the address from the new pod that now holds it.
+            let key = ip_key(*ip);
+            if self.pod_by_ip.get(&key, 0).ok() == Some(cookie) {
+                ignore_missing(self.pod_by_ip.remove(&key)).map_err(map_err(names::POD_BY_IP))?;
+            }
         }
         for family in [podsteer_common::AF_INET, podsteer_common::AF_INET6] {
             ignore_missing(self.inbound_listeners.remove(&listener_key(cookie, family))).map_err(map_err(names::INBOUND_LISTENERS))?;
         }
         Ok(())
+    }
+
+    /// Removes every trace of a pod known only by its cookie (its record is
+    /// gone or was never written): PODS, each POD_BY_IP entry that points at
+    /// it, and its listeners.
+    pub fn forget(&mut self, cookie: u64) -> Result<(), EbpfError> {
+        let ips: Vec<Addr> = self.pod_by_ip.iter().filter_map(Result::ok).filter(|(_, c)| *c == cookie).map(|(ip, _)| ip).collect();
+        for key in ips {
+            ignore_missing(self.pod_by_ip.remove(&key)).map_err(map_err(names::POD_BY_IP))?;
+        }
+        self.unenroll(cookie, &[])
+    }
+
+    /// Cookies of every pod in PODS.
+    pub fn pod_cookies(&self) -> Vec<u64> {
+        self.pods.keys().filter_map(Result::ok).collect()
     }
 
     /// Points a pod's sk_lookup at the proxy's inbound listener for one family.

@@ -57,10 +57,13 @@ pub enum Counter {
     InboundSteers = 5,
     SkipProxySocket = 6,
     SkipExcluded = 7,
+    /// Inbound connections to a meshed pod refused because its proxy had no
+    /// listener there (proxy down or restarting): fail closed, never to the app.
+    InboundRefused = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::OutboundRedirects,
         Counter::OrigDstHits,
         Counter::OrigDstMisses,
@@ -69,8 +72,11 @@ impl Counter {
         Counter::InboundSteers,
         Counter::SkipProxySocket,
         Counter::SkipExcluded,
+        Counter::InboundRefused,
     ];
-    pub const COUNT: u32 = Counter::ALL.len() as u32;
+    /// Slots in the pinned COUNTERS map: more than are used, so a counter added
+    /// later fits the map an older agent pinned, and an upgrade need not re-pin it.
+    pub const SLOTS: u32 = 32;
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -82,6 +88,7 @@ impl Counter {
             Counter::InboundSteers => "inbound_steers",
             Counter::SkipProxySocket => "skipped_proxy_sockets",
             Counter::SkipExcluded => "skipped_excluded",
+            Counter::InboundRefused => "inbound_refused",
         }
     }
 }

@@ -34,7 +34,7 @@ pub static NO_BYPASS: LruHashMap<SockPairKey, u8> = LruHashMap::pinned(65536, 0)
 pub static INBOUND_LISTENERS: SockHash<SockKey> = SockHash::pinned(8192, 0);
 
 #[map(name = "COUNTERS")]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::SLOTS, 0);
 
 #[inline(always)]
 pub fn count(c: Counter) {
