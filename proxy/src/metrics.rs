@@ -39,6 +39,9 @@ pub enum Outcome {
     Drained,
     /// No original destination could be found.
     NoOriginalDst,
+    /// The destination was one of the proxy's own listeners (a direct connect
+    /// to a proxy port): refused, since relaying it would loop.
+    OwnListener,
 }
 
 impl Outcome {
@@ -51,6 +54,7 @@ impl Outcome {
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::Drained => "drained",
             Outcome::NoOriginalDst => "no_original_dst",
+            Outcome::OwnListener => "own_listener",
         }
     }
 }

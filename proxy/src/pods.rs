@@ -59,6 +59,7 @@ impl Pods {
         let ctx = Arc::new(PodCtx {
             label: req.label.clone(),
             netns,
+            outbound_port: req.outbound_port,
             inbound_port: req.inbound_port,
             stopping,
             conns,

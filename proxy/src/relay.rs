@@ -44,6 +44,7 @@ pub struct Settings {
 pub struct PodCtx {
     pub label: String,
     pub netns: PodNetns,
+    pub outbound_port: u16,
     pub inbound_port: u16,
     /// Flips to true when the pod is removed or the proxy drains.
     pub stopping: watch::Receiver<bool>,
@@ -77,6 +78,11 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
         Err(_) => {
             reset(&client);
             (Outcome::NoOriginalDst, 0, 0)
+        }
+        Ok(d) if is_own_listener(d, &client, &pod) => {
+            dst = Some(d);
+            reset(&client);
+            (Outcome::OwnListener, 0, 0)
         }
         Ok(d) => {
             dst = Some(d);
@@ -115,6 +121,19 @@ fn destination(client: &TcpStream, dir: Direction, pod: &PodCtx) -> io::Result<S
         return Ok(local);
     }
     socket::original_dst(client.as_fd(), local.is_ipv6())
+}
+
+/// Whether `dst` is one of this pod's own listeners: a proxy port on a local
+/// address (loopback, unspecified, or the address the client reached us on).
+/// A client that connects straight to a proxy port is not redirected, so the
+/// original destination is the listener itself, and relaying it would connect
+/// the proxy to itself again and again, two fds a level, until it runs out.
+fn is_own_listener(dst: SocketAddr, client: &TcpStream, pod: &PodCtx) -> bool {
+    if dst.port() != pod.outbound_port && dst.port() != pod.inbound_port {
+        return false;
+    }
+    let ip = dst.ip().to_canonical();
+    ip.is_loopback() || ip.is_unspecified() || client.local_addr().is_ok_and(|l| l.ip().to_canonical() == ip)
 }
 
 async fn connect(dst: SocketAddr, pod: &PodCtx, s: &Settings, m: &Metrics, dir: Direction) -> io::Result<TcpStream> {

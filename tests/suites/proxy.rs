@@ -353,3 +353,50 @@ fn established_connections_keep_flowing_while_the_agent_restarts() -> anyhow::Re
     );
     Ok(())
 }
+
+/// Open file descriptors of a process.
+fn fds(pid: i32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// A client that connects straight to a proxy port is not redirected, so its
+/// original destination is the proxy's own listener. Relaying that would make
+/// the proxy connect to itself, two fds a level, until the node's proxy runs
+/// out of fds (seen in iptables mode: 8,000 fds from one connect). The proxy
+/// must reset such a client, count it, and hold no more fds than before.
+fn a_direct_connect_to_a_proxy_port_is_reset_not_looped(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &[])?;
+    let c = m.node.add_pod(PodSpec::new("default", "c"))?;
+    let before = fds(m.proxy.pid())?;
+    let a4 = m.a.ipv4().expect("v4");
+    let cases = [
+        (&m.a, "127.0.0.1:15001".to_string(), "outbound"),
+        (&m.a, "[::1]:15001".to_string(), "outbound"),
+        (&c, addr(a4, 15006), "inbound"),
+        (&c, addr(m.a.ipv6().expect("v6"), 15006), "inbound"),
+    ];
+    for (from, dst, _) in &cases {
+        let out = run_client(from, &["expect-reset", dst, "--quiet"])?;
+        assert!(out.starts_with("reset"), "{mode} / {dst}: {out}");
+    }
+    wait::until("the proxy's fds to settle", Duration::from_secs(10), || (fds(m.proxy.pid()).ok()? <= before).then_some(()))
+        .map_err(|e| e.context(format!("{mode}: proxy fds {} now, {before} before", fds(m.proxy.pid()).unwrap_or(0))))?;
+    // eBPF mode never has an original destination for these (nothing was
+    // redirected); iptables mode has the listener itself, which is refused.
+    let own =
+        m.proxy.metric("podsteer_proxy_connections_closed_total{pod=\"default/a\",direction=\"outbound\",result=\"own_listener\"}")?
+            + m.proxy.metric("podsteer_proxy_connections_closed_total{pod=\"default/a\",direction=\"inbound\",result=\"own_listener\"}")?;
+    let missing = m
+        .proxy
+        .metric("podsteer_proxy_connections_closed_total{pod=\"default/a\",direction=\"outbound\",result=\"no_original_dst\"}")?
+        + m.proxy.metric("podsteer_proxy_connections_closed_total{pod=\"default/a\",direction=\"inbound\",result=\"no_original_dst\"}")?;
+    assert_eq!(own + missing, cases.len() as f64, "{mode}: own_listener {own}, no_original_dst {missing}");
+    if mode == "iptables" {
+        assert_eq!(own, cases.len() as f64, "every direct connect is refused as the proxy's own listener");
+    }
+    // The pod's real traffic is untouched.
+    let out = run_client(&m.a, &["request", &m.b(8080), "1000"])?;
+    assert!(out.starts_with("ok 1000"), "{out}");
+    Ok(())
+}
+both_modes!(a_direct_connect_to_a_proxy_port_is_reset_not_looped);

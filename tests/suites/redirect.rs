@@ -436,3 +436,64 @@ fn a_late_del_of_an_old_pod_keeps_the_new_owner_of_its_ip() -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// `podsteer explain` against the Scene's agent, as JSON.
+fn explain(s: &Scene, dest: &str) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new(podsteer_lab::agent::bin("podsteer"))
+        .args(["--bpffs", &s.agent.bpffs.display().to_string()])
+        .args(["--state-dir", &s.agent.state_dir.display().to_string()])
+        .args(["--socket", &s.agent.socket.display().to_string()])
+        .args(["explain", "default/a", dest, "--output", "json"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "explain {dest}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// A dual-stack socket (the JVM's default) connecting to `::ffff:a.b.c.d` is an
+/// IPv4 connection and must be decided as one, in both modes and in explain: an
+/// excluded IPv4 CIDR and IPv4 loopback stay untouched, and a redirected one
+/// lands on the IPv4 listener with the IPv4 original destination.
+fn ipv4_mapped_destinations_are_decided_as_ipv4(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::with(mode, |b| vec![("podsteer.io/exclude-outbound-cidrs".into(), format!("{}/32", b.ipv4().expect("v4")))])?;
+    let _local = start_server(&s.a, None, &["whoami", "127.0.0.1:7777", "local"])?;
+    let mapped = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+        v6 => v6,
+    };
+    let excluded = addr(mapped(s.b4()), 8080);
+    let line = run_client(&s.a, &["hello", &excluded])?;
+    assert_eq!(field(&line, "server="), "b", "{mode} / excluded CIDR via {excluded}: {line}");
+    let e = explain(&s, &excluded)?;
+    assert_eq!((e["intercepted"].as_bool(), e["reason"].as_str()), (Some(false), Some("destination is in an excluded CIDR")), "{e}");
+
+    let lo = addr(mapped("127.0.0.1".parse()?), 7777);
+    let line = run_client(&s.a, &["hello", &lo])?;
+    assert_eq!(field(&line, "server="), "local", "{mode} / loopback via {lo}: {line}");
+    assert_eq!(explain(&s, &lo)?["intercepted"], false);
+
+    let gw = s.node.gateway_ips()[0];
+    let control = addr(mapped(gw), 9999);
+    let line = run_client(&s.a, &["hello", &control])?;
+    assert_eq!(field(&line, "server="), "proxy", "{mode} / control {control}: {line}");
+    assert_eq!(field(&line, "orig="), addr(gw, 9999), "{mode}: the original destination is the IPv4 address: {line}");
+    let e = explain(&s, &control)?;
+    assert_eq!(e["intercepted"], true, "{e}");
+    assert!(e["lands_on"].as_str().is_some_and(|l| l.starts_with("[::ffff:127.0.0.1]:15001")), "{e}");
+    Ok(())
+}
+both_modes!(ipv4_mapped_destinations_are_decided_as_ipv4);
+
+/// Another host's port 15001 is an ordinary destination: exempting proxy ports
+/// there would be a free egress path past the proxy.
+fn a_proxy_port_on_another_host_is_intercepted(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    let _other = start_server(&s.b, None, &["whoami", "[::]:15001", "b"])?;
+    for ip in [s.b4(), s.b6()] {
+        let dst = addr(ip, 15001);
+        let line = run_client(&s.a, &["hello", &dst])?;
+        assert_eq!(field(&line, "server="), "proxy", "{mode} / {dst}: {line}");
+        assert_eq!(explain(&s, &dst)?["intercepted"], true);
+    }
+    Ok(())
+}
+both_modes!(a_proxy_port_on_another_host_is_intercepted);

@@ -29,7 +29,7 @@ fn rule_comment(v: Verdict) -> &'static str {
         Verdict::Redirect => "podsteer/redirect-outbound",
         Verdict::OutboundOff => "(no jump to PODSTEER_OUTPUT)",
         Verdict::Local => "podsteer/loopback or podsteer/own-ip",
-        Verdict::ProxyPort => "podsteer/redirect-outbound (proxy port)",
+        Verdict::LinkLocal => "podsteer/link-local",
         Verdict::ExcludedPort => "podsteer/excluded-outbound-port",
         Verdict::ExcludedCidr => "podsteer/excluded-outbound-cidr",
     }
@@ -75,7 +75,12 @@ pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlE
         format!("{decided_by}: {}", field(verdict))
     };
     let lands_on = if verdict == Verdict::Redirect {
-        let lo = if destination.is_ipv4() { "127.0.0.1" } else { "[::1]" };
+        // An IPv4-mapped destination is IPv4 (ip_key unmapped it), as connect6 treats it.
+        let lo = match (destination.is_ipv4(), dst.family == podsteer_common::AF_INET) {
+            (true, _) => "127.0.0.1",
+            (false, true) => "[::ffff:127.0.0.1]",
+            (false, false) => "[::1]",
+        };
         format!("{lo}:{} in the pod's netns (the proxy's outbound listener), original destination {destination}", policy.outbound_port)
     } else {
         destination.to_string()
@@ -100,7 +105,7 @@ fn field(v: Verdict) -> &'static str {
         Verdict::Redirect => "outbound_port",
         Verdict::OutboundOff => "flags",
         Verdict::Local => "ipv4/ipv6 (own address) or loopback",
-        Verdict::ProxyPort => "outbound_port/inbound_port",
+        Verdict::LinkLocal => "(fe80::/10, in the program)",
         Verdict::ExcludedPort => "excluded_outbound_ports",
         Verdict::ExcludedCidr => "excluded_cidrs",
     }

@@ -141,8 +141,9 @@ pub fn listener_key(cookie: u64, family: u16) -> SockKey {
     SockKey { netns: cookie, addr: Addr { family, ..Addr::default() }, _pad: 0 }
 }
 
+/// The kernel's view of an address: IPv4-mapped IPv6 is IPv4, as the programs key it.
 pub fn ip_key(ip: IpAddr) -> Addr {
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(a) => Addr::v4(u32::from(a).to_be(), 0),
         IpAddr::V6(a) => Addr::v6(ip6_words(a), 0),
     }

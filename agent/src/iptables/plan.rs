@@ -53,6 +53,11 @@ pub fn install_plan(policy: &Policy, family: Family, current_save: &str) -> Stri
     for ip in policy.ips.iter().filter(|ip| family.has(ip)) {
         out.push(rule(o, &format!("-d {ip}/{}", family.host_prefix()), "own-ip", "RETURN"));
     }
+    if family == Family::V6 {
+        // The app's interface scope cannot be carried through the proxy; eBPF
+        // mode leaves these alone too (Verdict::LinkLocal).
+        out.push(rule(o, "-d fe80::/10", "link-local", "RETURN"));
+    }
     for port in &policy.excluded_outbound_ports {
         out.push(rule(o, &format!("-p tcp --dport {port}"), "excluded-outbound-port", "RETURN"));
     }

@@ -75,8 +75,8 @@ pub enum Verdict {
     OutboundOff,
     /// The app is talking to itself (loopback or the pod's own address).
     Local,
-    /// The destination is one of the proxy's own ports.
-    ProxyPort,
+    /// An IPv6 link-local destination (see [`crate::Addr::is_link_local`]).
+    LinkLocal,
     ExcludedPort,
     ExcludedCidr,
 }
@@ -87,7 +87,7 @@ impl Verdict {
             Verdict::Redirect => "redirected to the pod's outbound proxy port",
             Verdict::OutboundOff => "outbound interception is off for this pod",
             Verdict::Local => "loopback or the pod's own address",
-            Verdict::ProxyPort => "destination is a proxy port",
+            Verdict::LinkLocal => "IPv6 link-local destination: its interface scope cannot be carried through the proxy",
             Verdict::ExcludedPort => "destination port is excluded",
             Verdict::ExcludedCidr => "destination is in an excluded CIDR",
         }
@@ -108,7 +108,12 @@ impl PodPolicy {
     }
 
     /// The decision for a TCP connect to `dst` (port in network order) from a
-    /// socket that is not the proxy's own.
+    /// socket that is not the proxy's own. `dst` must already be unmapped
+    /// ([`crate::Addr::v6_unmapped`]): an IPv4-mapped destination is decided as IPv4.
+    ///
+    /// A proxy port on another host is redirected like any port: exempting it
+    /// would be a free egress path past the proxy. A direct connect to the pod's
+    /// own proxy ports is `Local` here and refused by the proxy.
     pub fn outbound_verdict(&self, dst: &crate::Addr) -> Verdict {
         if !self.has(flags::OUTBOUND) {
             return Verdict::OutboundOff;
@@ -116,10 +121,10 @@ impl PodPolicy {
         if dst.is_loopback() || self.is_own_ip(dst) {
             return Verdict::Local;
         }
-        let port = u16::from_be(dst.port);
-        if port == self.outbound_port || port == self.inbound_port {
-            return Verdict::ProxyPort;
+        if dst.is_link_local() {
+            return Verdict::LinkLocal;
         }
+        let port = u16::from_be(dst.port);
         if self.excludes_outbound_port(port) {
             return Verdict::ExcludedPort;
         }

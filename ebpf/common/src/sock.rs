@@ -19,6 +19,23 @@ impl Addr {
         Addr { ip: ip_be, port: port_be, family: crate::AF_INET6 }
     }
 
+    /// An IPv6 address as the connection really is: IPv4-mapped (`::ffff:a.b.c.d`,
+    /// a dual-stack socket talking IPv4) becomes plain IPv4, so every decision and
+    /// every key treats it as the IPv4 destination it is.
+    pub const fn v6_unmapped(ip_be: [u32; 4], port_be: u16) -> Self {
+        if Addr::is_v4_mapped(&ip_be) { Addr::v4(ip_be[3], port_be) } else { Addr::v6(ip_be, port_be) }
+    }
+
+    pub const fn is_v4_mapped(ip_be: &[u32; 4]) -> bool {
+        ip_be[0] == 0 && ip_be[1] == 0 && ip_be[2] == 0xffffu32.to_be()
+    }
+
+    /// fe80::/10: only meaningful with the scope (interface) the app chose,
+    /// which a proxy's own connect cannot reproduce.
+    pub const fn is_link_local(&self) -> bool {
+        self.family == crate::AF_INET6 && (u32::from_be(self.ip[0]) >> 22) == (0xfe80 >> 6)
+    }
+
     /// 127.0.0.0/8 or ::1: the app talking to itself.
     pub const fn is_loopback(&self) -> bool {
         if self.family == crate::AF_INET {

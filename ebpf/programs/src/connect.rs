@@ -44,14 +44,16 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
         return;
     }
     let port_be = rd(field!((*sa).user_port)) as u16;
-    let dst = if v6 { Addr::v6(rd6(field!((*sa).user_ip6)), port_be) } else { Addr::v4(rd(field!((*sa).user_ip4)), port_be) };
+    // A dual-stack socket's `::ffff:a.b.c.d` is decided, recorded and answered
+    // (SO_ORIGINAL_DST on the proxy's IPv4 listener) as the IPv4 address it is.
+    let dst = if v6 { Addr::v6_unmapped(rd6(field!((*sa).user_ip6)), port_be) } else { Addr::v4(rd(field!((*sa).user_ip4)), port_be) };
     match pol.outbound_verdict(&dst) {
         Verdict::Redirect => {}
-        Verdict::ExcludedPort | Verdict::ExcludedCidr | Verdict::ProxyPort => {
+        Verdict::ExcludedPort | Verdict::ExcludedCidr => {
             count(Counter::SkipExcluded);
             return;
         }
-        Verdict::OutboundOff | Verdict::Local => return,
+        Verdict::OutboundOff | Verdict::Local | Verdict::LinkLocal => return,
     }
     // SAFETY: the helper only reads the context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
@@ -64,11 +66,13 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     // SAFETY: writes to user_ip4/user_ip6/user_port are allowed in connect hooks.
     unsafe {
         if v6 {
+            // [::1] for IPv6, ::ffff:127.0.0.1 (the proxy's IPv4 listener) for IPv4-mapped.
+            let mapped = dst.family == podsteer_common::AF_INET;
             let ip6 = field!((*sa).user_ip6) as *mut u32;
             core::ptr::write_volatile(ip6, 0);
             core::ptr::write_volatile(ip6.add(1), 0);
-            core::ptr::write_volatile(ip6.add(2), 0);
-            core::ptr::write_volatile(ip6.add(3), 1u32.to_be());
+            core::ptr::write_volatile(ip6.add(2), if mapped { 0xffffu32.to_be() } else { 0 });
+            core::ptr::write_volatile(ip6.add(3), if mapped { 0x7f00_0001u32.to_be() } else { 1u32.to_be() });
         } else {
             core::ptr::write_volatile(field!((*sa).user_ip4) as *mut u32, 0x7f00_0001u32.to_be());
         }

@@ -26,11 +26,7 @@ pub fn addr(family: u32, ip4: *const u32, ip6: *const [u32; 4], port_be: u16) ->
     if family == AF_INET as u32 {
         return Addr::v4(rd(ip4), port_be);
     }
-    let ip = rd6(ip6);
-    if ip[0] == 0 && ip[1] == 0 && ip[2] == 0xffffu32.to_be() {
-        return Addr::v4(ip[3], port_be);
-    }
-    Addr::v6(ip, port_be)
+    Addr::v6_unmapped(rd6(ip6), port_be)
 }
 
 /// Address of a context field, without creating a reference to kernel memory.

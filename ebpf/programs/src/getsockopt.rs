@@ -25,17 +25,50 @@ pub fn podsteer_getsockopt(ctx: SockoptContext) -> i32 {
     PASS
 }
 
+/// Leaves every call we do not answer exactly as the kernel returned it. The
+/// program sees at most one page of the result; when the result is longer,
+/// kernels 5.12 to 6.4 fail the caller's getsockopt with EFAULT unless the
+/// program sets optlen to 0, which means "return the original untouched".
+/// (iptables-legacy's IPT_SO_GET_ENTRIES is one such long call.)
+#[inline(always)]
+fn pass_through(so: *mut bpf_sockopt) {
+    let optlen = rd(field!((*so).optlen));
+    // SAFETY: optval/optval_end bound the kernel buffer; only compared here.
+    let truncated = unsafe {
+        let start = (*so).__bindgen_anon_2.optval as *mut u8;
+        let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
+        !(0..=MAX_PAGE as i32).contains(&optlen) || start.add(optlen as usize) > end
+    };
+    if truncated {
+        // SAFETY: optlen is writable in getsockopt programs.
+        unsafe { core::ptr::write_volatile(field!((*so).optlen) as *mut i32, 0) };
+    }
+}
+
+/// Above this, a result cannot fit the buffer (a page is at most 64 KiB), and
+/// below it the verifier accepts the pointer arithmetic (its packet offsets are 16-bit).
+const MAX_PAGE: u32 = 0xffff;
+
 #[inline(always)]
 fn answer(ctx: &SockoptContext) {
     let so: *mut bpf_sockopt = ctx.sockopt;
+    if !answer_original_dst(so) {
+        pass_through(so);
+    }
+}
+
+/// Answers SO_ORIGINAL_DST from ORIG_BY_TUPLE; false when the call is not one
+/// this program answers.
+#[inline(always)]
+fn answer_original_dst(so: *mut bpf_sockopt) -> bool {
     let level = rd(field!((*so).level));
     if rd(field!((*so).optname)) != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
-        return;
+        return false;
     }
     // SAFETY: `sk` is valid in sockopt hooks.
     let sk = unsafe { (*so).__bindgen_anon_1.sk };
     if sk.is_null() {
-        return;
+        return false;
     }
     // The accepted socket's peer is the app's socket: the key sockops stored.
     // SAFETY: reading fields of the socket the kernel handed us.
@@ -49,7 +82,7 @@ fn answer(ctx: &SockoptContext) {
     // SAFETY: copied out at once.
     let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&SockKey { netns, addr: peer, _pad: 0 }) }).copied() else {
         count(Counter::OrigDstMisses);
-        return;
+        return false;
     };
     // SAFETY: optval/optval_end bound the kernel buffer; every write below is checked against them.
     unsafe {
@@ -58,7 +91,7 @@ fn answer(ctx: &SockoptContext) {
         let len = if orig.family == AF_INET { SOCKADDR_IN_LEN } else { SOCKADDR_IN6_LEN };
         if start.add(len) > end || (level == SOL_IP) != (orig.family == AF_INET) {
             count(Counter::OrigDstMisses);
-            return;
+            return false;
         }
         let family = if orig.family == AF_INET { AF_INET } else { AF_INET6 };
         core::ptr::write_volatile(start as *mut u16, family);
@@ -80,4 +113,5 @@ fn answer(ctx: &SockoptContext) {
         core::ptr::write_volatile(field!((*so).retval) as *mut i32, 0);
     }
     count(Counter::OrigDstHits);
+    true
 }
