@@ -52,6 +52,21 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's name, as it appears in metrics and refusals.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Add { .. } => "add",
+            Request::Del { .. } => "del",
+            Request::Check { .. } => "check",
+            Request::Status => "status",
+            Request::Pods => "pods",
+            Request::RegisterListener { .. } => "register_listener",
+            Request::Gc { .. } => "gc",
+        }
+    }
+}
+
 /// Why a request failed; the CNI plugin maps these to CNI error codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,6 +77,8 @@ pub enum ErrorKind {
     NotFound,
     NotReady,
     Internal,
+    /// The caller may not send this request (see `peer`).
+    Forbidden,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -31,6 +31,8 @@ pub struct Controller {
     redirector: Redirector,
     registry: Registry,
     origin: Option<crate::ebpf::loader::Origin>,
+    /// The node's netns (the agent's own), which no pod may claim.
+    node_netns: Option<crate::peer::NetnsId>,
 }
 
 #[derive(Serialize)]
@@ -73,7 +75,8 @@ impl Controller {
         std::fs::write(config.state_dir.join(STATUS_FILE), serde_json::to_vec_pretty(&saved)?)?;
         let registry = Registry::open(config.registry_path())?;
         let proxy = config.proxy_socket.as_ref().map(|_| Arc::new(ProxyLink::default()));
-        let mut c = Controller { proxy, config, choice, redirector, registry, origin };
+        let node_netns = crate::peer::NetnsId::own().ok();
+        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns };
         c.remove_stale_state();
         Ok(c)
     }
@@ -88,27 +91,23 @@ impl Controller {
             Redirector::Ebpf(dp) => dp.stale_pods().to_vec(),
             Redirector::Iptables(_) => Vec::new(),
         };
-        let gone: Vec<(PodRecord, &'static str)> = self
-            .registry
-            .all()
-            .filter_map(|r| {
-                if stale_links.contains(&r.netns_cookie) {
-                    Some((r.clone(), "stale_link"))
-                } else if sys::open_netns(&r.netns).is_err() {
-                    Some((r.clone(), "netns_gone"))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        for (rec, kind) in gone {
+        // Counted once each, whether or not the last agent had saved the pod's
+        // record before it died (the registry is written behind).
+        for _ in &stale_links {
+            stale_removed("stale_link");
+        }
+        let gone: Vec<PodRecord> =
+            self.registry.all().filter(|r| stale_links.contains(&r.netns_cookie) || sys::open_netns(&r.netns).is_err()).cloned().collect();
+        for rec in gone {
             let _g = pod_span("start", &rec.namespace, &rec.name, &rec.netns, rec.mode).entered();
             if let Err(e) = self.redirector.unenroll(None, rec.netns_cookie, &rec.policy) {
                 warn!(error = %error_chain(&e), "removing a gone pod's map entries");
             }
             self.registry.remove(&rec.uid);
-            stale_removed(kind);
-            warn!(kind, cookie = rec.netns_cookie, "pod went away while no agent ran; its state is removed");
+            if !stale_links.contains(&rec.netns_cookie) {
+                stale_removed("netns_gone");
+            }
+            warn!(cookie = rec.netns_cookie, "pod went away while no agent ran; its state is removed");
         }
         if let Redirector::Ebpf(dp) = &mut self.redirector {
             let known: std::collections::HashSet<u64> = self.registry.all().map(|r| r.netns_cookie).collect();
@@ -122,7 +121,9 @@ impl Controller {
                     Ok(()) => warn!(cookie, "map entries and link that no pod record explains are removed"),
                     Err(e) => warn!(cookie, error = %error_chain(&e), "removing orphaned map entries"),
                 }
-                stale_removed("orphan");
+                if !stale_links.contains(&cookie) {
+                    stale_removed("orphan");
+                }
             }
         }
         self.registry.save();
@@ -169,6 +170,22 @@ impl Controller {
         }
     }
 
+    /// Classifies a peer of the agent socket (see [`crate::peer`]): a process in
+    /// a registered pod's netns acts for that pod only, whatever its uid.
+    pub fn caller(&self, peer: &crate::peer::Peer) -> crate::peer::Caller {
+        use crate::peer::{Caller, NetnsId};
+        if peer.uid != 0 {
+            return Caller::Unprivileged { uid: peer.uid };
+        }
+        if Some(peer.netns) == self.node_netns {
+            return Caller::Node;
+        }
+        match self.registry.all().find(|r| NetnsId::of(&r.netns).is_ok_and(|n| n == peer.netns)) {
+            Some(r) => Caller::Pod(r.uid.clone()),
+            None => Caller::Node,
+        }
+    }
+
     pub fn pods(&self) -> Vec<PodRecord> {
         self.registry.all().cloned().collect()
     }
@@ -203,6 +220,9 @@ impl Controller {
             Ok(f) => f,
             Err(e) => return Response::err(ErrorKind::BadNetns, error_chain(&e)),
         };
+        if self.node_netns.is_some() && crate::peer::NetnsId::of(&pod.netns).ok() == self.node_netns {
+            return Response::err(ErrorKind::BadNetns, format!("{} is the node's own network namespace, not a pod's", pod.netns.display()));
+        }
         let cookie = match sys::enter_pod(netns.as_fd()) {
             Ok(c) => c,
             Err(e) => return Response::err(ErrorKind::BadNetns, error_chain(&e)),
@@ -408,6 +428,9 @@ impl Controller {
         let Some(fd) = fd else { return Response::err(ErrorKind::BadRequest, "register_listener needs a socket fd (SCM_RIGHTS)") };
         if family != podsteer_common::AF_INET && family != podsteer_common::AF_INET6 {
             return Response::err(ErrorKind::BadRequest, format!("family {family} is neither 2 nor 10"));
+        }
+        if let Err(why) = sys::check_listener(fd, family, rec.netns_cookie) {
+            return Response::err(ErrorKind::BadRequest, format!("not the pod's inbound listener: {why}"));
         }
         match self.redirector.set_inbound_listener(rec.netns_cookie, family, fd) {
             Ok(()) => Response::ok(serde_json::json!({"registered": true, "sk_msg": self.sk_msg_feeds(&rec.policy)})),

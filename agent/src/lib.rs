@@ -14,6 +14,7 @@ pub mod install;
 pub mod iptables;
 pub mod metrics;
 pub mod mode;
+pub mod peer;
 pub mod policy;
 pub mod proxy_link;
 pub mod redirect;

@@ -35,13 +35,26 @@ fn accept_failed(socket: &str, e: &dyn std::fmt::Display) {
 }
 
 fn handle(stream: UnixStream, ctl: &Mutex<Controller>) {
-    let resp = match api::read_request(&stream) {
-        Err(e) => Response::err(ErrorKind::BadRequest, format!("reading request: {e}")),
-        Ok((line, fds)) => match serde_json::from_slice::<Request>(&line) {
+    // Who connected is read first, before a byte of the request is trusted.
+    let peer = crate::peer::Peer::of(&stream);
+    let resp = match (peer, api::read_request(&stream)) {
+        (Err(e), _) => Response::err(ErrorKind::Forbidden, crate::controller::error_chain(&e)),
+        (_, Err(e)) => Response::err(ErrorKind::BadRequest, format!("reading request: {e}")),
+        (Ok(peer), Ok((line, fds))) => match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
             Ok(req) => match ctl.lock() {
                 Err(_) => Response::err(ErrorKind::Internal, "agent state poisoned by an earlier panic"),
-                Ok(mut c) => dispatch(&mut c, req, fds.first().map(|f| f.as_fd())),
+                Ok(mut c) => {
+                    let caller = c.caller(&peer);
+                    match crate::peer::authorize(&caller, &req) {
+                        Ok(()) => dispatch(&mut c, req, fds.first().map(|f| f.as_fd())),
+                        Err(why) => {
+                            warn!(pid = peer.pid, uid = peer.uid, ?caller, request = req.name(), why, "request refused");
+                            count(req.name(), "forbidden");
+                            Response::err(ErrorKind::Forbidden, why)
+                        }
+                    }
+                }
             },
         },
     };
@@ -51,22 +64,17 @@ fn handle(stream: UnixStream, ctl: &Mutex<Controller>) {
 }
 
 fn dispatch(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Response {
-    let command = match &req {
-        Request::Add { .. } => "add",
-        Request::Del { .. } => "del",
-        Request::Check { .. } => "check",
-        Request::Status => "status",
-        Request::Pods => "pods",
-        Request::RegisterListener { .. } => "register_listener",
-        Request::Gc { .. } => "gc",
-    };
+    let command = req.name();
     let r = dispatch_inner(c, req, fd);
-    let result = if r.ok { "ok" } else { "error" };
+    count(command, if r.ok { "ok" } else { "error" });
+    r
+}
+
+fn count(command: &str, result: &str) {
     crate::metrics::metrics()
         .requests
         .get_or_create(&crate::metrics::CommandResult { command: command.into(), result: result.into() })
         .inc();
-    r
 }
 
 fn dispatch_inner(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Response {

@@ -93,18 +93,51 @@ pub fn enter_pod(netns: BorrowedFd<'_>) -> Result<u64, SysError> {
     })?
 }
 
-fn cookie_here() -> Result<u64, SysError> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"));
-    let sock = sock.map_err(|source| SysError::Syscall { call: "socket", source })?;
+fn sockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> Result<i32, String> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid for the size given.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, opt, (&raw mut v).cast(), &mut len) };
+    if rc != 0 { Err(std::io::Error::last_os_error().to_string()) } else { Ok(v) }
+}
+
+/// Checks that an fd handed over SCM_RIGHTS as a pod's inbound listener is a
+/// listening TCP socket of `family` inside the netns with cookie `netns_cookie`.
+pub fn check_listener(fd: BorrowedFd<'_>, family: u16, netns_cookie: u64) -> Result<(), String> {
+    let domain = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(|e| format!("not a socket ({e})"))?;
+    if domain != i32::from(family) {
+        return Err(format!("socket family {domain}, registered as {family}"));
+    }
+    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP {
+        return Err("not a TCP socket".into());
+    }
+    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 1 {
+        return Err("not listening".into());
+    }
+    let cookie = socket_netns_cookie(fd).map_err(|e| e.to_string())?;
+    if cookie != netns_cookie {
+        return Err(format!("the socket lives in netns {cookie}, the pod's is {netns_cookie}"));
+    }
+    Ok(())
+}
+
+fn socket_netns_cookie(fd: BorrowedFd<'_>) -> Result<u64, SysError> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: cookie and len are valid for the sizes given.
-    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len) };
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len) };
     if rc != 0 {
         return Err(syscall("getsockopt(SO_NETNS_COOKIE)"));
     }
     Ok(cookie)
+}
+
+fn cookie_here() -> Result<u64, SysError> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"));
+    let sock = sock.map_err(|source| SysError::Syscall { call: "socket", source })?;
+    use std::os::fd::AsFd as _;
+    socket_netns_cookie(sock.as_fd())
 }
 
 /// Attach types from the kernel's uapi (stable ABI).

@@ -368,6 +368,7 @@ fn agent_restart_after_a_pod_died_while_it_was_down_serves_and_forgets_it() -> a
     let names: Vec<&str> = pods.as_array().into_iter().flatten().filter_map(|p| p["name"].as_str()).collect();
     assert_eq!(names, ["a"], "the gone pod is forgotten, the live one kept");
     assert!(!pin.exists(), "the stale link is unpinned");
+    assert!(!Maps::open_pinned(&s.agent.bpffs)?.pod_cookies().contains(&cookie), "the gone pod is out of PODS");
     assert_eq!(s.agent.metric("podsteer_agent_stale_state_removed_total{action=\"stale_link\"}")?, 1.0);
     assert!(s.agent.log_text().contains("stale pod link removed"), "{}", s.agent.log_text());
     let line = run_client(&s.a, &["hello", &addr(s.b4(), 8080)])?;

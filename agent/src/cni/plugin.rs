@@ -98,7 +98,7 @@ fn agent_error(e: &ApiError) -> CniError {
         ErrorKind::NotReady => Code::TryAgainLater,
         ErrorKind::BadRequest => Code::InvalidConfig,
         ErrorKind::NotFound => Code::NotIntercepted,
-        ErrorKind::Internal => Code::AgentFailed,
+        ErrorKind::Internal | ErrorKind::Forbidden => Code::AgentFailed,
     };
     CniError::new(code, "podsteer agent refused the pod", e.message.clone())
 }

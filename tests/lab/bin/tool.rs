@@ -20,6 +20,9 @@
 //! `loop ADDR MILLIS`              connect/echo/close in a loop; print "ok n=.. failures=..".
 //! `chat ADDR`                     one long-lived connection to an echo server: each stdin
 //!                                 line is sent and its echo printed.
+//! `agent-call SOCKET JSON [FD]`   send one request to the agent from wherever this runs
+//!                                 (a pod, say), print the answer as JSON; FD is a socket to
+//!                                 pass along: `listen4` (a TCP listener), `udp4`, `tcp4` (unconnected).
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         ["concurrent", addr, n] => concurrent(addr, n.parse()?),
         ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
         ["chat", addr] => chat(addr),
+        ["agent-call", socket, json, rest @ ..] => agent_call(socket, json, rest.first().copied()),
         _ => anyhow::bail!("usage: see the module doc of podsteer-lab-tool"),
     }
 }
@@ -75,6 +79,36 @@ fn request(addr: &str, n: usize) -> anyhow::Result<()> {
     anyhow::ensure!(back == msg, "echo mismatch");
     println!("ok {n} local={} peer={}", c.local_addr()?, c.peer_addr()?);
     Ok(())
+}
+
+fn agent_call(socket: &str, json: &str, fd: Option<&str>) -> anyhow::Result<()> {
+    let req: podsteer_agent::api::Request = serde_json::from_str(json)?;
+    let listener;
+    let other;
+    let fd = match fd {
+        None => None,
+        Some("listen4") => {
+            listener = TcpListener::bind("127.0.0.1:0")?;
+            Some(listener.as_fd())
+        }
+        Some("udp4") => {
+            other = socket_of(nix::sys::socket::SockType::Datagram)?;
+            Some(other.as_fd())
+        }
+        Some("tcp4") => {
+            other = socket_of(nix::sys::socket::SockType::Stream)?;
+            Some(other.as_fd())
+        }
+        Some(k) => anyhow::bail!("unknown fd kind {k}"),
+    };
+    let resp = podsteer_agent::api::call(socket.as_ref(), &req, Duration::from_secs(5), fd)?;
+    println!("{}", serde_json::to_string(&resp)?);
+    Ok(())
+}
+
+fn socket_of(kind: nix::sys::socket::SockType) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, socket};
+    Ok(socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None)?)
 }
 
 fn whoami(addr: &str, name: &str, rest: &[&str]) -> anyhow::Result<()> {

@@ -1,0 +1,118 @@
+//! Who is on the other end of the agent socket, and what they may ask.
+//!
+//! The socket is owner-only (root), but root also runs inside pods: a sidecar
+//! proxy in eBPF mode must reach the agent to register its inbound listener,
+//! so a pod's processes can reach it too. Every connection is therefore
+//! classified by the peer's credentials (SO_PEERCRED) and network namespace,
+//! and each request is authorized for that caller:
+//!
+//! | caller | may send |
+//! | --- | --- |
+//! | node (root, not in any registered pod's netns: the CNI plugin, the CLI) | everything |
+//! | a registered pod's netns (a sidecar, or anything else in that pod) | `RegisterListener` for its own pod only |
+//! | anyone else (not root) | nothing |
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::api::Request;
+
+/// A network namespace, by the identity of its nsfs inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetnsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl NetnsId {
+    pub fn of(path: &Path) -> std::io::Result<NetnsId> {
+        let m = std::fs::metadata(path)?;
+        Ok(NetnsId { dev: m.dev(), ino: m.ino() })
+    }
+
+    /// The netns the agent itself runs in: the node's.
+    pub fn own() -> std::io::Result<NetnsId> {
+        NetnsId::of(Path::new("/proc/self/ns/net"))
+    }
+}
+
+/// The peer process of one connection, read when it connected.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub netns: NetnsId,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("reading the peer's credentials (SO_PEERCRED)")]
+    Credentials(#[source] nix::Error),
+    #[error("reading the network namespace of peer pid {pid}")]
+    Netns {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Peer {
+    pub fn of(stream: &UnixStream) -> Result<Peer, PeerError> {
+        let cred =
+            nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::PeerCredentials).map_err(PeerError::Credentials)?;
+        let pid = cred.pid();
+        let netns = NetnsId::of(Path::new(&format!("/proc/{pid}/ns/net"))).map_err(|source| PeerError::Netns { pid, source })?;
+        Ok(Peer { pid, uid: cred.uid(), netns })
+    }
+}
+
+/// What the agent knows the caller to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A root process outside every registered pod: the plugin, the CLI, the node.
+    Node,
+    /// A process inside this registered pod's netns (uid of the pod).
+    Pod(String),
+    /// Not root.
+    Unprivileged { uid: u32 },
+}
+
+/// Whether `caller` may send `req`; the reason when not.
+pub fn authorize(caller: &Caller, req: &Request) -> Result<(), String> {
+    match (caller, req) {
+        (Caller::Node, _) => Ok(()),
+        (Caller::Pod(own), Request::RegisterListener { uid, .. }) if uid == own => Ok(()),
+        (Caller::Pod(own), Request::RegisterListener { uid, .. }) => {
+            Err(format!("a process in pod {own} may register listeners only for its own pod, not {uid}"))
+        }
+        (Caller::Pod(own), other) => Err(format!("a process in pod {own} may only register its own listeners, not send {}", other.name())),
+        (Caller::Unprivileged { uid }, _) => Err(format!("uid {uid} is not root")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_may_only_register_its_own_listeners() {
+        let pod = Caller::Pod("uid-a".into());
+        let reg = |uid: &str| Request::RegisterListener { uid: uid.into(), family: 2 };
+        assert!(authorize(&pod, &reg("uid-a")).is_ok());
+        let cases = [
+            ("another pod's listener", reg("uid-b")),
+            ("gc", Request::Gc { keep: vec![] }),
+            ("del", Request::Del { uid: "uid-b".into() }),
+            ("del of itself", Request::Del { uid: "uid-a".into() }),
+            ("pods", Request::Pods),
+            ("status", Request::Status),
+        ];
+        for (name, req) in cases {
+            assert!(authorize(&pod, &req).is_err(), "{name} was allowed");
+        }
+        assert!(authorize(&Caller::Node, &Request::Gc { keep: vec![] }).is_ok());
+        assert!(authorize(&Caller::Unprivileged { uid: 1000 }, &Request::Status).is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! Hostile pods: what a root process inside a meshed pod can do to the node
+//! agent. Each attack must be refused and leave every pod's state as it was.
+
+use std::os::fd::AsFd as _;
+
+use podsteer_agent::api::{ErrorKind, Request, Response};
+use podsteer_agent::ebpf::maps::{Maps, ip_key};
+use podsteer_lab::agent::{Agent, pod_info};
+use podsteer_lab::workload::run_client;
+use podsteer_lab::{Node, NodeOptions, Pod, PodSpec};
+
+/// A node with meshed pods `a` (the attacker) and `b` (the victim).
+struct Scene {
+    a: Pod,
+    b: Pod,
+    agent: Agent,
+    _node: Node,
+}
+
+impl Scene {
+    fn new() -> anyhow::Result<Scene> {
+        let node = Node::new(NodeOptions::default())?;
+        let agent = Agent::start(&node, "ebpf", &[])?;
+        let a = node.add_pod(PodSpec::new("default", "a"))?;
+        let b = node.add_pod(PodSpec::new("default", "b"))?;
+        for p in [&a, &b] {
+            agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(Scene { a, b, agent, _node: node })
+    }
+
+    /// Sends `req` from a root process in pod `a`'s netns and cgroup, with an fd of `fd` kind.
+    fn send_from_a(&self, req: &Request, fd: Option<&str>) -> anyhow::Result<Response> {
+        let sock = self.agent.socket.display().to_string();
+        let json = serde_json::to_string(req)?;
+        let mut args = vec!["agent-call", sock.as_str(), json.as_str()];
+        args.extend(fd);
+        Ok(serde_json::from_str(&run_client(&self.a, &args)?)?)
+    }
+
+    /// Everything the agent and the kernel hold about the pods.
+    fn state(&self) -> anyhow::Result<String> {
+        let maps = Maps::open_pinned(&self.agent.bpffs)?;
+        let mut owners: Vec<String> = [&self.a, &self.b]
+            .iter()
+            .flat_map(|p| p.ips().to_vec())
+            .map(|ip| format!("{ip}={:?}", maps.pod_by_ip.get(&ip_key(ip), 0).ok()))
+            .collect();
+        owners.sort();
+        let mut pods = maps.pod_cookies();
+        pods.sort_unstable();
+        Ok(format!("{} | POD_BY_IP {owners:?} | PODS {pods:?}", self.agent.pods()?))
+    }
+}
+
+fn refused(r: &Response, kind: ErrorKind, what: &str) -> String {
+    assert!(!r.ok, "{what}: accepted: {r:?}");
+    let e = r.error.clone().unwrap_or_else(|| panic!("{what}: no error in {r:?}"));
+    assert_eq!(e.kind, kind, "{what}: {}", e.message);
+    e.message
+}
+
+#[test]
+fn a_pod_cannot_control_the_agent() -> anyhow::Result<()> {
+    let s = Scene::new()?;
+    let before = s.state()?;
+    let mut hijack = pod_info(&s.a, &[]);
+    hijack.uid = "hijacker".into();
+    hijack.netns = "/proc/self/ns/net".into();
+    hijack.ips = s.b.ips().to_vec();
+    let cases: Vec<(&str, Request, Option<&str>)> = vec![
+        ("unmesh the node", Request::Gc { keep: vec![] }, None),
+        ("remove another pod", Request::Del { uid: s.b.uid().into() }, None),
+        ("remove itself", Request::Del { uid: s.a.uid().into() }, None),
+        ("enrol its own netns with the victim's IPs", Request::Add { pod: hijack }, None),
+        ("register a listener for another pod", Request::RegisterListener { uid: s.b.uid().into(), family: 2 }, Some("listen4")),
+        ("list the node's pods", Request::Pods, None),
+    ];
+    for (what, req, fd) in cases {
+        let msg = refused(&s.send_from_a(&req, fd)?, ErrorKind::Forbidden, what);
+        assert!(msg.contains(s.a.uid()), "{what}: the refusal names the caller's pod: {msg}");
+    }
+    assert_eq!(s.state()?, before, "no pod's state changed");
+    assert!(s.agent.log_text().contains("request refused"), "refusals are logged");
+    Ok(())
+}
+
+#[test]
+fn a_pod_registers_only_a_real_listener_of_its_own() -> anyhow::Result<()> {
+    let s = Scene::new()?;
+    let reg = Request::RegisterListener { uid: s.a.uid().into(), family: 2 };
+    for (fd, why) in [("udp4", "not a TCP socket"), ("tcp4", "not listening")] {
+        let msg = refused(&s.send_from_a(&reg, Some(fd))?, ErrorKind::BadRequest, fd);
+        assert!(msg.contains(why), "{fd}: {msg}");
+    }
+    let msg = refused(
+        &s.send_from_a(&Request::RegisterListener { uid: s.a.uid().into(), family: 10 }, Some("listen4"))?,
+        ErrorKind::BadRequest,
+        "family",
+    );
+    assert!(msg.contains("socket family 2, registered as 10"), "{msg}");
+    // A listener from another netns (here the test's own), even sent by the node.
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let r = podsteer_agent::api::call(&s.agent.socket, &reg, podsteer_lab::agent::CALL_DEADLINE, Some(elsewhere.as_fd()))?;
+    let msg = refused(&r, ErrorKind::BadRequest, "listener in another netns");
+    assert!(msg.contains("lives in netns"), "{msg}");
+    // Its own real listener is accepted.
+    let ok = s.send_from_a(&reg, Some("listen4"))?;
+    assert!(ok.ok, "{ok:?}");
+    Ok(())
+}
+
+#[test]
+fn no_pod_can_be_enrolled_with_the_nodes_own_netns() -> anyhow::Result<()> {
+    let s = Scene::new()?;
+    let before = s.state()?;
+    let mut info = pod_info(&s.b, &[]);
+    info.uid = "node-netns".into();
+    info.netns = s._node.netns().path().to_owned();
+    let r = podsteer_agent::api::call(&s.agent.socket, &Request::Add { pod: info }, podsteer_lab::agent::CALL_DEADLINE, None)?;
+    let msg = refused(&r, ErrorKind::BadNetns, "the node's netns");
+    assert!(msg.contains("the node's own network namespace"), "{msg}");
+    assert_eq!(s.state()?, before);
+    Ok(())
+}
