@@ -38,6 +38,10 @@ pub struct AgentConfig {
     /// ready only once the proxy has opened its listeners.
     #[arg(global = true, long, env = "PODSTEER_PROXY_SOCKET")]
     pub proxy_socket: Option<PathBuf>,
+    /// The uid the shared proxy runs as: only a process with it, in the node's
+    /// netns, is taken as the proxy on the control socket.
+    #[arg(global = true, long, env = "PODSTEER_PROXY_PEER_UID", default_value_t = 0)]
+    pub proxy_peer_uid: u32,
     /// How long a pod add waits for a proxy to be connected.
     #[arg(global = true, long, env = "PODSTEER_PROXY_WAIT_MS", default_value_t = 10_000)]
     pub proxy_wait_ms: u64,

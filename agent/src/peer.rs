@@ -14,7 +14,6 @@
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt as _;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use crate::api::Request;
@@ -50,6 +49,8 @@ pub struct Peer {
 pub enum PeerError {
     #[error("reading the peer's credentials (SO_PEERCRED)")]
     Credentials(#[source] nix::Error),
+    #[error("the peer's pid is not in the agent's pid namespace: run the agent with hostPID")]
+    OtherPidNamespace,
     #[error("reading the network namespace of peer pid {pid}")]
     Netns {
         pid: i32,
@@ -59,12 +60,37 @@ pub enum PeerError {
 }
 
 impl Peer {
-    pub fn of(stream: &UnixStream) -> Result<Peer, PeerError> {
+    pub fn of(sock: &impl AsFd) -> Result<Peer, PeerError> {
         let cred =
-            nix::sys::socket::getsockopt(&stream.as_fd(), nix::sys::socket::sockopt::PeerCredentials).map_err(PeerError::Credentials)?;
+            nix::sys::socket::getsockopt(&sock.as_fd(), nix::sys::socket::sockopt::PeerCredentials).map_err(PeerError::Credentials)?;
         let pid = cred.pid();
+        if pid == 0 {
+            return Err(PeerError::OtherPidNamespace);
+        }
         let netns = NetnsId::of(Path::new(&format!("/proc/{pid}/ns/net"))).map_err(|source| PeerError::Netns { pid, source })?;
         Ok(Peer { pid, uid: cred.uid(), netns })
+    }
+}
+
+/// Who may say Hello on the proxy control socket and so receive every pod's
+/// netns: a process with the configured uid, in the node's own netns (the
+/// shared proxy is a node process). Its pid is the one SO_PEERCRED gives, never
+/// the one its Hello claims (and containers see other pid namespaces anyway).
+#[derive(Clone, Copy, Debug)]
+pub struct ProxyIdentity {
+    pub uid: u32,
+    pub netns: NetnsId,
+}
+
+impl ProxyIdentity {
+    pub fn check(&self, peer: &Peer) -> Result<(), String> {
+        if peer.uid != self.uid {
+            return Err(format!("peer uid {} is not the proxy's {}", peer.uid, self.uid));
+        }
+        if peer.netns != self.netns {
+            return Err(format!("peer pid {} is not in the node's network namespace", peer.pid));
+        }
+        Ok(())
     }
 }
 

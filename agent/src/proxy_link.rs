@@ -18,6 +18,8 @@ pub enum LinkError {
     Nack { uid: String, error: String },
     #[error("proxy answered out of turn: {0}")]
     Unexpected(String),
+    #[error("not the configured proxy: {0}")]
+    NotTheProxy(String),
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -29,12 +31,18 @@ pub struct ProxyConn {
 }
 
 impl ProxyConn {
-    /// Waits for the proxy's hello, bounded so a stuck client cannot block accepting.
-    pub fn handshake(fd: OwnedFd, deadline: Duration) -> Result<ProxyConn, LinkError> {
+    /// Waits for the proxy's hello, bounded so a stuck client cannot block
+    /// accepting, and accepts it only from `identity`: whoever is taken here
+    /// receives every pod's netns and makes the current proxy drain.
+    pub fn handshake(fd: OwnedFd, deadline: Duration, identity: &crate::peer::ProxyIdentity) -> Result<ProxyConn, LinkError> {
+        let peer = crate::peer::Peer::of(&fd).map_err(|e| LinkError::NotTheProxy(crate::controller::error_chain(&e)))?;
         set_timeout(fd.as_fd(), deadline)?;
         let (bytes, _) = wire::recv_raw(fd.as_fd())?;
         match wire::decode::<FromProxy>(&bytes)? {
-            FromProxy::Hello { pid, .. } => Ok(ProxyConn { fd, pid }),
+            FromProxy::Hello { .. } => {
+                identity.check(&peer).map_err(LinkError::NotTheProxy)?;
+                Ok(ProxyConn { fd, pid: peer.pid as u32 })
+            }
             other => Err(LinkError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -90,7 +90,7 @@ fn dispatch_inner(c: &mut Controller, req: Request, fd: Option<std::os::fd::Borr
 }
 
 /// Accepts proxies on the control socket; each is replayed under the controller lock.
-pub fn serve_proxies(listener: std::os::fd::OwnedFd, ctl: &Mutex<Controller>) {
+pub fn serve_proxies(listener: std::os::fd::OwnedFd, ctl: &Mutex<Controller>, identity: crate::peer::ProxyIdentity) {
     use crate::proxy_link::{self, ProxyConn, REPLY_TIMEOUT};
     loop {
         let fd = match proxy_link::accept(listener.as_fd()) {
@@ -100,12 +100,12 @@ pub fn serve_proxies(listener: std::os::fd::OwnedFd, ctl: &Mutex<Controller>) {
                 continue;
             }
         };
-        match ProxyConn::handshake(fd, REPLY_TIMEOUT) {
+        match ProxyConn::handshake(fd, REPLY_TIMEOUT, &identity) {
             Ok(conn) => match ctl.lock() {
                 Ok(mut c) => c.on_proxy(conn),
                 Err(_) => warn!("agent state poisoned; proxy not replayed"),
             },
-            Err(e) => warn!(error = %e, "proxy handshake"),
+            Err(e) => warn!(error = %crate::controller::error_chain(&e), "proxy handshake refused"),
         }
     }
 }

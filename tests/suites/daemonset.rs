@@ -84,7 +84,7 @@ fn every_object_is_a_valid_kubernetes_object() -> anyhow::Result<()> {
         "tolerates every taint"
     );
     assert_eq!(m.ds.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()), Some("RollingUpdate"));
-    assert_eq!(p.host_pid, Some(false));
+    assert_eq!(p.host_pid, Some(true), "the agent identifies socket peers by /proc/<pid>/ns/net");
     Ok(())
 }
 

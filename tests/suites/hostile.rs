@@ -123,3 +123,29 @@ fn no_pod_can_be_enrolled_with_the_nodes_own_netns() -> anyhow::Result<()> {
     assert_eq!(s.state()?, before);
     Ok(())
 }
+
+/// Whoever says Hello on the proxy control socket is handed every pod's netns
+/// and makes the real proxy drain; only the configured proxy identity (its uid,
+/// in the node's netns) may. A root process in a pod is refused.
+#[test]
+fn a_rogue_hello_on_the_proxy_control_socket_gets_nothing() -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let agent = Agent::start_with_proxy(&node, "ebpf", &[])?;
+    let control = agent.proxy_socket.clone().expect("proxy socket");
+    let proxy = podsteer_lab::proxy::Proxy::start_shared(&node, &control, 15020, &[])?;
+    let a = node.add_pod(PodSpec::new("default", "a"))?;
+    agent.add_pod(&a, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pid_before = agent.status()?["proxy_pid"].clone();
+    assert_eq!(pid_before, proxy.pid(), "the real proxy is current");
+    let out = run_client(&a, &["rogue-hello", &control.display().to_string()])?;
+    assert_eq!(out.trim(), "closed", "the rogue was sent: {out}");
+    assert_eq!(agent.status()?["proxy_pid"], pid_before, "the real proxy is still current");
+    assert!(agent.log_text().contains("proxy handshake refused"), "{}", agent.log_text());
+    // And the real proxy still serves the pod.
+    let b = node.add_pod(PodSpec::new("default", "b"))?;
+    let _echo = podsteer_lab::workload::start_server(&b, None, &["echo", "[::]:8080"])?;
+    let out = run_client(&a, &["request", &podsteer_lab::workload::addr(b.ipv4().expect("v4"), 8080), "100"])?;
+    assert!(out.starts_with("ok 100"), "{out}");
+    assert_eq!(proxy.metric("podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}")?, 1.0);
+    Ok(())
+}

@@ -55,7 +55,11 @@ fn main() -> anyhow::Result<()> {
             let ctl = Arc::new(Mutex::new(Controller::start(cli.config)?));
             if let Some(l) = proxy_listener {
                 let ctl = ctl.clone();
-                std::thread::Builder::new().name("proxy-link".into()).spawn(move || server::serve_proxies(l, &ctl))?;
+                let identity = podsteer_agent::peer::ProxyIdentity {
+                    uid: cfg_for_uninstall.proxy_peer_uid,
+                    netns: podsteer_agent::peer::NetnsId::own()?,
+                };
+                std::thread::Builder::new().name("proxy-link".into()).spawn(move || server::serve_proxies(l, &ctl, identity))?;
             }
             if let Some(cri) = cfg_for_uninstall.cri_socket.clone() {
                 let ctl = ctl.clone();

@@ -23,6 +23,8 @@
 //! `agent-call SOCKET JSON [FD]`   send one request to the agent from wherever this runs
 //!                                 (a pod, say), print the answer as JSON; FD is a socket to
 //!                                 pass along: `listen4` (a TCP listener), `udp4`, `tcp4` (unconnected).
+//! `rogue-hello SOCKET`            say Hello on the proxy control socket as a proxy would, then
+//!                                 print what the agent sends: "closed", or "got <type>".
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -48,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         ["concurrent", addr, n] => concurrent(addr, n.parse()?),
         ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
         ["chat", addr] => chat(addr),
+        ["rogue-hello", socket] => rogue_hello(socket),
         ["agent-call", socket, json, rest @ ..] => agent_call(socket, json, rest.first().copied()),
         _ => anyhow::bail!("usage: see the module doc of podsteer-lab-tool"),
     }
@@ -103,6 +106,22 @@ fn agent_call(socket: &str, json: &str, fd: Option<&str>) -> anyhow::Result<()> 
     };
     let resp = podsteer_agent::api::call(socket.as_ref(), &req, Duration::from_secs(5), fd)?;
     println!("{}", serde_json::to_string(&resp)?);
+    Ok(())
+}
+
+fn rogue_hello(socket: &str) -> anyhow::Result<()> {
+    use podsteer_proxy::control::wire::{self, FromProxy};
+    let conn = wire::connect(socket.as_ref())?;
+    wire::send(conn.as_fd(), &FromProxy::Hello { pid: std::process::id(), version: "rogue".into() }, &[])?;
+    let tv = nix::sys::time::TimeVal::new(5, 0);
+    nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
+    match wire::recv_raw(conn.as_fd()) {
+        Ok((bytes, fds)) if !bytes.is_empty() => {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            println!("got {} with {} fds", v["type"].as_str().unwrap_or("?"), fds.len());
+        }
+        _ => println!("closed"),
+    }
     Ok(())
 }
 
