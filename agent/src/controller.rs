@@ -342,6 +342,15 @@ impl Controller {
         }
     }
 
+    /// For an ADD that the shared proxy must take: the link to wait on, and for
+    /// how long, before the request takes the controller's lock.
+    pub fn proxy_to_wait_for(&self, pod: &PodInfo) -> Option<(Arc<ProxyLink>, Duration)> {
+        let link = self.proxy.clone()?;
+        let shared = Policy::from_annotations(&self.config.node_defaults(), &pod.annotations, &pod.ips)
+            .is_ok_and(|p| p.proxy_mode == ProxyMode::Shared);
+        (shared && !inject_disabled(&pod.annotations)).then(|| (link, Duration::from_millis(self.config.proxy_wait_ms)))
+    }
+
     /// Hands a pod to the shared proxy and, in eBPF mode, points sk_lookup at
     /// the inbound listeners it opened. Ok(false): no shared proxy for this pod.
     fn hand_to_proxy(&mut self, uid: &str, name: &str, namespace: &str, policy: &Policy, net: &PodNet) -> Result<bool, LinkError> {
@@ -350,8 +359,10 @@ impl Controller {
             return Ok(false);
         }
         let spec = self.proxy_spec(uid, name, namespace, policy);
-        let deadline = Duration::from_millis(self.config.proxy_wait_ms);
-        let listeners = link.with_proxy(deadline, |p| p.add_pod(&spec, net.netns.as_fd()))?;
+        // No waiting here, under the controller's lock: the caller waited for a
+        // live proxy before taking it (`proxy_to_wait_for`). One that died since
+        // makes this ADD fail with "try again", and the runtime retries.
+        let listeners = link.with_proxy(Duration::ZERO, |p| p.add_pod(&spec, net.netns.as_fd()))?;
         self.install_listeners(net.cookie, &listeners);
         Ok(true)
     }

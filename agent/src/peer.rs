@@ -19,7 +19,7 @@ use std::path::Path;
 use crate::api::Request;
 
 /// A network namespace, by the identity of its nsfs inode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NetnsId {
     dev: u64,
     ino: u64,

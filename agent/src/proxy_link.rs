@@ -67,6 +67,17 @@ impl ProxyConn {
         }
     }
 
+    /// Whether the proxy's end is gone (it crashed or closed): a dead
+    /// SEQPACKET peer polls as hung up. Looks, never waits.
+    fn hung_up(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::empty())];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            Err(_) => true,
+        }
+    }
+
     pub fn drain(&self) -> Result<(), LinkError> {
         Ok(wire::send(self.fd.as_fd(), &ToProxy::Drain, &[])?)
     }
@@ -93,6 +104,30 @@ impl ProxyLink {
 
     pub fn connected(&self) -> Option<u32> {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.pid)
+    }
+
+    /// Waits up to `deadline` until a live proxy is current, dropping one whose
+    /// end is gone. Callers wait here *before* taking the controller's lock,
+    /// which a connecting proxy needs to be replayed and promoted: waiting
+    /// under that lock would hold the new proxy off until the wait timed out.
+    pub fn wait_live(&self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match cur.as_ref() {
+                Some(c) if !c.hung_up() => return true,
+                Some(c) => {
+                    warn!(pid = c.pid, "proxy connection lost");
+                    *cur = None;
+                }
+                None => {}
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            cur = self.arrived.wait_timeout(cur, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
     }
 
     /// Runs `f` on the current proxy, waiting up to `deadline` for one to connect.

@@ -1,6 +1,9 @@
 //! Serves the agent socket: owner-only, one thread per connection (CNI calls
-//! are few, and fd passing is simplest on blocking sockets).
+//! are few, and fd passing is simplest on blocking sockets). Threads are
+//! bounded per network namespace and every read has a deadline, so silent
+//! connections from a pod can neither pile up threads nor crowd out the plugin.
 
+use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -15,16 +18,86 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(UnixListener::from(crate::sys::bind_owner_only(path, nix::sys::socket::SockType::Stream)?))
 }
 
+/// Connections served at once from the node's own netns (the CNI plugin runs
+/// one per pod the runtime is setting up, so a burst of pod starts fits).
+const NODE_CONNECTIONS: usize = 64;
+/// Connections served at once from any other netns (a sidecar needs one).
+const OTHER_CONNECTIONS: usize = 4;
+/// A request is one line sent right after connecting; a peer silent for this
+/// long is cut off so it does not hold its thread.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>) {
+    let own = crate::peer::NetnsId::own().ok();
+    let open: Arc<Mutex<HashMap<crate::peer::NetnsId, usize>>> = Arc::default();
     for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let ctl = ctl.clone();
-                std::thread::spawn(move || handle(stream, &ctl));
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                accept_failed("agent", &e);
+                continue;
             }
-            Err(e) => accept_failed("agent", &e),
+        };
+        // Who connected is read first, before a byte of the request is trusted.
+        let peer = match crate::peer::Peer::of(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                reply(&stream, &Response::err(ErrorKind::Forbidden, crate::controller::error_chain(&e)));
+                continue;
+            }
+        };
+        let limit = if Some(peer.netns) == own { NODE_CONNECTIONS } else { OTHER_CONNECTIONS };
+        let Some(slot) = Slot::take(&open, peer.netns, limit) else {
+            count("connect", "busy");
+            reply(&stream, &Response::err(ErrorKind::NotReady, format!("agent busy: {limit} connections from this netns already open")));
+            continue;
+        };
+        let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+        let ctl = ctl.clone();
+        let spawned = std::thread::Builder::new().name("agent-conn".into()).spawn(move || {
+            let _slot = slot;
+            handle(stream, peer, &ctl)
+        });
+        if let Err(e) = spawned {
+            warn!(error = %e, "no thread for an agent connection");
         }
     }
+}
+
+/// One of a netns's connection slots, given back on drop.
+struct Slot {
+    open: Arc<Mutex<HashMap<crate::peer::NetnsId, usize>>>,
+    netns: crate::peer::NetnsId,
+}
+
+impl Slot {
+    fn take(open: &Arc<Mutex<HashMap<crate::peer::NetnsId, usize>>>, netns: crate::peer::NetnsId, limit: usize) -> Option<Slot> {
+        let mut map = open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(netns).or_default();
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(Slot { open: open.clone(), netns })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.netns) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.netns);
+            }
+        }
+    }
+}
+
+fn reply(stream: &UnixStream, resp: &Response) {
+    let mut out = serde_json::to_vec(resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    let _ = std::io::Write::write_all(&mut &*stream, &out);
 }
 
 /// Out of fds, the next accept fails the same way at once: pause rather than
@@ -34,15 +107,12 @@ fn accept_failed(socket: &str, e: &dyn std::fmt::Display) {
     std::thread::sleep(std::time::Duration::from_millis(50));
 }
 
-fn handle(stream: UnixStream, ctl: &Mutex<Controller>) {
-    // Who connected is read first, before a byte of the request is trusted.
-    let peer = crate::peer::Peer::of(&stream);
-    let resp = match (peer, api::read_request(&stream)) {
-        (Err(e), _) => Response::err(ErrorKind::Forbidden, crate::controller::error_chain(&e)),
-        (_, Err(e)) => Response::err(ErrorKind::BadRequest, format!("reading request: {e}")),
-        (Ok(peer), Ok((line, fds))) => match serde_json::from_slice::<Request>(&line) {
+fn handle(stream: UnixStream, peer: crate::peer::Peer, ctl: &Mutex<Controller>) {
+    let resp = match api::read_request(&stream) {
+        Err(e) => Response::err(ErrorKind::BadRequest, format!("reading request: {e}")),
+        Ok((line, fds)) => match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
-            Ok(req) => match ctl.lock() {
+            Ok(req) => match wait_for_proxy(ctl, &req).and_then(|()| ctl.lock().map_err(drop)) {
                 Err(_) => Response::err(ErrorKind::Internal, "agent state poisoned by an earlier panic"),
                 Ok(mut c) => {
                     let caller = c.caller(&peer);
@@ -58,9 +128,19 @@ fn handle(stream: UnixStream, ctl: &Mutex<Controller>) {
             },
         },
     };
-    let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-    out.push(b'\n');
-    let _ = std::io::Write::write_all(&mut &stream, &out);
+    reply(&stream, &resp);
+}
+
+/// An ADD for the shared proxy first waits, without the controller's lock,
+/// until a live proxy is connected (see `ProxyLink::wait_live`); a missing one
+/// shows up as the ADD's own "try again" error.
+fn wait_for_proxy(ctl: &Mutex<Controller>, req: &Request) -> Result<(), ()> {
+    let Request::Add { pod } = req else { return Ok(()) };
+    let wait = ctl.lock().map_err(drop)?.proxy_to_wait_for(pod);
+    if let Some((link, deadline)) = wait {
+        link.wait_live(deadline);
+    }
+    Ok(())
 }
 
 fn dispatch(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Response {

@@ -131,6 +131,10 @@ impl Agent {
         self.call(&Request::Pods)?.map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    pub fn pid(&self) -> Option<i32> {
+        self.process.as_ref().map(LabProcess::pid)
+    }
+
     /// SIGKILL, as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         self.process = None;

@@ -149,3 +149,40 @@ fn a_rogue_hello_on_the_proxy_control_socket_gets_nothing() -> anyhow::Result<()
     assert_eq!(proxy.metric("podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}")?, 1.0);
     Ok(())
 }
+
+fn threads(pid: i32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/task"))?.count())
+}
+
+/// Silent connections to the agent socket from outside the node's netns (a pod
+/// that mounts it, say) get a few threads at most, are cut off after a read
+/// deadline, and never crowd out the CNI plugin, which calls from the node's netns.
+#[test]
+fn silent_connections_cannot_pile_up_agent_threads_or_starve_the_plugin() -> anyhow::Result<()> {
+    let s = Scene::new()?;
+    let pid = s.agent.pid().expect("agent runs");
+    let before = threads(pid)?;
+    // The test runs in the host's netns, which is not the lab node's: "another netns".
+    let silent: Vec<std::os::unix::net::UnixStream> =
+        (0..40).map(|_| std::os::unix::net::UnixStream::connect(&s.agent.socket)).collect::<Result<_, _>>()?;
+    podsteer_lab::wait::until("the agent to have taken every connection", std::time::Duration::from_secs(5), || {
+        (s.agent.metric("podsteer_agent_requests_total{command=\"connect\",result=\"busy\"}").ok()? >= 36.0).then_some(())
+    })?;
+    let now = threads(pid)?;
+    assert!(now <= before + 4, "agent threads: {before} before, {now} with 40 silent connections");
+    // The plugin's place: a process in the node's netns is answered at once.
+    let out = s
+        ._node
+        .command(podsteer_lab::agent::bin("podsteer-lab-tool"))?
+        .args(["agent-call", &s.agent.socket.display().to_string(), &serde_json::to_string(&Request::Status)?])
+        .output()?;
+    let status: Response =
+        serde_json::from_slice(&out.stdout).map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    assert!(status.ok, "{status:?}");
+    // The read deadline frees the silent ones' threads.
+    podsteer_lab::wait::until("silent connections to be cut off", std::time::Duration::from_secs(10), || {
+        (threads(pid).ok()? <= before).then_some(())
+    })?;
+    drop(silent);
+    Ok(())
+}

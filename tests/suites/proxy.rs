@@ -247,6 +247,31 @@ fn handover_to_a_new_proxy_refuses_nothing(mode: &str) -> anyhow::Result<()> {
 }
 both_modes!(handover_to_a_new_proxy_refuses_nothing);
 
+/// An ADD that arrives while the shared proxy is restarting waits for the new
+/// one. The agent used to wait for it while holding its state lock, which the
+/// new proxy needs to be replayed and promoted, so the ADD timed out instead.
+#[test]
+fn an_add_during_a_proxy_restart_is_taken_by_the_new_proxy() -> anyhow::Result<()> {
+    let mut m = Mesh::with_agent_args("ebpf", &["--proxy-wait-ms", "8000"], &[])?;
+    let c = m.node.add_pod(PodSpec::new("default", "c"))?;
+    m.proxy.process_mut().signal(nix::sys::signal::Signal::SIGKILL)?;
+    m.proxy.process_mut().wait_exit(Duration::from_secs(5))?;
+    let control = m.agent.proxy_socket.clone().expect("proxy socket");
+    let started = std::time::Instant::now();
+    let (added, _new) = std::thread::scope(|sc| {
+        let add = sc.spawn(|| m.agent.add_pod(&c, &[]));
+        let new = Proxy::start_shared(&m.node, &control, 15023, &[]);
+        (add.join(), new)
+    });
+    let rec = added.map_err(|_| anyhow::anyhow!("add panicked"))??.map_err(|e| anyhow::anyhow!("the ADD during the restart: {e}"))?;
+    let took = started.elapsed();
+    assert_eq!(rec["proxy_ready"], true, "{rec}");
+    assert!(took < Duration::from_secs(8), "the ADD waited out its whole deadline ({took:?}) instead of taking the new proxy");
+    let out = run_client(&c, &["request", &m.b(8080), "1000"])?;
+    assert!(out.starts_with("ok 1000"), "{out}");
+    Ok(())
+}
+
 #[test]
 fn a_restarted_proxy_gets_every_pod_replayed() -> anyhow::Result<()> {
     let mut m = Mesh::new("ebpf", &[])?;
