@@ -8,6 +8,9 @@ use clap::Parser;
 
 use crate::splice::SpliceMode;
 
+/// The shared proxy's default mark; the agent's `--proxy-mark` default matches it.
+pub const SHARED_PROXY_MARK: u32 = 0x539;
+
 #[derive(Parser, Clone, Debug)]
 #[command(name = "podsteer-proxy", version, about = "podsteer's transparent L4 proxy")]
 pub struct ProxyConfig {
@@ -34,9 +37,12 @@ pub struct ProxyConfig {
     pub outbound_port: u16,
     #[arg(long, env = "PODSTEER_INBOUND_PORT", default_value_t = 15006)]
     pub inbound_port: u16,
-    /// SO_MARK for upstream sockets; 0 turns marking off (sidecars rely on their UID).
-    #[arg(long, env = "PODSTEER_PROXY_MARK", default_value_t = 0x539)]
-    pub mark: u32,
+    /// SO_MARK for upstream sockets; 0 turns marking off. Default: 0x539 for the
+    /// shared proxy; none for a sidecar, which the interception skips by its
+    /// UID, and which after dropping to that UID lacks the CAP_NET_ADMIN that
+    /// SO_MARK needs (its connects would fail with EPERM).
+    #[arg(long, env = "PODSTEER_PROXY_MARK")]
+    pub mark: Option<u32>,
     #[arg(long, env = "PODSTEER_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
     pub connect_timeout_ms: u64,
     #[arg(long, env = "PODSTEER_IDLE_TIMEOUT_MS", default_value_t = 3_600_000)]
@@ -61,7 +67,12 @@ impl ProxyConfig {
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
-            mark: (self.mark != 0).then_some(self.mark),
+            mark: match self.mark {
+                Some(0) => None,
+                Some(m) => Some(m),
+                None if self.sidecar => None,
+                None => Some(SHARED_PROXY_MARK),
+            },
             splice: self.splice,
         }
     }

@@ -41,7 +41,8 @@ impl Proxy {
         let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
         let log = node.state_dir().join(format!("sidecar-{}.log", pod.name()));
         let mut cmd = pod.command(crate::agent::bin("podsteer-proxy"))?;
-        cmd.args(["--sidecar", "--run-as-uid", "1337", "--mark", "0", "--admin", &admin.to_string()])
+        // No --mark: a sidecar's defaults must work as shipped.
+        cmd.args(["--sidecar", "--run-as-uid", "1337", "--admin", &admin.to_string()])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
