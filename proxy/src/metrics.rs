@@ -15,6 +15,8 @@ pub enum Direction {
 }
 
 impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Outbound, Direction::Inbound];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
@@ -45,6 +47,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::ClientDisconnected,
+        Outcome::BackendDisconnected,
+        Outcome::ConnectFailed,
+        Outcome::IdleTimeout,
+        Outcome::Drained,
+        Outcome::NoOriginalDst,
+        Outcome::OwnListener,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
@@ -80,6 +93,8 @@ macro_rules! label_value {
 label_value!(Direction, Outcome, ConnectError);
 
 impl ConnectError {
+    pub const ALL: [ConnectError; 4] = [ConnectError::Refused, ConnectError::Timeout, ConnectError::Unreachable, ConnectError::Other];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectError::Refused => "refused",
@@ -171,6 +186,26 @@ impl Metrics {
         registry.register("connect_duration_seconds", "Time to connect upstream", m.connect_duration.clone());
         registry.register("pods", "Pods with open listeners", m.pods.clone());
         Metrics { registry, ..m }
+    }
+
+    /// Drops every series labelled with `pod`, once the pod is gone and its
+    /// last connection has ended: with pods churning, series would otherwise
+    /// pile up for ever (memory, and every scrape's size).
+    pub fn forget_pod(&self, pod: &str) {
+        for direction in Direction::ALL {
+            let conn = ConnLabels { pod: pod.into(), direction };
+            self.opened.remove(&conn);
+            self.active.remove(&conn);
+            self.bytes_from_client.remove(&conn);
+            self.bytes_to_client.remove(&conn);
+            self.bytes_spliced.remove(&conn);
+            for result in Outcome::ALL {
+                self.closed.remove(&ClosedLabels { pod: pod.into(), direction, result });
+            }
+        }
+        for kind in ConnectError::ALL {
+            self.connect_errors.remove(&ConnectErrorLabels { pod: pod.into(), kind });
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -64,6 +64,7 @@ impl Pods {
             stopping,
             conns,
             splice_allowed: req.splice_allowed.into(),
+            serving: 0.into(),
         });
         let _rt = self.rt.enter();
         let mut inbound = Vec::new();
@@ -90,6 +91,7 @@ impl Pods {
     pub fn remove(&mut self, uid: &str) -> bool {
         let Some(p) = self.pods.remove(uid) else { return false };
         let _ = p.stop.send(true);
+        p.ctx.forget_if_done(&self.metrics);
         self.metrics.pods.set(self.pods.len() as i64);
         info!(uid, "listeners closed, draining");
         true

@@ -53,6 +53,19 @@ pub struct PodCtx {
     /// False while the pod's sockets may be fed by sk_msg, which splice(2)
     /// cannot read (see [`crate::splice`]).
     pub splice_allowed: std::sync::atomic::AtomicBool,
+    /// Connections being served, metrics included; the last one to end after
+    /// the pod was removed drops the pod's metric series.
+    pub serving: std::sync::atomic::AtomicUsize,
+}
+
+impl PodCtx {
+    /// Called once the pod is removed and whenever one of its connections
+    /// ends: with the pod gone and nothing left serving, its series go.
+    pub fn forget_if_done(&self, m: &Metrics) {
+        if *self.stopping.borrow() && self.serving.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            m.forget_pod(&self.label);
+        }
+    }
 }
 
 impl PodCtx {
@@ -68,30 +81,37 @@ enum Broke {
 }
 
 pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<Settings>, m: Arc<Metrics>) {
+    pod.serving.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    serve_counted(client, dir, &pod, &s, &m).await;
+    pod.serving.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    pod.forget_if_done(&m);
+}
+
+async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: &Settings, m: &Metrics) {
     let labels = ConnLabels { pod: pod.label.clone(), direction: dir };
     m.opened.get_or_create(&labels).inc();
     m.active.get_or_create(&labels).inc();
     m.live.inc();
     let started = Instant::now();
     let mut dst = None;
-    let (outcome, up, down) = match destination(&client, dir, &pod) {
+    let (outcome, up, down) = match destination(&client, dir, pod) {
         Err(_) => {
             reset(&client);
             (Outcome::NoOriginalDst, 0, 0)
         }
-        Ok(d) if is_own_listener(d, &client, &pod) => {
+        Ok(d) if is_own_listener(d, &client, pod) => {
             dst = Some(d);
             reset(&client);
             (Outcome::OwnListener, 0, 0)
         }
         Ok(d) => {
             dst = Some(d);
-            match connect(d, &pod, &s, &m, dir).await {
+            match connect(d, pod, s, m, dir).await {
                 Err(_) => {
                     reset(&client);
                     (Outcome::ConnectFailed, 0, 0)
                 }
-                Ok(upstream) => relay(&client, &upstream, &pod, pod.splice_mode(&s), &m, &labels).await,
+                Ok(upstream) => relay(&client, &upstream, pod, pod.splice_mode(s), m, &labels).await,
             }
         }
     };

@@ -425,3 +425,46 @@ fn a_direct_connect_to_a_proxy_port_is_reset_not_looped(mode: &str) -> anyhow::R
     Ok(())
 }
 both_modes!(a_direct_connect_to_a_proxy_port_is_reset_not_looped);
+
+/// Lines of the proxy's /metrics that carry a pod label starting with `prefix`.
+fn series_for(m: &Mesh, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let text = m.proxy.get("/metrics")?;
+    Ok(text.lines().filter(|l| l.contains(&format!("pod=\"default/{prefix}"))).map(str::to_owned).collect())
+}
+
+/// With pods churning, the shared proxy must not keep every pod's metric
+/// series for ever: once a pod is removed and its connections have ended, its
+/// series go, and the scrape returns to its size before the churn.
+fn a_removed_pods_metric_series_are_dropped(mode: &str) -> anyhow::Result<()> {
+    const PODS: usize = 60;
+    let m = Mesh::new(mode, &[])?;
+    // Every series the live pods' traffic makes (b's inbound ones, the connect
+    // histogram) exists before the count is taken.
+    let out = run_client(&m.a, &["request", &m.b(8080), "100"])?;
+    assert!(out.starts_with("ok 100"), "{out}");
+    let lines_before = m.proxy.get("/metrics")?.lines().count();
+    let mut pods = Vec::new();
+    for i in 0..PODS {
+        let p = m.node.add_pod(PodSpec::new("default", &format!("churn-{i}")))?;
+        m.agent.add_pod(&p, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let out = run_client(&p, &["request", &m.b(8080), "100"])?;
+        assert!(out.starts_with("ok 100"), "{out}");
+        pods.push(p);
+    }
+    assert!(series_for(&m, "churn-")?.len() >= PODS * 3, "every pod has series while it lives");
+    for p in pods {
+        m.agent.call(&podsteer_agent::api::Request::Del { uid: p.uid().into() })?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    wait::until("the removed pods' series to go", Duration::from_secs(10), || series_for(&m, "churn-").ok().filter(|s| s.is_empty()))
+        .map_err(|e| e.context(format!("{mode}: left: {:?}", series_for(&m, "churn-").unwrap_or_default().first())))?;
+    let text = m.proxy.get("/metrics")?;
+    let foreign: Vec<&str> =
+        text.lines().filter(|l| l.contains("pod=\"") && !l.contains("pod=\"default/a\"") && !l.contains("pod=\"default/b\"")).collect();
+    assert!(foreign.is_empty(), "{mode}: series of pods that are gone: {foreign:?}");
+    // What is left is the live pods' own: the scrape is about its size before
+    // the churn (b's inbound series may have gained a result label or two).
+    let lines_after = text.lines().count();
+    assert!(lines_after < lines_before + 10, "{mode}: {lines_after} lines after the churn, {lines_before} before");
+    Ok(())
+}
+both_modes!(a_removed_pods_metric_series_are_dropped);
