@@ -61,9 +61,12 @@ pub struct AgentConfig {
     /// Default proxy shape for pods without the proxy-mode annotation.
     #[arg(global = true, long, env = "PODSTEER_PROXY_MODE", value_enum, default_value = "shared")]
     pub proxy_mode: ProxyModeArg,
-    /// Turns off the sk_msg splice of local socket pairs.
-    #[arg(global = true, long, env = "PODSTEER_NO_SK_MSG")]
-    pub no_sk_msg: bool,
+    /// Turns the sk_msg shortcut of local socket pairs on for every pod without
+    /// the `podsteer.io/sk-msg` annotation. Off by default: it changes what an
+    /// app's sockets do (blocking readers get spurious EAGAIN, and redirected
+    /// bytes are not bounded by the receiver's buffer; see the README).
+    #[arg(global = true, long, env = "PODSTEER_SK_MSG")]
+    pub sk_msg: bool,
     /// iptables backend; detected from the node's rules when unset.
     #[arg(global = true, long, env = "PODSTEER_IPTABLES_BACKEND", value_enum)]
     pub iptables_backend: Option<Backend>,
@@ -128,7 +131,7 @@ impl AgentConfig {
             inbound_port: self.inbound_port,
             proxy_mark: self.proxy_mark,
             proxy_uid: self.proxy_uid,
-            sk_msg: !self.no_sk_msg,
+            sk_msg: self.sk_msg,
             proxy_mode: match self.proxy_mode {
                 ProxyModeArg::Shared => ProxyMode::Shared,
                 ProxyModeArg::Sidecar => ProxyMode::Sidecar,

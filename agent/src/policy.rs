@@ -61,7 +61,8 @@ impl Default for NodeDefaults {
             inbound_port: podsteer_common::INBOUND_PORT,
             proxy_mark: podsteer_common::PROXY_MARK,
             proxy_uid: podsteer_common::PROXY_UID,
-            sk_msg: true,
+            // Opt-in: an app's own sockets keep TCP semantics unless the pod asks.
+            sk_msg: false,
             proxy_mode: ProxyMode::Shared,
         }
     }
@@ -334,7 +335,9 @@ mod tests {
         assert!(!k.excludes_destination(&podsteer_common::Addr::v4(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 1)).to_be(), 0)));
         assert!(k.excludes_destination(&podsteer_common::Addr::v6(ip6_words("fd00:ab::1".parse().unwrap()), 0)));
         assert_eq!(k.ipv4, u32::from(std::net::Ipv4Addr::new(10, 244, 0, 5)).to_be());
-        assert!(k.has(flags::SK_MSG) && !k.has(flags::SIDECAR));
+        assert!(!k.has(flags::SK_MSG) && !k.has(flags::SIDECAR), "sk_msg is opt-in");
+        let opted = Policy::from_annotations(&NodeDefaults::default(), &ann(&[(SK_MSG, "true")]), &ips).unwrap().to_kernel();
+        assert!(opted.has(flags::SK_MSG));
     }
 
     #[test]

@@ -155,21 +155,21 @@ impl Lab {
         add("podsteer+iptables out", "iptables + podsteer", "outbound-only", 2, "client", "server-plain");
         add("podsteer+iptables mesh", "iptables + podsteer", "full mesh", 2, "client", "server-meshed");
 
-        // 3: eBPF with the shared podsteer-proxy, sk_msg off and on.
-        let off = [("podsteer.io/sk-msg", "false")];
+        // 3: eBPF with the shared podsteer-proxy: sk_msg off (the default) and on (opt-in).
+        let on = [("podsteer.io/sk-msg", "true")];
         let mut ebpf = Setup::new(Some(("ebpf", &[])), Some(&[]))?;
-        ebpf.pod("client-nosk", true, &off)?;
-        ebpf.pod("server-meshed-nosk", true, &off)?;
-        ebpf.pod("client", true, &[])?;
-        ebpf.pod("server-meshed", true, &[])?;
+        ebpf.pod("client-nosk", true, &[])?;
+        ebpf.pod("server-meshed-nosk", true, &[])?;
+        ebpf.pod("client", true, &on)?;
+        ebpf.pod("server-meshed", true, &on)?;
         ebpf.pod("server-plain", false, &[])?;
         setups.push(ebpf);
-        add("podsteer+ebpf out", "eBPF + podsteer, sk_msg off", "outbound-only", 3, "client-nosk", "server-plain");
-        add("podsteer+ebpf mesh", "eBPF + podsteer, sk_msg off", "full mesh", 3, "client-nosk", "server-meshed-nosk");
-        add("podsteer+ebpf+skmsg out", "eBPF + podsteer, sk_msg on", "outbound-only", 3, "client", "server-plain");
-        add("podsteer+ebpf+skmsg mesh", "eBPF + podsteer, sk_msg on", "full mesh", 3, "client", "server-meshed");
+        add("podsteer+ebpf out", "eBPF + podsteer (default: sk_msg off)", "outbound-only", 3, "client-nosk", "server-plain");
+        add("podsteer+ebpf mesh", "eBPF + podsteer (default: sk_msg off)", "full mesh", 3, "client-nosk", "server-meshed-nosk");
+        add("podsteer+ebpf+skmsg out", "eBPF + podsteer, sk_msg opted in", "outbound-only", 3, "client", "server-plain");
+        add("podsteer+ebpf+skmsg mesh", "eBPF + podsteer, sk_msg opted in", "full mesh", 3, "client", "server-meshed");
 
-        // 4: eBPF with per-pod podsteer-proxy sidecars (sk_msg on).
+        // 4: eBPF with per-pod podsteer-proxy sidecars (the default: sk_msg off).
         let mut side = Setup::new(Some(("ebpf", &["--proxy-mode", "sidecar"])), None)?;
         side.pod("client", true, &[])?;
         side.pod("server-meshed", true, &[])?;

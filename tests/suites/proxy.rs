@@ -57,7 +57,20 @@ impl Mesh {
 }
 
 fn relays_every_byte_through_outbound_and_inbound(mode: &str) -> anyhow::Result<()> {
-    let m = Mesh::new(mode, &[])?;
+    relays_every_byte(mode, &[])
+}
+both_modes!(relays_every_byte_through_outbound_and_inbound);
+
+/// With sk_msg turned on for the node (opt-in), sk_msg feeds the pods' sockets:
+/// every byte still arrives, and none of it is spliced, which splice cannot read.
+#[test]
+fn sk_msg_sockets_are_relayed_but_never_spliced() -> anyhow::Result<()> {
+    relays_every_byte("ebpf", &["--sk-msg"])
+}
+
+fn relays_every_byte(mode: &str, agent_args: &[&str]) -> anyhow::Result<()> {
+    let sk_msg = mode == "ebpf" && agent_args.contains(&"--sk-msg");
+    let m = Mesh::with_agent_args(mode, agent_args, &[])?;
     let out = run_client(&m.a, &["request", &m.b(8080), "1000"])?;
     assert!(out.starts_with("ok 1000"), "{out}");
     let out = run_client(&m.a, &["bulk", &m.b(8080), &(100 << 20).to_string()])?;
@@ -72,23 +85,23 @@ fn relays_every_byte_through_outbound_and_inbound(mode: &str) -> anyhow::Result<
     assert_eq!(opened("a", "outbound")?, 3.0);
     assert_eq!(opened("b", "inbound")?, 3.0);
     // Bulk moves to splice(2) by itself, except where sk_msg feeds the sockets
-    // (eBPF mode): splice cannot read those, and the bytes there skip TCP anyway.
+    // (opted in, eBPF mode): splice cannot read those, and the bytes there skip TCP anyway.
     for (pod, dir) in [("a", "outbound"), ("b", "inbound")] {
         let spliced = m.spliced(pod, dir)?;
-        match mode {
-            "iptables" => assert!(spliced >= f64::from(100u32 << 20), "{pod} {dir}: only {spliced} bytes spliced"),
-            _ => assert_eq!(spliced, 0.0, "{pod} {dir}: sk_msg sockets were spliced"),
+        if sk_msg {
+            assert_eq!(spliced, 0.0, "{pod} {dir}: sk_msg sockets were spliced");
+        } else {
+            assert!(spliced >= f64::from(100u32 << 20), "{mode} {pod} {dir}: only {spliced} bytes spliced");
         }
     }
     Ok(())
 }
-both_modes!(relays_every_byte_through_outbound_and_inbound);
 
 /// The splice(2) path from the first byte, in both modes (eBPF mode without
-/// sk_msg, which is what lets the proxy splice there): exact bytes, half-close
+/// sk_msg, the default, which is what lets the proxy splice there): exact bytes, half-close
 /// both ways, a refused upstream still resets the client.
 fn the_splice_path_relays_exactly(mode: &str) -> anyhow::Result<()> {
-    let m = Mesh::with_agent_args(mode, &["--no-sk-msg"], &["--splice", "always"])?;
+    let m = Mesh::new(mode, &["--splice", "always"])?;
     let out = run_client(&m.a, &["request", &m.b(8080), "200"])?;
     assert!(out.starts_with("ok 200"), "{out}");
     let out = run_client(&m.a, &["bulk", &m.b(8080), &(64 << 20).to_string()])?;
@@ -175,7 +188,8 @@ both_modes!(metrics_count_the_traffic_exactly);
 fn sidecar_mode_serves_its_own_pod(mode: &str) -> anyhow::Result<()> {
     let m = Mesh::new(mode, &[])?;
     let s = m.node.add_pod(PodSpec::new("default", "sidecar"))?;
-    m.agent.add_pod(&s, &[("podsteer.io/proxy-mode", "sidecar")])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // sk_msg on (opt-in): the sidecar's peek net must find the sockmap on its own.
+    m.agent.add_pod(&s, &[("podsteer.io/proxy-mode", "sidecar"), ("podsteer.io/sk-msg", "true")])?.map_err(|e| anyhow::anyhow!("{e}"))?;
     let refused = run_client(&s, &["hello", &m.b(8082)]);
     assert!(refused.is_err(), "no sidecar yet, the redirect must have nowhere to go: {refused:?}");
     // No agent socket, so the sidecar cannot know whether sk_msg feeds its
@@ -468,3 +482,23 @@ fn a_removed_pods_metric_series_are_dropped(mode: &str) -> anyhow::Result<()> {
     Ok(())
 }
 both_modes!(a_removed_pods_metric_series_are_dropped);
+
+/// An app cannot tell it is meshed: a blocking reader with a concurrent writer
+/// on the same socket (a blocking JVM client, say) sees every byte and never a
+/// spurious EAGAIN, exactly as unmeshed. (With sk_msg on app sockets, opt-in,
+/// tcp_bpf's recvmsg returns such EAGAINs; that is why it is off by default.)
+fn a_blocking_reader_sees_no_spurious_eagain(mode: &str) -> anyhow::Result<()> {
+    let m = Mesh::new(mode, &[])?;
+    let unmeshed = m.node.add_pod(PodSpec::new("default", "unmeshed"))?;
+    for (who, pod) in [("unmeshed", &unmeshed), ("meshed", &m.a)] {
+        let out = run_client(pod, &["blocking-probe", &m.b(8080), "1500"])?;
+        let field = |k: &str| out.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse::<u64>().ok());
+        assert_eq!(field("eagain="), Some(0), "{mode} / {who}: {out}");
+        assert!(field("sent=").is_some_and(|s| s > 0) && field("sent=") == field("received="), "{mode} / {who}: {out}");
+        // A blocking recv() woken by the peer's FIN returns end of stream, as TCP says.
+        let out = run_client(pod, &["shutdown-probe", &m.b(8080)])?;
+        assert_eq!(out.trim(), "woke=eof", "{mode} / {who}");
+    }
+    Ok(())
+}
+both_modes!(a_blocking_reader_sees_no_spurious_eagain);

@@ -23,6 +23,13 @@
 //! `agent-call SOCKET JSON [FD]`   send one request to the agent from wherever this runs
 //!                                 (a pod, say), print the answer as JSON; FD is a socket to
 //!                                 pass along: `listen4` (a TCP listener), `udp4`, `tcp4` (unconnected).
+//! `blocking-probe ADDR MILLIS`    blocking socket to an echo server: one thread writes for
+//!                                 MILLIS while the main thread does blocking reads; print
+//!                                 "ok eagain=<spurious EAGAINs> sent=<n> received=<n>".
+//! `shutdown-probe ADDR`           a thread blocks in recv() on a connection to an echo server;
+//!                                 once it sleeps there, another half-closes, so the server's
+//!                                 FIN wakes the reader; print what recv returned:
+//!                                 "woke=eof" (TCP's answer), "woke=eagain", "woke=error ...".
 //! `rogue-hello SOCKET`            say Hello on the proxy control socket as a proxy would, then
 //!                                 print what the agent sends: "closed", or "got <type>".
 
@@ -51,6 +58,8 @@ fn main() -> anyhow::Result<()> {
         ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
         ["chat", addr] => chat(addr),
         ["rogue-hello", socket] => rogue_hello(socket),
+        ["shutdown-probe", addr] => shutdown_probe(addr),
+        ["blocking-probe", addr, millis] => blocking_probe(addr, millis.parse()?),
         ["agent-call", socket, json, rest @ ..] => agent_call(socket, json, rest.first().copied()),
         _ => anyhow::bail!("usage: see the module doc of podsteer-lab-tool"),
     }
@@ -106,6 +115,74 @@ fn agent_call(socket: &str, json: &str, fd: Option<&str>) -> anyhow::Result<()> 
     };
     let resp = podsteer_agent::api::call(socket.as_ref(), &req, Duration::from_secs(5), fd)?;
     println!("{}", serde_json::to_string(&resp)?);
+    Ok(())
+}
+
+/// What a blocking app (the JVM's default I/O, many C clients) sees: a blocking
+/// read must block until data or EOF, never fail with EAGAIN.
+fn blocking_probe(addr: &str, millis: u64) -> anyhow::Result<()> {
+    let c = TcpStream::connect(addr)?;
+    let writer = c.try_clone()?;
+    let until = std::time::Instant::now() + Duration::from_millis(millis);
+    let sent = std::thread::spawn(move || -> std::io::Result<u64> {
+        let chunk = [7u8; 1024];
+        let mut sent = 0u64;
+        while std::time::Instant::now() < until {
+            (&writer).write_all(&chunk)?;
+            sent += chunk.len() as u64;
+        }
+        writer.shutdown(std::net::Shutdown::Write)?;
+        Ok(sent)
+    });
+    let (mut eagain, mut received) = (0u64, 0u64);
+    let mut buf = [0u8; 65536];
+    loop {
+        match (&c).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => eagain += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let sent = sent.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    println!("ok eagain={eagain} sent={sent} received={received}");
+    Ok(())
+}
+
+fn shutdown_probe(addr: &str) -> anyhow::Result<()> {
+    let c = TcpStream::connect(addr)?;
+    let reader = c.try_clone()?;
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let woke = std::thread::spawn(move || {
+        let _ = tid_tx.send(nix::unistd::gettid());
+        let mut buf = [0u8; 16];
+        match (&reader).read(&mut buf) {
+            Ok(0) => "eof".to_owned(),
+            Ok(n) => format!("data {n}"),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => "eagain".to_owned(),
+            Err(e) => format!("error {e}"),
+        }
+    });
+    let tid = tid_rx.recv()?;
+    // Wait, with a deadline, until the reader sleeps inside recv().
+    let stat = format!("/proc/self/task/{tid}/stat");
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = std::fs::read_to_string(&stat)?;
+        let state = st.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("");
+        let wchan = std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default();
+        if state == "S" && !wchan.is_empty() && wchan != "0" {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < end, "reader never blocked (state {state}, wchan {wchan})");
+        std::thread::yield_now();
+    }
+    // Half-close: the echo server sees end of stream and closes, and its FIN
+    // is what wakes the reader.
+    c.shutdown(std::net::Shutdown::Write)?;
+    let how = woke.join().map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    println!("woke={how}");
     Ok(())
 }
 
