@@ -53,6 +53,11 @@ pub struct ProxyConfig {
     /// carries bulk data. Pods whose sockets sk_msg feeds always copy.
     #[arg(long, env = "PODSTEER_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
     pub splice: SpliceMode,
+    /// Connections one pod may have open through the proxy at once (both
+    /// directions); past it, new ones are reset and counted
+    /// (`connections_closed{result="pod_limit"}`), and other pods do not notice.
+    #[arg(long, env = "PODSTEER_MAX_CONNECTIONS_PER_POD", default_value_t = 4096)]
+    pub max_connections_per_pod: usize,
     /// Data-plane worker threads; 0 means one per CPU.
     #[arg(long, env = "PODSTEER_PROXY_WORKERS", default_value_t = 0)]
     pub workers: usize,
@@ -74,6 +79,7 @@ impl ProxyConfig {
                 None => Some(SHARED_PROXY_MARK),
             },
             splice: self.splice,
+            max_conns_per_pod: self.max_connections_per_pod,
         }
     }
 }

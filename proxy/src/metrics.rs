@@ -44,10 +44,12 @@ pub enum Outcome {
     /// The destination was one of the proxy's own listeners (a direct connect
     /// to a proxy port): refused, since relaying it would loop.
     OwnListener,
+    /// The pod already had its limit of connections in the proxy.
+    PodLimit,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Ok,
         Outcome::ClientDisconnected,
         Outcome::BackendDisconnected,
@@ -56,6 +58,7 @@ impl Outcome {
         Outcome::Drained,
         Outcome::NoOriginalDst,
         Outcome::OwnListener,
+        Outcome::PodLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +71,7 @@ impl Outcome {
             Outcome::Drained => "drained",
             Outcome::NoOriginalDst => "no_original_dst",
             Outcome::OwnListener => "own_listener",
+            Outcome::PodLimit => "pod_limit",
         }
     }
 }

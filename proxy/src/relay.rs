@@ -38,6 +38,9 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub mark: Option<u32>,
     pub splice: SpliceMode,
+    /// Connections one pod may have in the shared proxy at once, both
+    /// directions together, so no pod (or client of one) exhausts it for the rest.
+    pub max_conns_per_pod: usize,
 }
 
 /// What every connection of one pod shares.
@@ -81,8 +84,14 @@ enum Broke {
 }
 
 pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<Settings>, m: Arc<Metrics>) {
-    pod.serving.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    serve_counted(client, dir, &pod, &s, &m).await;
+    let serving = pod.serving.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+    if serving > s.max_conns_per_pod {
+        // Refused before any upstream work: a reset, counted, and nothing else.
+        reset(&client);
+        m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: Outcome::PodLimit }).inc();
+    } else {
+        serve_counted(client, dir, &pod, &s, &m).await;
+    }
     pod.serving.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     pod.forget_if_done(&m);
 }

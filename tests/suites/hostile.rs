@@ -53,6 +53,14 @@ impl Scene {
     }
 }
 
+/// What the plugin would send for `pod`, claiming another uid and netns.
+fn forged(pod: &Pod, uid: &str, netns: &std::path::Path) -> podsteer_agent::api::PodInfo {
+    let mut info = pod_info(pod, &[]);
+    info.uid = uid.into();
+    info.netns = netns.to_owned();
+    info
+}
+
 fn refused(r: &Response, kind: ErrorKind, what: &str) -> String {
     assert!(!r.ok, "{what}: accepted: {r:?}");
     let e = r.error.clone().unwrap_or_else(|| panic!("{what}: no error in {r:?}"));
@@ -64,9 +72,7 @@ fn refused(r: &Response, kind: ErrorKind, what: &str) -> String {
 fn a_pod_cannot_control_the_agent() -> anyhow::Result<()> {
     let s = Scene::new()?;
     let before = s.state()?;
-    let mut hijack = pod_info(&s.a, &[]);
-    hijack.uid = "hijacker".into();
-    hijack.netns = "/proc/self/ns/net".into();
+    let mut hijack = forged(&s.a, "hijacker", "/proc/self/ns/net".as_ref());
     hijack.ips = s.b.ips().to_vec();
     let cases: Vec<(&str, Request, Option<&str>)> = vec![
         ("unmesh the node", Request::Gc { keep: vec![] }, None),
@@ -114,9 +120,7 @@ fn a_pod_registers_only_a_real_listener_of_its_own() -> anyhow::Result<()> {
 fn no_pod_can_be_enrolled_with_the_nodes_own_netns() -> anyhow::Result<()> {
     let s = Scene::new()?;
     let before = s.state()?;
-    let mut info = pod_info(&s.b, &[]);
-    info.uid = "node-netns".into();
-    info.netns = s._node.netns().path().to_owned();
+    let info = forged(&s.b, "node-netns", s._node.netns().path());
     let r = podsteer_agent::api::call(&s.agent.socket, &Request::Add { pod: info }, podsteer_lab::agent::CALL_DEADLINE, None)?;
     let msg = refused(&r, ErrorKind::BadNetns, "the node's netns");
     assert!(msg.contains("the node's own network namespace"), "{msg}");
@@ -184,5 +188,37 @@ fn silent_connections_cannot_pile_up_agent_threads_or_starve_the_plugin() -> any
         (threads(pid).ok()? <= before).then_some(())
     })?;
     drop(silent);
+    Ok(())
+}
+
+/// One pod at its connection limit in the shared proxy gets refusals; a
+/// neighbour pod's connections keep succeeding.
+#[test]
+fn a_pod_at_its_connection_limit_is_refused_and_its_neighbours_are_not() -> anyhow::Result<()> {
+    const LIMIT: usize = 20;
+    let node = Node::new(NodeOptions::default())?;
+    let agent = Agent::start_with_proxy(&node, "ebpf", &[])?;
+    let control = agent.proxy_socket.clone().expect("proxy socket");
+    let proxy = podsteer_lab::proxy::Proxy::start_shared(&node, &control, 15020, &["--max-connections-per-pod", &LIMIT.to_string()])?;
+    let server = node.add_pod(PodSpec::new("default", "server"))?;
+    let _echo = podsteer_lab::workload::start_server(&server, None, &["echo", "[::]:8080"])?;
+    let (greedy, neighbour) = (node.add_pod(PodSpec::new("default", "greedy"))?, node.add_pod(PodSpec::new("default", "neighbour"))?);
+    for p in [&greedy, &neighbour] {
+        agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let dst = podsteer_lab::workload::addr(server.ipv4().expect("v4"), 8080);
+    let _held = podsteer_lab::workload::start_server(&greedy, None, &["hold", &dst, &(LIMIT + 10).to_string()])?;
+    let metric = |pod: &str, what: &str| proxy.metric(&format!("podsteer_proxy_{what}{{pod=\"default/{pod}\",direction=\"outbound\"}}"));
+    assert_eq!(metric("greedy", "connections_active")?, LIMIT as f64, "the greedy pod holds exactly its limit");
+    assert_eq!(
+        proxy.metric("podsteer_proxy_connections_closed_total{pod=\"default/greedy\",direction=\"outbound\",result=\"pod_limit\"}")?,
+        10.0,
+        "every connection past the limit is refused and counted"
+    );
+    for _ in 0..5 {
+        let out = run_client(&neighbour, &["request", &dst, "1000"])?;
+        assert!(out.starts_with("ok 1000"), "the neighbour: {out}");
+    }
+    assert_eq!(metric("neighbour", "connections_opened_total")?, 5.0);
     Ok(())
 }

@@ -30,6 +30,9 @@
 //!                                 once it sleeps there, another half-closes, so the server's
 //!                                 FIN wakes the reader; print what recv returned:
 //!                                 "woke=eof" (TCP's answer), "woke=eagain", "woke=error ...".
+//! `hold ADDR N`                   open N connections to an echo server one by one, keep those
+//!                                 that echo a byte back, print "listening held=K refused=R",
+//!                                 then hold them until killed.
 //! `rogue-hello SOCKET`            say Hello on the proxy control socket as a proxy would, then
 //!                                 print what the agent sends: "closed", or "got <type>".
 
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
         ["chat", addr] => chat(addr),
         ["rogue-hello", socket] => rogue_hello(socket),
+        ["hold", addr, n] => hold(addr, n.parse()?),
         ["shutdown-probe", addr] => shutdown_probe(addr),
         ["blocking-probe", addr, millis] => blocking_probe(addr, millis.parse()?),
         ["agent-call", socket, json, rest @ ..] => agent_call(socket, json, rest.first().copied()),
@@ -184,6 +188,24 @@ fn shutdown_probe(addr: &str) -> anyhow::Result<()> {
     let how = woke.join().map_err(|_| anyhow::anyhow!("reader panicked"))?;
     println!("woke={how}");
     Ok(())
+}
+
+fn hold(addr: &str, n: usize) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..n {
+        let mut c = TcpStream::connect(addr)?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut b = [0u8; 1];
+        match c.write_all(b"x").and_then(|()| read_retrying(&c, &mut b)) {
+            Ok(1) => held.push(c),
+            _ => refused += 1,
+        }
+    }
+    println!("listening held={} refused={refused}", held.len());
+    loop {
+        std::thread::park();
+    }
 }
 
 fn rogue_hello(socket: &str) -> anyhow::Result<()> {
