@@ -149,6 +149,24 @@ fn mounts_cover_every_path_the_agent_uses_and_match_its_defaults() -> anyhow::Re
     Ok(())
 }
 
+/// Each socket is mounted only where its threat model allows (SECURITY.md): the
+/// proxy container sees its control socket and not the agent socket.
+#[test]
+fn the_proxy_container_mounts_its_control_socket_and_not_the_agent_socket() -> anyhow::Result<()> {
+    let m = manifest()?;
+    let p = pod(&m);
+    let cfg = Cli::try_parse_from(agent_argv(&m, container(p, "agent")))?.config;
+    let proxy = container(p, "proxy");
+    let mounts: Vec<&str> = proxy.volume_mounts.iter().flatten().map(|v| v.mount_path.as_str()).collect();
+    let covered = |path: &Path| mounts.iter().any(|m| path.starts_with(m));
+    let control = cfg.proxy_socket.clone().expect("the agent has a proxy socket");
+    assert!(covered(&control), "the proxy cannot reach {}", control.display());
+    let proxy_args = proxy.args.iter().flatten().cloned().collect::<Vec<_>>();
+    assert!(proxy_args.contains(&format!("--control={}", control.display())), "{proxy_args:?}");
+    assert!(!covered(&cfg.socket), "the proxy container mounts the agent socket {}", cfg.socket.display());
+    Ok(())
+}
+
 #[test]
 fn only_the_bpffs_init_step_is_privileged() -> anyhow::Result<()> {
     let m = manifest()?;
