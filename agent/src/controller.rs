@@ -223,10 +223,14 @@ impl Controller {
         if self.node_netns.is_some() && crate::peer::NetnsId::of(&pod.netns).ok() == self.node_netns {
             return Response::err(ErrorKind::BadNetns, format!("{} is the node's own network namespace, not a pod's", pod.netns.display()));
         }
-        let cookie = match sys::enter_pod(netns.as_fd()) {
-            Ok(c) => c,
+        let (cookie, addresses) = match sys::enter_pod(netns.as_fd()) {
+            Ok(i) => (i.cookie, i.addresses),
             Err(e) => return Response::err(ErrorKind::BadNetns, error_chain(&e)),
         };
+        // The IPs steer inbound traffic to this pod (POD_BY_IP): only its own.
+        if let Some(ip) = pod.ips.iter().find(|ip| !addresses.contains(ip)) {
+            return Response::err(ErrorKind::BadRequest, format!("{ip} is not an address of netns {}", pod.netns.display()));
+        }
         if let Some(other) = self.registry.all().find(|p| p.netns_cookie == cookie) {
             return Response::err(
                 ErrorKind::BadRequest,

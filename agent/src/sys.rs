@@ -83,13 +83,30 @@ pub fn in_netns<T: Send>(netns: BorrowedFd<'_>, f: impl FnOnce() -> T + Send) ->
     })
 }
 
-/// One trip into a new pod's netns: read its cookie (SO_NETNS_COOKIE, Linux 5.14), and let the kernel move
-/// queued connections between the proxies' SO_REUSEPORT listeners during a
-/// handover (tcp_migrate_req; best effort, older kernels lack it).
-pub fn enter_pod(netns: BorrowedFd<'_>) -> Result<u64, SysError> {
+/// What one trip into a new pod's netns finds.
+pub struct PodNetnsInfo {
+    /// SO_NETNS_COOKIE (Linux 5.14): the key every program looks the pod up by.
+    pub cookie: u64,
+    /// Every address on the netns's interfaces, to check the ADD's `ips` against.
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// One trip into a new pod's netns: read its cookie and addresses, and let the
+/// kernel move queued connections between the proxies' SO_REUSEPORT listeners
+/// during a handover (tcp_migrate_req; best effort, older kernels lack it).
+pub fn enter_pod(netns: BorrowedFd<'_>) -> Result<PodNetnsInfo, SysError> {
     in_netns(netns, || {
         let _ = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1");
-        cookie_here()
+        let addresses = nix::ifaddrs::getifaddrs()
+            .map_err(|e| SysError::Syscall { call: "getifaddrs", source: e.into() })?
+            .filter_map(|a| {
+                let a = a.address?;
+                a.as_sockaddr_in()
+                    .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+            })
+            .collect();
+        Ok(PodNetnsInfo { cookie: cookie_here()?, addresses })
     })?
 }
 

@@ -222,3 +222,19 @@ fn a_pod_at_its_connection_limit_is_refused_and_its_neighbours_are_not() -> anyh
     assert_eq!(metric("neighbour", "connections_opened_total")?, 5.0);
     Ok(())
 }
+
+/// The IPs of an ADD steer inbound traffic to the pod (POD_BY_IP): a pod may
+/// claim only addresses its netns really has, never another pod's.
+#[test]
+fn an_add_claiming_addresses_its_netns_lacks_is_refused() -> anyhow::Result<()> {
+    let s = Scene::new()?;
+    let before = s.state()?;
+    let c = s._node.add_pod(PodSpec::new("default", "c"))?;
+    let mut info = pod_info(&c, &[]);
+    info.ips = s.b.ips().to_vec();
+    let r = podsteer_agent::api::call(&s.agent.socket, &Request::Add { pod: info }, podsteer_lab::agent::CALL_DEADLINE, None)?;
+    let msg = refused(&r, ErrorKind::BadRequest, "the victim's IPs");
+    assert!(msg.contains("is not an address of netns"), "{msg}");
+    assert_eq!(s.state()?, before, "no pod's state changed");
+    Ok(())
+}

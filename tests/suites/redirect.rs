@@ -424,7 +424,15 @@ fn a_late_del_of_an_old_pod_keeps_the_new_owner_of_its_ip() -> anyhow::Result<()
     let old = s.node.add_pod(PodSpec::new("default", "old"))?;
     s.agent.add_pod(&old, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
     let new = s.node.add_pod(PodSpec::new("default", "new"))?;
-    // The runtime handed the old pod's addresses to the new one.
+    // The runtime handed the old pod's addresses to the new one (the agent
+    // checks that a pod's IPs are its netns's own, so they go there too).
+    for ip in old.ips() {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let st = std::process::Command::new("ip")
+            .args(["-n", new.netns().name(), "addr", "add", &format!("{ip}/{prefix}"), "dev", "eth0", "nodad"])
+            .status()?;
+        anyhow::ensure!(st.success(), "adding {ip} to the new pod: {st}");
+    }
     let mut info = podsteer_lab::agent::pod_info(&new, &[]);
     info.ips = old.ips().to_vec();
     let rec = s.agent.call(&podsteer_agent::api::Request::Add { pod: info })?.map_err(|e| anyhow::anyhow!("{e}"))?;
