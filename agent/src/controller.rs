@@ -206,6 +206,17 @@ impl Controller {
             if existing.netns == pod.netns {
                 return Response::ok(existing);
             }
+            // The sandbox was recreated with the same pod UID (the kubelet does
+            // that when a sandbox dies): once the old netns is gone, the old
+            // record is stale and the new sandbox takes its place.
+            if sys::open_netns(&existing.netns).is_err() {
+                let uid = pod.uid.clone();
+                info!(old = %existing.netns.display(), "pod's sandbox was recreated; replacing its old record");
+                if let Err(e) = self.del(&uid).into_result() {
+                    return Response::err(ErrorKind::Internal, format!("removing the old sandbox's state: {}", e.message));
+                }
+                return self.add_inner(pod);
+            }
             return Response::err(
                 ErrorKind::BadRequest,
                 format!("pod {} is already registered with netns {}", pod.uid, existing.netns.display()),

@@ -44,8 +44,18 @@ pub async fn connect(socket: &Path) -> Result<Client, CriError> {
     Ok(RuntimeServiceClient::new(channel))
 }
 
+/// What the runtime runs: every ready sandbox's pod UID, and, for those whose
+/// status could be read in full, what enrolment needs.
+#[derive(Debug, Default)]
+pub struct Sandboxes {
+    /// Every ready sandbox's pod UID, readable or not: a pod listed here is alive.
+    pub running: std::collections::BTreeSet<String>,
+    /// Identity, netns, IPs and annotations, where the status said them all.
+    pub pods: Vec<PodInfo>,
+}
+
 /// Every ready pod sandbox with what enrolment needs: identity, netns, IPs, annotations.
-pub async fn ready_pods(client: &mut Client) -> Result<Vec<PodInfo>, CriError> {
+pub async fn ready_pods(client: &mut Client) -> Result<Sandboxes, CriError> {
     let filter =
         PodSandboxFilter { state: Some(PodSandboxStateValue { state: PodSandboxState::SandboxReady as i32 }), ..Default::default() };
     let list = client
@@ -53,8 +63,11 @@ pub async fn ready_pods(client: &mut Client) -> Result<Vec<PodInfo>, CriError> {
         .await
         .map_err(|e| CriError::Call { call: "ListPodSandbox", source: Box::new(e) })?
         .into_inner();
-    let mut pods = Vec::new();
+    let mut out = Sandboxes::default();
     for sb in list.items {
+        if let Some(meta) = &sb.metadata {
+            out.running.insert(meta.uid.clone());
+        }
         let status = client
             .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: sb.id.clone(), verbose: true })
             .await
@@ -68,7 +81,7 @@ pub async fn ready_pods(client: &mut Client) -> Result<Vec<PodInfo>, CriError> {
             ips.extend(net.ip.parse::<IpAddr>().ok());
             ips.extend(net.additional_ips.iter().filter_map(|a| a.ip.parse::<IpAddr>().ok()));
         }
-        pods.push(PodInfo {
+        out.pods.push(PodInfo {
             uid: meta.uid,
             name: meta.name,
             namespace: meta.namespace,
@@ -78,7 +91,7 @@ pub async fn ready_pods(client: &mut Client) -> Result<Vec<PodInfo>, CriError> {
             container_id: Some(sb.id),
         });
     }
-    Ok(pods)
+    Ok(out)
 }
 
 /// containerd's verbose status carries the sandbox's OCI spec; its network

@@ -23,23 +23,31 @@ pub struct RepairReport {
 }
 
 pub fn run_once(ctl: &Mutex<Controller>, socket: &Path) -> anyhow::Result<RepairReport> {
+    // Only pods registered before the snapshot may be judged gone by it: one
+    // the plugin adds while the runtime answers is missing from the snapshot
+    // and alive.
+    let known_before: BTreeSet<String> =
+        ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?.pods().into_iter().map(|p| p.uid).collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let pods = rt.block_on(async {
+    let sandboxes = rt.block_on(async {
         let mut client = tokio::time::timeout(CRI_DEADLINE, cri::connect(socket)).await??;
         anyhow::Ok(tokio::time::timeout(CRI_DEADLINE, cri::ready_pods(&mut client)).await??)
     })?;
     let mut c = ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-    let running: BTreeSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
     let mut report = RepairReport::default();
-    for stale in c.pods().into_iter().filter(|p| !running.contains(&p.uid)) {
+    // A sandbox whose status could not be read is still running: never gone.
+    let gone = c.pods().into_iter().filter(|p| known_before.contains(&p.uid) && !sandboxes.running.contains(&p.uid));
+    for stale in gone.collect::<Vec<_>>() {
         let label = format!("{}/{}", stale.namespace, stale.name);
         match c.del(&stale.uid).into_result() {
             Ok(_) => report.removed.push(label),
             Err(e) => report.failed.push(format!("{label}: {}", e.message)),
         }
     }
-    let known: BTreeSet<String> = c.pods().into_iter().map(|p| p.uid).collect();
-    for pod in pods.into_iter().filter(|p| !known.contains(&p.uid)) {
+    // A pod known under another netns was recreated with the same UID: the
+    // ADD below replaces the record when the old netns is gone.
+    let known: BTreeSet<(String, std::path::PathBuf)> = c.pods().into_iter().map(|p| (p.uid, p.netns)).collect();
+    for pod in sandboxes.pods.into_iter().filter(|p| !known.contains(&(p.uid.clone(), p.netns.clone()))) {
         if c.skip_reason(&pod).is_some() {
             continue;
         }

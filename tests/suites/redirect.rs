@@ -506,3 +506,25 @@ fn a_proxy_port_on_another_host_is_intercepted(mode: &str) -> anyhow::Result<()>
     Ok(())
 }
 both_modes!(a_proxy_port_on_another_host_is_intercepted);
+
+/// The kubelet recreates a dead sandbox with the same pod UID. Once the old
+/// netns is gone, the new sandbox's ADD replaces the old record instead of being
+/// refused (which left the recreated pod un-intercepted).
+#[test]
+fn a_sandbox_recreated_with_the_same_uid_replaces_the_old_one() -> anyhow::Result<()> {
+    let s = Scene::new("ebpf", &[])?;
+    let old = s.node.add_pod(PodSpec::new("default", "x"))?;
+    let uid = old.uid().to_string();
+    s.agent.add_pod(&old, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    drop(old);
+    let new = s.node.add_pod(PodSpec::new("default", "x-again"))?;
+    let mut info = podsteer_lab::agent::pod_info(&new, &[]);
+    info.uid = uid.clone();
+    let rec = s.agent.call(&podsteer_agent::api::Request::Add { pod: info })?.map_err(|e| anyhow::anyhow!("the recreated sandbox: {e}"))?;
+    assert_eq!(rec["netns"].as_str(), new.netns().path().to_str(), "{rec}");
+    let pods = s.agent.pods()?;
+    let with_uid: Vec<&serde_json::Value> = pods.as_array().into_iter().flatten().filter(|p| p["uid"] == uid.as_str()).collect();
+    assert_eq!(with_uid.len(), 1, "one record for the UID: {pods}");
+    assert_eq!(with_uid[0]["netns"].as_str(), new.netns().path().to_str());
+    Ok(())
+}
