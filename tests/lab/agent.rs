@@ -28,6 +28,9 @@ pub fn bin(name: &str) -> PathBuf {
 
 pub const CALL_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The agent's default admin address, inside the node's netns.
+const ADMIN: ([u8; 4], u16) = ([127, 0, 0, 1], 15021);
+
 /// A running agent, killed on drop. Its pins and state live in the node's state dir.
 pub struct Agent {
     process: Option<LabProcess>,
@@ -148,7 +151,13 @@ impl Agent {
     /// One sample of the agent's /metrics (on its default admin address in the node netns).
     pub fn metric(&self, name_and_labels: &str) -> anyhow::Result<f64> {
         let netns = std::fs::File::open(self.node.netns().path())?;
-        crate::admin::metric(std::os::fd::AsFd::as_fd(&netns), ([127, 0, 0, 1], 15021).into(), name_and_labels)
+        crate::admin::metric(std::os::fd::AsFd::as_fd(&netns), ADMIN.into(), name_and_labels)
+    }
+
+    /// An HTTP GET on the agent's admin endpoint; the whole response.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        let netns = std::fs::File::open(self.node.netns().path())?;
+        crate::admin::get(std::os::fd::AsFd::as_fd(&netns), ADMIN.into(), path)
     }
 
     pub fn log_text(&self) -> String {

@@ -502,3 +502,39 @@ fn a_blocking_reader_sees_no_spurious_eagain(mode: &str) -> anyhow::Result<()> {
     Ok(())
 }
 both_modes!(a_blocking_reader_sees_no_spurious_eagain);
+
+/// /healthz tells the truth: while the agent's state is held (here the shared
+/// proxy is stopped, so an ADD waits under the lock for its reply) it fails,
+/// and once the state moves again it passes, with the ADD done.
+#[test]
+fn healthz_fails_while_the_agents_state_is_stuck_and_recovers() -> anyhow::Result<()> {
+    use nix::sys::signal::Signal;
+    let mut m = Mesh::new("ebpf", &[])?;
+    let healthy = |m: &Mesh| m.agent.admin_get("/healthz").map(|r| r.starts_with("HTTP/1.1 200")).unwrap_or(false);
+    assert!(healthy(&m), "{:?}", m.agent.admin_get("/healthz"));
+    let c = m.node.add_pod(PodSpec::new("default", "c"))?;
+    m.proxy.process_mut().signal(Signal::SIGSTOP)?;
+    // Every thread of the proxy stopped, before the ADD is sent.
+    let pid = m.proxy.pid();
+    wait::until("the proxy to stop", Duration::from_secs(5), || {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .all(|st| st.rsplit(')').next().and_then(|r| r.split_whitespace().next()) == Some("T"))
+            .then_some(())
+    })?;
+    let added = std::thread::scope(|sc| -> anyhow::Result<_> {
+        let add = sc.spawn(|| m.agent.add_pod(&c, &[]));
+        let stuck = wait::until("/healthz to fail while the ADD holds the state", Duration::from_secs(6), || {
+            m.agent.admin_get("/healthz").ok().filter(|r| r.starts_with("HTTP/1.1 503"))
+        });
+        m.proxy.process_mut().signal(Signal::SIGCONT)?;
+        let stuck = stuck?;
+        assert!(stuck.contains("agent state held for over"), "{stuck}");
+        add.join().map_err(|_| anyhow::anyhow!("add panicked"))?
+    })?;
+    let rec = added.map_err(|e| anyhow::anyhow!("the ADD once the proxy went on: {e}"))?;
+    assert_eq!(rec["proxy_ready"], true, "{rec}");
+    wait::until("/healthz to pass again", Duration::from_secs(5), || healthy(&m).then_some(()))?;
+    Ok(())
+}
