@@ -136,7 +136,12 @@ impl Report {
         let mut ratio_goal = |goal: &str, name: &str, fig: &str, max: Option<f64>, min: Option<f64>| {
             let v = self.get(name).and_then(|s| s.vs_direct.get(fig).copied()).unwrap_or(f64::NAN);
             let met = max.is_none_or(|m| v <= m) && min.is_none_or(|m| v >= m);
-            g.push(Goal { goal: goal.into(), value: format!("{v:.2}x direct"), met });
+            // Latency ratios also say what the path adds, in microseconds.
+            let added = match (fig.ends_with("_us"), self.get(name), self.get("direct")) {
+                (true, Some(s), Some(d)) => format!(" (+{:.2} us)", s.figures[fig] - d.figures[fig]),
+                _ => String::new(),
+            };
+            g.push(Goal { goal: goal.into(), value: format!("{v:.2}x direct{added}"), met });
         };
         ratio_goal("full mesh, eBPF + sk_msg: p50 RR <= 2.0x direct", "podsteer+ebpf+skmsg mesh", "rr1_p50_us", Some(2.0), None);
         ratio_goal("outbound-only, eBPF + sk_msg: p50 RR <= 1.5x direct", "podsteer+ebpf+skmsg out", "rr1_p50_us", Some(1.5), None);
@@ -178,7 +183,7 @@ impl Report {
                 let (a, b) = (on.figures["rr1_p50_us"], off.figures["rr1_p50_us"]);
                 g.push(Goal {
                     goal: format!("sk_msg on beats off on p50 RR ({variant})"),
-                    value: format!("{a:.1} vs {b:.1} us"),
+                    value: format!("{a:.2} vs {b:.2} us"),
                     met: a < b,
                 });
             }

@@ -163,7 +163,7 @@ fn rr(addr: &str, size: usize, conns: usize, warm: Duration, run: Duration) -> a
                 let mut c = connect(&addr, KIND_ECHO)?;
                 let msg: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
                 let mut back = vec![0u8; size];
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
                 let (mut ok, mut bad) = (0u64, 0u64);
                 start.wait();
                 let t0 = Instant::now();
@@ -171,9 +171,10 @@ fn rr(addr: &str, size: usize, conns: usize, warm: Duration, run: Duration) -> a
                     let s = Instant::now();
                     c.write_all(&msg)?;
                     read_exact(&mut c, &mut back)?;
-                    let us = s.elapsed().as_nanos() as u64 / 1000;
+                    // Nanoseconds: reported as fractional microseconds, never truncated to whole ones.
+                    let ns = s.elapsed().as_nanos() as u64;
                     if t0.elapsed() > warm {
-                        hist.record(us.max(1))?;
+                        hist.record(ns.max(1))?;
                         if back == msg { ok += 1 } else { bad += 1 }
                     }
                 }
@@ -181,7 +182,7 @@ fn rr(addr: &str, size: usize, conns: usize, warm: Duration, run: Duration) -> a
             })
         })
         .collect();
-    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let (mut ok, mut bad) = (0u64, 0u64);
     for h in handles {
         let (hist, o, b) = h.join().map_err(|_| anyhow::anyhow!("rr thread panicked"))??;
@@ -191,10 +192,15 @@ fn rr(addr: &str, size: usize, conns: usize, warm: Duration, run: Duration) -> a
     }
     println!(
         "{}",
-        json!({"p50_us": all.value_at_quantile(0.5), "p99_us": all.value_at_quantile(0.99), "p999_us": all.value_at_quantile(0.999),
+        json!({"p50_us": us(all.value_at_quantile(0.5)), "p99_us": us(all.value_at_quantile(0.99)), "p999_us": us(all.value_at_quantile(0.999)),
                "rps": ok as f64 / run.as_secs_f64(), "requests": ok, "mismatches": bad})
     );
     Ok(())
+}
+
+/// A recorded nanosecond figure as microseconds, fractions kept.
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
 }
 
 fn bulk(addr: &str, streams: usize, run: Duration) -> anyhow::Result<()> {
