@@ -507,6 +507,18 @@ fn a_proxy_port_on_another_host_is_intercepted(mode: &str) -> anyhow::Result<()>
 }
 both_modes!(a_proxy_port_on_another_host_is_intercepted);
 
+/// The proxy UID is exempt only where a proxy runs as it (a sidecar pod): in a
+/// shared-proxy pod, an app running as 1337 is intercepted like any other.
+fn the_proxy_uid_gains_nothing_in_a_shared_proxy_pod(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    for ip in [s.b4(), s.b6()] {
+        let line = run_client(&s.a, &["hello", &addr(ip, 8080), "--uid", "1337"])?;
+        assert_eq!(field(&line, "server="), "proxy", "{mode} / uid 1337 to {ip}: {line}");
+    }
+    Ok(())
+}
+both_modes!(the_proxy_uid_gains_nothing_in_a_shared_proxy_pod);
+
 /// The kubelet recreates a dead sandbox with the same pod UID. Once the old
 /// netns is gone, the new sandbox's ADD replaces the old record instead of being
 /// refused (which left the recreated pod un-intercepted).

@@ -48,7 +48,12 @@ pub fn install_plan(policy: &Policy, family: Family, current_save: &str) -> Stri
     let mut out = vec!["*nat".to_owned(), format!(":{OUTPUT_CHAIN} - [0:0]"), format!(":{INBOUND_CHAIN} - [0:0]")];
     let o = OUTPUT_CHAIN;
     out.push(rule(o, &format!("-m mark --mark {:#x}", policy.proxy_mark), "proxy-mark", "RETURN"));
-    out.push(rule(o, &format!("-m owner --uid-owner {}", policy.proxy_uid), "proxy-uid", "RETURN"));
+    // Only a sidecar pod has a proxy running as the proxy UID. In a shared-proxy
+    // pod an app running as that UID must gain nothing (eBPF mode agrees:
+    // its UID exemption needs the SIDECAR flag).
+    if policy.proxy_mode == crate::policy::ProxyMode::Sidecar {
+        out.push(rule(o, &format!("-m owner --uid-owner {}", policy.proxy_uid), "proxy-uid", "RETURN"));
+    }
     out.push(rule(o, &format!("-d {}", family.loopback()), "loopback", "RETURN"));
     for ip in policy.ips.iter().filter(|ip| family.has(ip)) {
         out.push(rule(o, &format!("-d {ip}/{}", family.host_prefix()), "own-ip", "RETURN"));
