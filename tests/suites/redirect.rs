@@ -540,3 +540,16 @@ fn a_sandbox_recreated_with_the_same_uid_replaces_the_old_one() -> anyhow::Resul
     assert_eq!(with_uid[0]["netns"].as_str(), new.netns().path().to_str());
     Ok(())
 }
+
+/// The getsockopt program passes through what it does not answer, also when
+/// the answer is longer than the page it is shown (kernels 5.12 to 6.4 fail
+/// such calls with EFAULT unless it resets optlen): the same answer as unmeshed.
+fn a_getsockopt_longer_than_a_page_is_answered_as_unmeshed(mode: &str) -> anyhow::Result<()> {
+    let s = Scene::new(mode, &[])?;
+    let unmeshed = run_client(&s.b, &["big-getsockopt"])?;
+    let meshed = run_client(&s.a, &["big-getsockopt"])?;
+    assert!(unmeshed.starts_with("ok len=4400"), "{unmeshed}");
+    assert_eq!(meshed, unmeshed, "{mode}");
+    Ok(())
+}
+both_modes!(a_getsockopt_longer_than_a_page_is_answered_as_unmeshed);

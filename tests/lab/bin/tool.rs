@@ -33,6 +33,8 @@
 //! `hold ADDR N`                   open N connections to an echo server one by one, keep those
 //!                                 that echo a byte back, print "listening held=K refused=R",
 //!                                 then hold them until killed.
+//! `big-getsockopt`                a getsockopt whose answer is longer than a page (SO_PEERGROUPS
+//!                                 of a peer in 1,100 groups); print "ok len=<bytes> first=<gid>".
 //! `rogue-hello SOCKET`            say Hello on the proxy control socket as a proxy would, then
 //!                                 print what the agent sends: "closed", or "got <type>".
 
@@ -61,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
         ["chat", addr] => chat(addr),
         ["rogue-hello", socket] => rogue_hello(socket),
+        ["big-getsockopt"] => big_getsockopt(),
         ["hold", addr, n] => hold(addr, n.parse()?),
         ["shutdown-probe", addr] => shutdown_probe(addr),
         ["blocking-probe", addr, millis] => blocking_probe(addr, millis.parse()?),
@@ -206,6 +209,24 @@ fn hold(addr: &str, n: usize) -> anyhow::Result<()> {
     loop {
         std::thread::park();
     }
+}
+
+/// Kernels 5.12 to 6.4 fail every getsockopt whose answer is longer than a page
+/// with EFAULT for processes under a cgroup getsockopt program that does not
+/// reset optlen; the answer here must be what it is unmeshed.
+fn big_getsockopt() -> anyhow::Result<()> {
+    let groups: Vec<nix::unistd::Gid> = (10_000..11_100).map(nix::unistd::Gid::from_raw).collect();
+    nix::unistd::setgroups(&groups)?;
+    let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    let mut buf = vec![0u8; 16384];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf and len are valid for the size given.
+    let rc = unsafe { libc::getsockopt(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERGROUPS, buf.as_mut_ptr().cast(), &mut len) };
+    anyhow::ensure!(rc == 0, "getsockopt(SO_PEERGROUPS): {}", std::io::Error::last_os_error());
+    anyhow::ensure!(len as usize > 4096, "the answer ({len} bytes) is not longer than a page");
+    let first = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    println!("ok len={len} first={first}");
+    Ok(())
 }
 
 fn rogue_hello(socket: &str) -> anyhow::Result<()> {
