@@ -138,6 +138,15 @@ impl Agent {
         self.process.as_ref().map(LabProcess::pid)
     }
 
+    /// Waits until the shared proxy with `pid` is current: the agent promotes a
+    /// proxy only after replaying every pod to it and pointing inbound steering
+    /// at its listeners, so from then on every pod is served by it.
+    pub fn wait_proxy_current(&self, pid: i32) -> anyhow::Result<()> {
+        crate::wait::until("the agent to promote the new proxy", Duration::from_secs(10), || {
+            (self.status().ok()?["proxy_pid"].as_i64()? == i64::from(pid)).then_some(())
+        })
+    }
+
     /// SIGKILL, as a crash or an OOM kill would.
     pub fn kill(&mut self) {
         self.process = None;

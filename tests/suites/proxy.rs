@@ -292,7 +292,9 @@ fn a_restarted_proxy_gets_every_pod_replayed() -> anyhow::Result<()> {
     m.proxy.process_mut().signal(nix::sys::signal::Signal::SIGKILL)?;
     m.proxy.process_mut().wait_exit(Duration::from_secs(5))?;
     let control = m.agent.proxy_socket.clone().expect("proxy socket");
-    let _again = Proxy::start_shared(&m.node, &control, 15023, &[])?;
+    let again = Proxy::start_shared(&m.node, &control, 15023, &[])?;
+    // Until the replay is done, inbound to a meshed pod is refused (fail closed).
+    m.agent.wait_proxy_current(again.pid())?;
     let out = run_client(&m.a, &["request", &m.b(8080), "1000"])?;
     assert!(out.starts_with("ok 1000"), "{out}");
     Ok(())
