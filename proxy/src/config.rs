@@ -45,8 +45,18 @@ pub struct ProxyConfig {
     pub mark: Option<u32>,
     #[arg(long, env = "PODSTEER_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
     pub connect_timeout_ms: u64,
-    #[arg(long, env = "PODSTEER_IDLE_TIMEOUT_MS", default_value_t = 3_600_000)]
+    /// A connection with no bytes either way this long is closed. 15 minutes:
+    /// longer than the idle timeouts of common cloud NATs and load balancers
+    /// (AWS NAT 350 s, Azure 4 min), which apps already keep alive against,
+    /// short enough that leaked connections do not hold a pod's limit for hours.
+    #[arg(long, env = "PODSTEER_IDLE_TIMEOUT_MS", default_value_t = 900_000)]
     pub idle_timeout_ms: u64,
+    /// Inbound connections silent both ways this long are closed while their
+    /// pod holds over half its connection limit (a silent-connection flood);
+    /// 0 turns it off. Below that, silence is left alone: server-speaks-first
+    /// protocols and pre-opened pool connections are silent by design.
+    #[arg(long, env = "PODSTEER_FIRST_BYTE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub first_byte_timeout_ms: u64,
     #[arg(long, env = "PODSTEER_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
     pub drain_timeout_ms: u64,
     /// Zero-copy relay with splice(2): `auto` moves a direction to it once it
@@ -58,6 +68,16 @@ pub struct ProxyConfig {
     /// (`connections_closed{result="pod_limit"}`), and other pods do not notice.
     #[arg(long, env = "PODSTEER_MAX_CONNECTIONS_PER_POD", default_value_t = 4096)]
     pub max_connections_per_pod: usize,
+    /// Bytes one pod's connections may hold in the proxy's memory at once (what
+    /// a receiver cannot take yet). Past it, that pod's reads are held back to
+    /// what its peers take, and TCP slows its senders; other pods do not notice.
+    #[arg(long, env = "PODSTEER_MAX_BUFFERED_BYTES_PER_POD", default_value_t = 8 << 20)]
+    pub max_buffered_bytes_per_pod: usize,
+    /// The same for all pods together. Keep it well below the container's
+    /// memory limit (daemonset.yaml: 512 MiB): past it every pod is held back,
+    /// which is slower, not an OOM kill.
+    #[arg(long, env = "PODSTEER_MAX_BUFFERED_BYTES", default_value_t = 256 << 20)]
+    pub max_buffered_bytes: usize,
     /// Data-plane worker threads; 0 means one per CPU.
     #[arg(long, env = "PODSTEER_PROXY_WORKERS", default_value_t = 0)]
     pub workers: usize,
@@ -80,6 +100,9 @@ impl ProxyConfig {
             },
             splice: self.splice,
             max_conns_per_pod: self.max_connections_per_pod,
+            max_buffered_per_pod: self.max_buffered_bytes_per_pod,
+            max_buffered: self.max_buffered_bytes,
+            first_byte_timeout: (self.first_byte_timeout_ms > 0).then(|| Duration::from_millis(self.first_byte_timeout_ms)),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! pod as a sidecar.
 
 pub mod admin;
+pub mod budget;
 pub mod config;
 pub mod conns;
 pub mod control;

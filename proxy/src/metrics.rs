@@ -46,10 +46,13 @@ pub enum Outcome {
     OwnListener,
     /// The pod already had its limit of connections in the proxy.
     PodLimit,
+    /// Inbound, silent both ways past the first-byte deadline while the pod
+    /// was flooded with connections.
+    FirstByteTimeout,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::ClientDisconnected,
         Outcome::BackendDisconnected,
@@ -59,6 +62,7 @@ impl Outcome {
         Outcome::NoOriginalDst,
         Outcome::OwnListener,
         Outcome::PodLimit,
+        Outcome::FirstByteTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +76,7 @@ impl Outcome {
             Outcome::NoOriginalDst => "no_original_dst",
             Outcome::OwnListener => "own_listener",
             Outcome::PodLimit => "pod_limit",
+            Outcome::FirstByteTimeout => "first_byte_timeout",
         }
     }
 }
@@ -133,6 +138,16 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: String,
+}
+
 fn connect_histogram() -> Histogram {
     // 50 µs to ~1.6 s: loopback connects up to a black-holed peer's timeout.
     Histogram::new(exponential_buckets(0.00005, 2.0, 16))
@@ -149,6 +164,12 @@ pub struct Metrics {
     pub connect_errors: Family<ConnectErrorLabels, Counter>,
     pub connect_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub pods: Gauge,
+    /// User-space bytes each pod's connections hold (see [`crate::budget`]).
+    pub buffered: Family<PodLabels, Gauge>,
+    pub buffered_all: Gauge,
+    pub reads_held_back: Family<PodLabels, Counter>,
+    /// The per-pod limits in force, so dashboards can show use against them.
+    pub limits: Family<LimitLabels, Gauge>,
     /// Connections being relayed, all pods together: what a drain waits for.
     pub live: Gauge,
     pub registry: Registry,
@@ -168,6 +189,10 @@ impl Metrics {
             connect_errors: Family::default(),
             connect_duration: Family::new_with_constructor(connect_histogram as fn() -> Histogram),
             pods: Gauge::default(),
+            buffered: Family::default(),
+            buffered_all: Gauge::default(),
+            reads_held_back: Family::default(),
+            limits: Family::default(),
             live: Gauge::default(),
             registry: Registry::default(),
         };
@@ -189,6 +214,14 @@ impl Metrics {
         registry.register("connect_errors", "Upstream connects that failed, by kind", m.connect_errors.clone());
         registry.register("connect_duration_seconds", "Time to connect upstream", m.connect_duration.clone());
         registry.register("pods", "Pods with open listeners", m.pods.clone());
+        registry.register("buffered_bytes", "Bytes a pod's connections hold in the proxy's memory", m.buffered.clone());
+        registry.register("buffered_bytes_all_pods", "Bytes all pods' connections hold in the proxy's memory", m.buffered_all.clone());
+        registry.register("reads_held_back", "Reads done peek-first because a buffer budget was spent", m.reads_held_back.clone());
+        registry.register(
+            "pod_limit",
+            "Limits: per pod, connections at once and buffered bytes; for all pods, buffered bytes",
+            m.limits.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -209,6 +242,17 @@ impl Metrics {
         }
         for kind in ConnectError::ALL {
             self.connect_errors.remove(&ConnectErrorLabels { pod: pod.into(), kind });
+        }
+        self.buffered.remove(&PodLabels { pod: pod.into() });
+        self.reads_held_back.remove(&PodLabels { pod: pod.into() });
+    }
+
+    /// Shows the limits in force (once, at start).
+    pub fn set_limits(&self, s: &crate::relay::Settings) {
+        let limits =
+            [("connections", s.max_conns_per_pod), ("buffered_bytes", s.max_buffered_per_pod), ("buffered_bytes_all_pods", s.max_buffered)];
+        for (limit, v) in limits {
+            self.limits.get_or_create(&LimitLabels { limit: limit.into() }).set(i64::try_from(v).unwrap_or(i64::MAX));
         }
     }
 

@@ -9,6 +9,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::budget::Share;
 use crate::inpod::netns::PodNetns;
 use crate::listeners::{self, ListenError};
 use crate::metrics::{Direction, Metrics};
@@ -55,7 +56,13 @@ impl Pods {
         }
         let (stop, stopping) = watch::channel(false);
         let conns = Arc::new(crate::conns::Conns::default());
-        self.rt.spawn(crate::conns::sweeper(conns.clone(), stopping.clone(), self.settings.idle_timeout, self.settings.drain_timeout));
+        self.rt.spawn(crate::conns::sweeper(conns.clone(), stopping.clone(), crate::conns::Timeouts::of(&self.settings)));
+        let pod_labels = crate::metrics::PodLabels { pod: req.label.clone() };
+        let budget = crate::budget::Budget::new(
+            Share::new(self.metrics.buffered.get_or_create(&pod_labels).clone(), self.settings.max_buffered_per_pod),
+            Share::new(self.metrics.buffered_all.clone(), self.settings.max_buffered),
+            self.metrics.reads_held_back.get_or_create(&pod_labels).clone(),
+        );
         let ctx = Arc::new(PodCtx {
             label: req.label.clone(),
             netns,
@@ -65,6 +72,7 @@ impl Pods {
             conns,
             splice_allowed: req.splice_allowed.into(),
             serving: 0.into(),
+            budget,
         });
         let _rt = self.rt.enter();
         let mut inbound = Vec::new();

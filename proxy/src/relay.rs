@@ -18,6 +18,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::budget::Budget;
 use crate::conns::ConnState;
 use crate::inpod::netns::PodNetns;
 use crate::metrics::{ClosedLabels, ConnLabels, ConnectErrorLabels, Direction, DirectionLabels, Metrics, Outcome};
@@ -41,6 +42,15 @@ pub struct Settings {
     /// Connections one pod may have in the shared proxy at once, both
     /// directions together, so no pod (or client of one) exhausts it for the rest.
     pub max_conns_per_pod: usize,
+    /// Bytes one pod's connections may keep in user space, all together (see [`crate::budget`]).
+    pub max_buffered_per_pod: usize,
+    /// The same for all pods together: below the container's memory limit.
+    pub max_buffered: usize,
+    /// An inbound connection on which neither side has said anything this long
+    /// is closed, but only while its pod holds over half its connection limit:
+    /// server-speaks-first and pre-opened pool connections are fine until the
+    /// pod is under a silent-connection flood.
+    pub first_byte_timeout: Option<Duration>,
 }
 
 /// What every connection of one pod shares.
@@ -59,6 +69,8 @@ pub struct PodCtx {
     /// Connections being served, metrics included; the last one to end after
     /// the pod was removed drops the pod's metric series.
     pub serving: std::sync::atomic::AtomicUsize,
+    /// The pod's share of user-space buffers.
+    pub budget: Budget,
 }
 
 impl PodCtx {
@@ -120,7 +132,7 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
                     reset(&client);
                     (Outcome::ConnectFailed, 0, 0)
                 }
-                Ok(upstream) => relay(&client, &upstream, pod, pod.splice_mode(s), m, &labels).await,
+                Ok(upstream) => relay(&client, &upstream, dir, pod, pod.splice_mode(s), m, &labels).await,
             }
         }
     };
@@ -197,18 +209,20 @@ fn reset(s: &TcpStream) {
 async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
+    dir: Direction,
     pod: &PodCtx,
     splice: SpliceMode,
     m: &Metrics,
     labels: &ConnLabels,
 ) -> (Outcome, u64, u64) {
     let _ = client.set_nodelay(true);
-    let state = pod.conns.open();
+    let state = pod.conns.open(dir);
     let spliced = m.bytes_spliced.get_or_create(labels).clone();
     let half = |moved: &Family<ConnLabels, Counter>| {
         Half::new(moved.get_or_create(labels).clone(), spliced.clone(), m.splice_fallbacks.clone(), splice)
     };
-    let mut copy = Copy { up: half(&m.bytes_from_client), down: half(&m.bytes_to_client), client, upstream, state: &state };
+    let mut copy =
+        Copy { up: half(&m.bytes_from_client), down: half(&m.bytes_to_client), client, upstream, state: &state, budget: &pod.budget };
     let outcome = (&mut copy).await;
     if outcome != Outcome::Ok {
         reset(client);
@@ -281,13 +295,14 @@ impl Half {
     }
 
     /// Writes out what is pending; Ready(Ok) once nothing is.
-    fn poll_flush(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<Result<(), Broke>> {
+    fn poll_flush(&mut self, cx: &mut Context<'_>, to: &TcpStream, budget: &Budget) -> Poll<Result<(), Broke>> {
         while !self.pending.is_empty() {
             ready!(to.poll_write_ready(cx)).map_err(Broke::To)?;
             match to.try_write(&self.pending) {
                 Ok(n) => {
                     self.pending.drain(..n);
                     self.moved.add(n);
+                    budget.give(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(Broke::To(e))),
@@ -299,37 +314,33 @@ impl Half {
     }
 
     /// Moves bytes from `from` to `to` until one would block, EOF, or an error.
-    fn poll_copy(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, state: &ConnState) -> Poll<Result<(), Broke>> {
+    fn poll_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        state: &ConnState,
+        budget: &Budget,
+    ) -> Poll<Result<(), Broke>> {
         loop {
-            ready!(self.poll_flush(cx, to))?;
+            ready!(self.poll_flush(cx, to, budget))?;
             if self.pipe.is_some() {
-                return self.poll_splice(cx, from, to, state);
+                return self.poll_splice(cx, from, to, state, budget);
             }
             if self.done {
                 return Poll::Ready(Ok(()));
             }
+            if budget.spent() {
+                // Only the peer's readiness says when to go on; wait for it first.
+                ready!(to.poll_write_ready(cx)).map_err(Broke::To)?;
+            }
             ready!(from.poll_read_ready(cx)).map_err(Broke::From)?;
-            let step = SCRATCH.with_borrow_mut(|buf| -> Result<Option<usize>, Broke> {
-                let n = match from.try_read(buf) {
-                    Ok(0) => return Ok(None),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-                    Err(e) => return Err(Broke::From(e)),
-                };
-                let sent = match to.try_write(&buf[..n]) {
-                    Ok(k) => k,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => return Err(Broke::To(e)),
-                };
-                self.pending.extend_from_slice(&buf[sent..n]);
-                self.moved.add(sent);
-                Ok(Some(n))
-            });
+            let step = if budget.spent() { self.held_back_step(from, to, budget) } else { self.step(from, to, budget) };
             match step {
                 Err(b) => return Poll::Ready(Err(b)),
                 Ok(None) => {
                     // EOF: finish what is pending, then half-close.
-                    ready!(self.poll_flush(cx, to))?;
+                    ready!(self.poll_flush(cx, to, budget))?;
                     return self.half_close(to);
                 }
                 Ok(Some(0)) => continue,
@@ -343,9 +354,72 @@ impl Half {
         }
     }
 
+    /// One full-size read, written straight on; what the peer cannot take now
+    /// is kept (and counted against the pod's budget). `None` at EOF, `Some(0)`
+    /// when either side would block.
+    fn step(&mut self, from: &TcpStream, to: &TcpStream, budget: &Budget) -> Result<Option<usize>, Broke> {
+        SCRATCH.with_borrow_mut(|buf| -> Result<Option<usize>, Broke> {
+            let n = match from.try_read(buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+                Err(e) => return Err(Broke::From(e)),
+            };
+            let sent = match to.try_write(&buf[..n]) {
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(Broke::To(e)),
+            };
+            self.pending.extend_from_slice(&buf[sent..n]);
+            budget.take(n - sent);
+            self.moved.add(sent);
+            Ok(Some(n))
+        })
+    }
+
+    /// The pod's budget is spent: peek, write what the peer takes, and consume
+    /// only that, so nothing is left in user space. The rest stays queued in
+    /// `from`, and TCP's window holds its sender back.
+    fn held_back_step(&mut self, from: &TcpStream, to: &TcpStream, budget: &Budget) -> Result<Option<usize>, Broke> {
+        budget.held_back();
+        SCRATCH.with_borrow_mut(|buf| -> Result<Option<usize>, Broke> {
+            let n = match from.try_io(Interest::READABLE, || socket::peek(from.as_fd(), buf)) {
+                Ok(0) => return Ok(None),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+                Err(e) => return Err(Broke::From(e)),
+            };
+            let sent = match to.try_write(&buf[..n]) {
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+                Err(e) => return Err(Broke::To(e)),
+            };
+            // The peeked bytes are queued and this task is the socket's only
+            // reader, so reading `sent` of them cannot block or come up short;
+            // if it ever did, going on would resend bytes: end the connection.
+            let mut left = sent;
+            while left > 0 {
+                match from.try_read(&mut buf[..left]) {
+                    Ok(k) if k > 0 => left -= k,
+                    Ok(_) => return Err(Broke::From(io::Error::other("peeked bytes vanished"))),
+                    Err(e) => return Err(Broke::From(e)),
+                }
+            }
+            self.moved.add(sent);
+            Ok(Some(sent))
+        })
+    }
+
     /// The splice(2) twin of the copy loop: empty the pipe into `to`, then
     /// refill it from `from`, until one would block, EOF, or an error.
-    fn poll_splice(&mut self, cx: &mut Context<'_>, from: &TcpStream, to: &TcpStream, state: &ConnState) -> Poll<Result<(), Broke>> {
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        state: &ConnState,
+        budget: &Budget,
+    ) -> Poll<Result<(), Broke>> {
         let Some(pipe) = self.pipe.as_mut() else { return Poll::Ready(Ok(())) };
         loop {
             while pipe.held > 0 {
@@ -372,7 +446,7 @@ impl Half {
                     self.pipe = None;
                     self.splice = SpliceMode::Never;
                     self.fallbacks.inc();
-                    return self.poll_copy(cx, from, to, state);
+                    return self.poll_copy(cx, from, to, state, budget);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(Broke::From(e))),
@@ -389,6 +463,14 @@ struct Copy<'a> {
     client: &'a TcpStream,
     upstream: &'a TcpStream,
     state: &'a ConnState,
+    budget: &'a Budget,
+}
+
+impl Drop for Copy<'_> {
+    /// Bytes still pending when the connection ends are dropped with it.
+    fn drop(&mut self) {
+        self.budget.give(self.up.pending.len() + self.down.pending.len());
+    }
 }
 
 impl Future for Copy<'_> {
@@ -399,11 +481,11 @@ impl Future for Copy<'_> {
         if let Some(ended) = this.state.poll_ended(cx.waker()) {
             return Poll::Ready(ended);
         }
-        let up = this.up.poll_copy(cx, this.client, this.upstream, this.state);
+        let up = this.up.poll_copy(cx, this.client, this.upstream, this.state, this.budget);
         if let Poll::Ready(Err(b)) = up {
             return Poll::Ready(classify_one(Some(&Err(b))));
         }
-        let down = this.down.poll_copy(cx, this.upstream, this.client, this.state);
+        let down = this.down.poll_copy(cx, this.upstream, this.client, this.state, this.budget);
         if let Poll::Ready(Err(b)) = down {
             return Poll::Ready(classify_one(Some(&swap_sides(&Err(b)))));
         }

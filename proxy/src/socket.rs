@@ -58,6 +58,12 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write).map_err(io::Error::from)
 }
 
+/// Reads without consuming: the bytes stay queued until read for real.
+pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::MsgFlags;
+    nix::sys::socket::recv(fd.as_raw_fd(), buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+}
+
 /// How a failed connect is counted.
 pub fn connect_error_kind(e: &io::Error) -> crate::metrics::ConnectError {
     use crate::metrics::ConnectError;

@@ -39,6 +39,7 @@ pub struct Results {
     pub rounds: BTreeMap<String, Vec<Round>>,
     pub memory: Value,
     pub cni_add_ms: Value,
+    pub flood: Value,
     pub validation: Value,
     pub machine: Value,
 }
@@ -82,7 +83,7 @@ fn rss_kib(pid: i32) -> u64 {
 /// Runs the load generator in `pod` and parses its JSON line. A run that
 /// stalls (no reply for 10 s) is retried twice and the stall is counted: it is
 /// a finding about that setup, not noise to hide.
-fn loadgen(pod: &Pod, args: &[String]) -> anyhow::Result<Value> {
+pub fn loadgen(pod: &Pod, args: &[String]) -> anyhow::Result<Value> {
     let mut stalls = Vec::new();
     for _ in 0..3 {
         let out = pod.command(bin("podsteer-loadgen"))?.args(args).output()?;
@@ -159,6 +160,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> anyhow::Result<Results> {
         scenarios: lab.scenarios.iter().map(|s| (s.name.to_owned(), s.setup.to_owned(), s.variant.to_owned())).collect(),
         rounds,
         memory: memory(lab, plan)?,
+        flood: crate::flood::run(lab, plan)?,
         cni_add_ms: cni_adds(lab, plan)?,
         validation: sockperf(lab, plan)?,
         machine: machine(),

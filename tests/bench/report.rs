@@ -36,6 +36,7 @@ pub struct Report {
     pub summaries: Vec<Summary>,
     pub memory: Value,
     pub cni_add_ms: Value,
+    pub flood: Value,
     pub validation: Value,
     pub goals: Vec<Goal>,
     pub raw: BTreeMap<String, Vec<Round>>,
@@ -119,6 +120,7 @@ impl Report {
             summaries,
             memory: r.memory,
             cni_add_ms: r.cni_add_ms,
+            flood: r.flood,
             validation: r.validation,
             goals: Vec::new(),
             raw: r.rounds,
@@ -210,6 +212,19 @@ impl Report {
             value: format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
             met: p50 <= 5.0 && p99 <= 20.0,
         });
+        let (quiet, flooded) = (
+            self.flood["neighbour_p99_us"]["unloaded"].as_f64().unwrap_or(f64::NAN),
+            self.flood["neighbour_p99_us"]["flooded"].as_f64().unwrap_or(f64::NAN),
+        );
+        g.push(Goal {
+            goal: "a neighbour's RR p99 within 2x while a meshed server holds 5,000 silent connections".into(),
+            value: format!(
+                "{flooded:.1} vs {quiet:.1} us ({:.2}x), flood shed after {:.1} s",
+                flooded / quiet,
+                self.flood["shed_after_s"].as_f64().unwrap_or(f64::NAN)
+            ),
+            met: flooded <= 2.0 * quiet && self.flood["neighbour_requests_failed"] == 0,
+        });
         g.push(Goal {
             goal: "load generator agrees with sockperf within 20%".into(),
             value: format!("{} vs {} us", self.validation["loadgen_p50_us"], self.validation["sockperf_p50_us"]),
@@ -269,7 +284,10 @@ impl Report {
                 out += "\n";
             }
         }
-        out += &format!("\nmemory: {}\nCNI ADD: {}\nvalidation: {}\n\ngoals:\n", self.memory, self.cni_add_ms, self.validation);
+        out += &format!(
+            "\nmemory: {}\nsilent-connection flood: {}\nCNI ADD: {}\nvalidation: {}\n\ngoals:\n",
+            self.memory, self.flood, self.cni_add_ms, self.validation
+        );
         for g in &self.goals {
             out += &format!("  [{}] {} — {}\n", if g.met { "met" } else { "MISSED" }, g.goal, g.value);
         }

@@ -163,6 +163,8 @@ impl Lab {
         ebpf.pod("client", true, &on)?;
         ebpf.pod("server-meshed", true, &on)?;
         ebpf.pod("server-plain", false, &[])?;
+        // Unmeshed, as any client of a meshed pod may be: the silent-connection flood's source.
+        ebpf.pod("attacker", false, &[])?;
         setups.push(ebpf);
         add("podsteer+ebpf out", "eBPF + podsteer (default: sk_msg off)", "outbound-only", 3, "client-nosk", "server-plain");
         add("podsteer+ebpf mesh", "eBPF + podsteer (default: sk_msg off)", "full mesh", 3, "client-nosk", "server-meshed-nosk");

@@ -191,38 +191,6 @@ fn silent_connections_cannot_pile_up_agent_threads_or_starve_the_plugin() -> any
     Ok(())
 }
 
-/// One pod at its connection limit in the shared proxy gets refusals; a
-/// neighbour pod's connections keep succeeding.
-#[test]
-fn a_pod_at_its_connection_limit_is_refused_and_its_neighbours_are_not() -> anyhow::Result<()> {
-    const LIMIT: usize = 20;
-    let node = Node::new(NodeOptions::default())?;
-    let agent = Agent::start_with_proxy(&node, "ebpf", &[])?;
-    let control = agent.proxy_socket.clone().expect("proxy socket");
-    let proxy = podsteer_lab::proxy::Proxy::start_shared(&node, &control, 15020, &["--max-connections-per-pod", &LIMIT.to_string()])?;
-    let server = node.add_pod(PodSpec::new("default", "server"))?;
-    let _echo = podsteer_lab::workload::start_server(&server, None, &["echo", "[::]:8080"])?;
-    let (greedy, neighbour) = (node.add_pod(PodSpec::new("default", "greedy"))?, node.add_pod(PodSpec::new("default", "neighbour"))?);
-    for p in [&greedy, &neighbour] {
-        agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    let dst = podsteer_lab::workload::addr(server.ipv4().expect("v4"), 8080);
-    let _held = podsteer_lab::workload::start_server(&greedy, None, &["hold", &dst, &(LIMIT + 10).to_string()])?;
-    let metric = |pod: &str, what: &str| proxy.metric(&format!("podsteer_proxy_{what}{{pod=\"default/{pod}\",direction=\"outbound\"}}"));
-    assert_eq!(metric("greedy", "connections_active")?, LIMIT as f64, "the greedy pod holds exactly its limit");
-    assert_eq!(
-        proxy.metric("podsteer_proxy_connections_closed_total{pod=\"default/greedy\",direction=\"outbound\",result=\"pod_limit\"}")?,
-        10.0,
-        "every connection past the limit is refused and counted"
-    );
-    for _ in 0..5 {
-        let out = run_client(&neighbour, &["request", &dst, "1000"])?;
-        assert!(out.starts_with("ok 1000"), "the neighbour: {out}");
-    }
-    assert_eq!(metric("neighbour", "connections_opened_total")?, 5.0);
-    Ok(())
-}
-
 /// The IPs of an ADD steer inbound traffic to the pod (POD_BY_IP): a pod may
 /// claim only addresses its netns really has, never another pod's.
 #[test]

@@ -26,7 +26,9 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = rt.enable_all().thread_name("data").build().context("building the runtime")?;
     let metrics = Arc::new(Metrics::new());
-    let pods = Pods::new(rt.handle().clone(), Arc::new(cfg.settings()), metrics.clone());
+    let settings = Arc::new(cfg.settings());
+    metrics.set_limits(&settings);
+    let pods = Pods::new(rt.handle().clone(), settings, metrics.clone());
     let state = Arc::new(State::new(pods, metrics, cfg.control.is_some()));
     let admin = admin::spawn(cfg.admin, state.clone()).with_context(|| format!("admin endpoint {}", cfg.admin))?;
     info!(%admin, "admin endpoint");

@@ -33,6 +33,10 @@
 //! `hold ADDR N`                   open N connections to an echo server one by one, keep those
 //!                                 that echo a byte back, print "listening held=K refused=R",
 //!                                 then hold them until killed.
+//! `silent ADDR N`                 open N connections, never send a byte; print "listening held=N".
+//! `sink ADDR`                     accept connections and never read from them.
+//! `push ADDR N`                   N connections writing 64 KiB chunks without end (to a sink);
+//!                                 print "listening pushing=N".
 //! `big-getsockopt`                a getsockopt whose answer is longer than a page (SO_PEERGROUPS
 //!                                 of a peer in 1,100 groups); print "ok len=<bytes> first=<gid>".
 //! `rogue-hello SOCKET`            say Hello on the proxy control socket as a proxy would, then
@@ -65,6 +69,9 @@ fn main() -> anyhow::Result<()> {
         ["rogue-hello", socket] => rogue_hello(socket),
         ["big-getsockopt"] => big_getsockopt(),
         ["hold", addr, n] => hold(addr, n.parse()?),
+        ["silent", addr, n] => silent(addr, n.parse()?),
+        ["sink", addr] => sink(addr),
+        ["push", addr, n] => push(addr, n.parse()?),
         ["shutdown-probe", addr] => shutdown_probe(addr),
         ["blocking-probe", addr, millis] => blocking_probe(addr, millis.parse()?),
         ["agent-call", socket, json, rest @ ..] => agent_call(socket, json, rest.first().copied()),
@@ -206,6 +213,41 @@ fn hold(addr: &str, n: usize) -> anyhow::Result<()> {
         }
     }
     println!("listening held={} refused={refused}", held.len());
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Opens `n` connections and says nothing on any of them, ever.
+fn silent(addr: &str, n: usize) -> anyhow::Result<()> {
+    let held: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(addr)).collect::<Result<_, _>>()?;
+    println!("listening held={}", held.len());
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A server that accepts and never reads: its peers' sends back up.
+fn sink(addr: &str) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr)?;
+    println!("listening {}", l.local_addr()?);
+    let mut held = Vec::new();
+    for c in l.incoming() {
+        held.push(c?);
+    }
+    Ok(())
+}
+
+/// `n` connections, each writing 64 KiB chunks for as long as it can.
+fn push(addr: &str, n: usize) -> anyhow::Result<()> {
+    let conns: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(addr)).collect::<Result<_, _>>()?;
+    for mut c in conns {
+        std::thread::spawn(move || {
+            let buf = vec![7u8; 64 * 1024];
+            while c.write_all(&buf).is_ok() {}
+        });
+    }
+    println!("listening pushing={n}");
     loop {
         std::thread::park();
     }
