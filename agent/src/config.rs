@@ -42,6 +42,11 @@ pub struct AgentConfig {
     /// netns, is taken as the proxy on the control socket.
     #[arg(global = true, long, env = "PODSTEER_PROXY_PEER_UID", default_value_t = 0)]
     pub proxy_peer_uid: u32,
+    /// More network namespaces whose root processes are node-level on the
+    /// agent socket, besides the agent's own (which, with hostNetwork, is the
+    /// node's). For a lab whose agent runs in a netns of its own.
+    #[arg(global = true, long, env = "PODSTEER_NODE_NETNS", value_delimiter = ',')]
+    pub node_netns: Vec<PathBuf>,
     /// How long a pod add waits for a proxy to be connected.
     #[arg(global = true, long, env = "PODSTEER_PROXY_WAIT_MS", default_value_t = 10_000)]
     pub proxy_wait_ms: u64,

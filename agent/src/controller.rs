@@ -33,6 +33,8 @@ pub struct Controller {
     origin: Option<crate::ebpf::loader::Origin>,
     /// The node's netns (the agent's own), which no pod may claim.
     node_netns: Option<crate::peer::NetnsId>,
+    /// `--node-netns`: node-level too.
+    more_node_netns: Vec<crate::peer::NetnsId>,
 }
 
 #[derive(Serialize)]
@@ -76,7 +78,12 @@ impl Controller {
         let registry = Registry::open(config.registry_path())?;
         let proxy = config.proxy_socket.as_ref().map(|_| Arc::new(ProxyLink::default()));
         let node_netns = crate::peer::NetnsId::own().ok();
-        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns };
+        let more_node_netns = config
+            .node_netns
+            .iter()
+            .map(|p| anyhow::Context::with_context(crate::peer::NetnsId::of(p), || format!("--node-netns {}", p.display())))
+            .collect::<anyhow::Result<_>>()?;
+        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns };
         c.remove_stale_state();
         Ok(c)
     }
@@ -177,12 +184,12 @@ impl Controller {
         if peer.uid != 0 {
             return Caller::Unprivileged { uid: peer.uid };
         }
-        if Some(peer.netns) == self.node_netns {
+        if Some(peer.netns) == self.node_netns || self.more_node_netns.contains(&peer.netns) {
             return Caller::Node;
         }
         match self.registry.all().find(|r| NetnsId::of(&r.netns).is_ok_and(|n| n == peer.netns)) {
             Some(r) => Caller::Pod(r.uid.clone()),
-            None => Caller::Node,
+            None => Caller::Elsewhere { pid: peer.pid },
         }
     }
 

@@ -8,8 +8,9 @@
 //!
 //! | caller | may send |
 //! | --- | --- |
-//! | node (root, not in any registered pod's netns: the CNI plugin, the CLI) | everything |
+//! | node: root in the agent's netns (or one named by `--node-netns`): the CNI plugin, the CLI | everything |
 //! | a registered pod's netns (a sidecar, or anything else in that pod) | `RegisterListener` for its own pod only |
+//! | root in any other netns (an unmeshed pod that mounts the socket, a pod mid-ADD) | nothing |
 //! | anyone else (not root) | nothing |
 
 use std::os::fd::AsFd;
@@ -97,10 +98,12 @@ impl ProxyIdentity {
 /// What the agent knows the caller to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
-    /// A root process outside every registered pod: the plugin, the CLI, the node.
+    /// A root process in the node's netns: the plugin, the CLI, the node.
     Node,
     /// A process inside this registered pod's netns (uid of the pod).
     Pod(String),
+    /// Root, but in a netns that is neither the node's nor a registered pod's.
+    Elsewhere { pid: i32 },
     /// Not root.
     Unprivileged { uid: u32 },
 }
@@ -115,6 +118,7 @@ pub fn authorize(caller: &Caller, req: &Request) -> Result<(), String> {
         }
         (Caller::Pod(own), other) => Err(format!("a process in pod {own} may only register its own listeners, not send {}", other.name())),
         (Caller::Unprivileged { uid }, _) => Err(format!("uid {uid} is not root")),
+        (Caller::Elsewhere { pid }, _) => Err(format!("pid {pid} is in neither the node's network namespace nor a registered pod's")),
     }
 }
 
@@ -140,5 +144,6 @@ mod tests {
         }
         assert!(authorize(&Caller::Node, &Request::Gc { keep: vec![] }).is_ok());
         assert!(authorize(&Caller::Unprivileged { uid: 1000 }, &Request::Status).is_err());
+        assert!(authorize(&Caller::Elsewhere { pid: 42 }, &Request::Status).is_err());
     }
 }

@@ -36,6 +36,8 @@ pub struct Agent {
     process: Option<LabProcess>,
     node: Node,
     args: Vec<String>,
+    /// Runs the agent under this command (`setpriv ...`), if any.
+    wrapper: Vec<String>,
     pub socket: PathBuf,
     /// The shared proxy's control socket, when started with one.
     pub proxy_socket: Option<PathBuf>,
@@ -47,6 +49,11 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent for `node` in `mode` (auto, ebpf, iptables) and waits until it answers.
     pub fn start(node: &Node, mode: &str, extra: &[&str]) -> anyhow::Result<Agent> {
+        Agent::start_under(node, mode, extra, &[])
+    }
+
+    /// As [`Agent::start`], run under `wrapper` (with only some capabilities, say).
+    pub fn start_under(node: &Node, mode: &str, extra: &[&str], wrapper: &[String]) -> anyhow::Result<Agent> {
         let dir = node.state_dir().join("agent");
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("agent.sock");
@@ -62,6 +69,10 @@ impl Agent {
             socket.display().to_string(),
             "--state-dir".into(),
             dir.display().to_string(),
+            // The tests call the agent from the host's netns, not the lab node's:
+            // node-level, as the plugin and CLI are on a real node.
+            "--node-netns".into(),
+            format!("/proc/{}/ns/net", std::process::id()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let proxy_socket = args.iter().position(|a| a == "--proxy-socket").and_then(|i| args.get(i + 1)).map(PathBuf::from);
@@ -69,6 +80,7 @@ impl Agent {
             process: None,
             node: node.clone(),
             args,
+            wrapper: wrapper.to_vec(),
             socket,
             proxy_socket,
             bpffs,
@@ -81,7 +93,14 @@ impl Agent {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut cmd = self.node.command(bin("podsteer-agent"))?;
+        let mut cmd = match self.wrapper.split_first() {
+            None => self.node.command(bin("podsteer-agent"))?,
+            Some((program, args)) => {
+                let mut c = self.node.command(program)?;
+                c.args(args).arg(bin("podsteer-agent"));
+                c
+            }
+        };
         cmd.args(&self.args).stdout(Stdio::null()).stderr(log);
         let mut p = self.node.spawn_owned("podsteer-agent", cmd)?;
         let socket = self.socket.clone();

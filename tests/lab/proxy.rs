@@ -23,9 +23,21 @@ pub struct Proxy {
 impl Proxy {
     /// A shared proxy connected to the agent's control socket, ready once the agent replayed.
     pub fn start_shared(node: &Node, control: &Path, admin_port: u16, extra: &[&str]) -> anyhow::Result<Proxy> {
+        Proxy::start_shared_under(node, control, admin_port, extra, &[])
+    }
+
+    /// As [`Proxy::start_shared`], run under `wrapper` (with only some capabilities, say).
+    pub fn start_shared_under(node: &Node, control: &Path, admin_port: u16, extra: &[&str], wrapper: &[String]) -> anyhow::Result<Proxy> {
         let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
         let log = node.state_dir().join(format!("proxy-{admin_port}.log"));
-        let mut cmd = node.proxy_command(crate::agent::bin("podsteer-proxy"))?;
+        let mut cmd = match wrapper.split_first() {
+            None => node.proxy_command(crate::agent::bin("podsteer-proxy"))?,
+            Some((program, args)) => {
+                let mut c = node.proxy_command(program)?;
+                c.args(args).arg(crate::agent::bin("podsteer-proxy"));
+                c
+            }
+        };
         cmd.args(["--control", &control.display().to_string(), "--admin", &admin.to_string()])
             .args(extra)
             .stdout(Stdio::null())

@@ -203,3 +203,97 @@ fn the_example_app_has_no_init_container_and_no_capability() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// `setpriv` arguments that leave a root process only the capabilities the
+/// container adds (its securityContext drops ALL), as the runtime would.
+fn only_capabilities(c: &Container) -> Vec<String> {
+    let add = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref()).and_then(|c| c.add.clone()).unwrap_or_default();
+    only(&add.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn only(caps: &[&str]) -> Vec<String> {
+    let set: String = caps.iter().map(|c| format!(",+{}", c.to_lowercase())).collect();
+    ["setpriv", "--inh-caps", "-all", "--bounding-set", &format!("-all{set}"), "--"].map(str::to_owned).to_vec()
+}
+
+/// containerd's default capabilities for a container: what an app (or a
+/// sidecar) in a pod has as root.
+const RUNTIME_DEFAULT_CAPS: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// The agent and the shared proxy, each with exactly the capabilities
+/// daemonset.yaml gives it, enrol pods for the plugin (full root), take a
+/// sidecar's listener from a pod process with the runtime's default
+/// capabilities, and relay traffic. The agent reads each caller's netns from
+/// /proc, which for a caller with capabilities the agent lacks takes SYS_PTRACE.
+fn serve_with_the_manifests_capabilities(mode: &str) -> anyhow::Result<()> {
+    use podsteer_lab::workload::{addr, run_client, start_server};
+    let m = manifest()?;
+    let spec = pod(&m);
+    let node = podsteer_lab::Node::new(podsteer_lab::NodeOptions::default())?;
+    let control = node.state_dir().join("agent").join("proxy.sock");
+    let agent = podsteer_lab::agent::Agent::start_under(
+        &node,
+        mode,
+        &["--proxy-socket", &control.display().to_string()],
+        &only_capabilities(container(spec, "agent")),
+    )?;
+    let _proxy = podsteer_lab::proxy::Proxy::start_shared_under(&node, &control, 15020, &[], &only_capabilities(container(spec, "proxy")))?;
+    let [a, b, c] = ["a", "b", "c"].map(|n| node.add_pod(podsteer_lab::PodSpec::new("default", n)));
+    let (a, b, c) = (a?, b?, c?);
+    for p in [&a, &b, &c] {
+        agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("ADD of {}: {e}\n{}", p.name(), agent.log_text()))?;
+    }
+    let _echo = start_server(&b, None, &["echo", "[::]:8080"])?;
+    let out = run_client(&a, &["request", &addr(b.ipv4().expect("v4"), 8080), "1000"])?;
+    assert!(out.starts_with("ok 1000"), "{out}");
+    let reg = serde_json::to_string(&podsteer_agent::api::Request::RegisterListener { uid: c.uid().into(), family: 2 })?;
+    let mut cmd = c.command(only(RUNTIME_DEFAULT_CAPS)[0].clone())?;
+    cmd.args(&only(RUNTIME_DEFAULT_CAPS)[1..]).arg(podsteer_lab::agent::bin("podsteer-lab-tool")).args([
+        "agent-call",
+        &agent.socket.display().to_string(),
+        &reg,
+        "listen4",
+    ]);
+    let out = cmd.output()?;
+    let r: podsteer_agent::api::Response =
+        serde_json::from_slice(&out.stdout).map_err(|e| anyhow::anyhow!("{e}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    // The agent knew the caller for pod c: in eBPF mode its listener is taken;
+    // iptables mode has no listeners to register, and says so (not "forbidden").
+    let what = "a pod process with the runtime's capabilities registering its listener";
+    if mode == "ebpf" {
+        assert!(r.ok, "{what}: {r:?}\n{}", agent.log_text());
+    } else {
+        let e = r.error.expect("refused");
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (podsteer_agent::api::ErrorKind::BadRequest, "inbound listeners are registered only in eBPF mode"),
+            "{what}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_agent_and_proxy_serve_with_exactly_the_manifests_capabilities_ebpf() -> anyhow::Result<()> {
+    serve_with_the_manifests_capabilities("ebpf")
+}
+
+#[test]
+fn the_agent_and_proxy_serve_with_exactly_the_manifests_capabilities_iptables() -> anyhow::Result<()> {
+    serve_with_the_manifests_capabilities("iptables")
+}

@@ -91,6 +91,29 @@ fn a_pod_cannot_control_the_agent() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Root in a pod the agent does not know (unmeshed, say, with the socket's
+/// host path mounted) is not the node: it may send nothing at all.
+#[test]
+fn root_in_an_unknown_pod_cannot_control_the_agent() -> anyhow::Result<()> {
+    let s = Scene::new()?;
+    let before = s.state()?;
+    let stranger = s._node.add_pod(PodSpec::new("default", "stranger"))?;
+    let sock = s.agent.socket.display().to_string();
+    let cases = [
+        ("unmesh the node", Request::Gc { keep: vec![] }),
+        ("remove a pod", Request::Del { uid: s.b.uid().into() }),
+        ("enrol itself", Request::Add { pod: pod_info(&stranger, &[]) }),
+        ("read the agent's status", Request::Status),
+    ];
+    for (what, req) in cases {
+        let out = run_client(&stranger, &["agent-call", &sock, &serde_json::to_string(&req)?])?;
+        let msg = refused(&serde_json::from_str(&out)?, ErrorKind::Forbidden, what);
+        assert!(msg.contains("neither the node's network namespace nor a registered pod's"), "{what}: {msg}");
+    }
+    assert_eq!(s.state()?, before, "no pod's state changed");
+    Ok(())
+}
+
 #[test]
 fn a_pod_registers_only_a_real_listener_of_its_own() -> anyhow::Result<()> {
     let s = Scene::new()?;
