@@ -55,7 +55,7 @@ impl Backend {
         if count(Backend::Legacy) > count(Backend::Nft) { Backend::Legacy } else { Backend::Nft }
     }
 
-    /// `iptables-save -t nat` inside `netns`.
+    /// `iptables-save` of the tables podsteer touches, inside `netns`.
     pub fn save(self, netns: BorrowedFd<'_>, family: Family) -> Result<String, IptablesError> {
         let r = self.save_inner(netns, family);
         count("save", &r);
@@ -71,13 +71,17 @@ impl Backend {
 
     fn save_inner(self, netns: BorrowedFd<'_>, family: Family) -> Result<String, IptablesError> {
         let program = self.program(family, "save");
-        let out = in_netns(Command::new(&program).args(["-t", "nat"]), netns)
-            .output()
-            .map_err(|source| IptablesError::Spawn { program: program.clone(), source })?;
-        if !out.status.success() {
-            return Err(IptablesError::Failed { program, stderr: String::from_utf8_lossy(&out.stderr).into() });
+        let mut save = String::new();
+        for table in super::plan::TABLE_NAMES {
+            let out = in_netns(Command::new(&program).args(["-t", table]), netns)
+                .output()
+                .map_err(|source| IptablesError::Spawn { program: program.clone(), source })?;
+            if !out.status.success() {
+                return Err(IptablesError::Failed { program, stderr: String::from_utf8_lossy(&out.stderr).into() });
+            }
+            save += &String::from_utf8_lossy(&out.stdout);
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(save)
     }
 
     fn restore_inner(self, netns: BorrowedFd<'_>, family: Family, plan: &str) -> Result<(), IptablesError> {

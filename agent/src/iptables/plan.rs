@@ -1,5 +1,6 @@
 //! Rules as data. Every podsteer rule carries a `podsteer/<why>` comment, and
-//! podsteer owns only its two chains plus one jump into each.
+//! podsteer owns only its chains (two in `nat`, one in `filter`) plus one jump
+//! into each.
 
 use std::net::IpAddr;
 
@@ -7,9 +8,19 @@ use crate::policy::Policy;
 
 pub const OUTPUT_CHAIN: &str = "PODSTEER_OUTPUT";
 pub const INBOUND_CHAIN: &str = "PODSTEER_INBOUND";
+/// In `filter`: the nat table may not drop.
+pub const INPUT_CHAIN: &str = "PODSTEER_INPUT";
 
 const JUMP_OUTPUT: &str = "OUTPUT -p tcp -m comment --comment podsteer/outbound -j PODSTEER_OUTPUT";
 const JUMP_INBOUND: &str = "PREROUTING -p tcp -m comment --comment podsteer/inbound -j PODSTEER_INBOUND";
+const JUMP_INPUT: &str = "INPUT -p tcp -m comment --comment podsteer/input -j PODSTEER_INPUT";
+
+/// What podsteer owns in each table it touches.
+const TABLES: [(&str, &[&str], &[&str]); 2] =
+    [("nat", &[OUTPUT_CHAIN, INBOUND_CHAIN], &[JUMP_OUTPUT, JUMP_INBOUND]), ("filter", &[INPUT_CHAIN], &[JUMP_INPUT])];
+
+/// The tables [`crate::iptables::Backend::save`] must read for these plans.
+pub const TABLE_NAMES: [&str; 2] = [TABLES[0].0, TABLES[1].0];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -77,35 +88,52 @@ pub fn install_plan(policy: &Policy, family: Family, current_save: &str) -> Stri
         out.push(rule(i, &format!("-p tcp --dport {port}"), "excluded-inbound-port", "RETURN"));
     }
     out.push(rule(i, "-p tcp", "redirect-inbound", &format!("REDIRECT --to-ports {}", policy.inbound_port)));
-    for jump in [JUMP_OUTPUT, JUMP_INBOUND] {
+    jumps(&mut out, current_save, &[JUMP_OUTPUT, JUMP_INBOUND]);
+    out.push("COMMIT".into());
+
+    // A connection made straight to the inbound port was not redirected (so no
+    // DNAT): its original destination would be the proxy's own listener. The
+    // proxy resets such connections too; here they never reach it.
+    out.extend(["*filter".to_owned(), format!(":{INPUT_CHAIN} - [0:0]")]);
+    let direct = format!("-p tcp --dport {} -m conntrack ! --ctstate DNAT", policy.inbound_port);
+    out.push(rule(INPUT_CHAIN, &direct, "direct-to-inbound-port", "DROP"));
+    jumps(&mut out, current_save, &[JUMP_INPUT]);
+    out.push("COMMIT".into());
+    out.join("\n") + "\n"
+}
+
+fn jumps(out: &mut Vec<String>, current_save: &str, want: &[&str]) {
+    for jump in want {
         if !has_rule(current_save, jump) {
             out.push(format!("-A {jump}"));
         }
     }
-    out.push("COMMIT".into());
-    out.join("\n") + "\n"
 }
 
 /// The restore input that removes exactly what [`install_plan`] added, or None
 /// when nothing of podsteer's is there.
 pub fn remove_plan(current_save: &str) -> Option<String> {
-    let mut out = vec!["*nat".to_owned()];
-    for jump in [JUMP_OUTPUT, JUMP_INBOUND] {
-        if has_rule(current_save, jump) {
-            out.push(format!("-D {jump}"));
+    let mut out = Vec::new();
+    for (table, chains, jumps) in TABLES {
+        let mut section = Vec::new();
+        for jump in jumps {
+            if has_rule(current_save, jump) {
+                section.push(format!("-D {jump}"));
+            }
+        }
+        for chain in chains {
+            if current_save.lines().any(|l| l.starts_with(&format!(":{chain} "))) {
+                section.push(format!(":{chain} - [0:0]"));
+                section.push(format!("-X {chain}"));
+            }
+        }
+        if !section.is_empty() {
+            out.push(format!("*{table}"));
+            out.extend(section);
+            out.push("COMMIT".into());
         }
     }
-    for chain in [OUTPUT_CHAIN, INBOUND_CHAIN] {
-        if current_save.lines().any(|l| l.starts_with(&format!(":{chain} "))) {
-            out.push(format!(":{chain} - [0:0]"));
-            out.push(format!("-X {chain}"));
-        }
-    }
-    if out.len() == 1 {
-        return None;
-    }
-    out.push("COMMIT".into());
-    Some(out.join("\n") + "\n")
+    (!out.is_empty()).then(|| out.join("\n") + "\n")
 }
 
 /// iptables-save prints comments quoted or not depending on the backend; compare without quotes.
@@ -142,6 +170,7 @@ mod tests {
         let plan = install_plan(&policy(&[]), Family::V4, INSTALLED_SAVE);
         assert!(!plan.contains("-A OUTPUT"), "{plan}");
         assert!(!plan.contains("-A PREROUTING"), "{plan}");
+        assert!(!plan.contains("-A INPUT"), "{plan}");
     }
 
     #[test]
@@ -159,7 +188,9 @@ mod tests {
             plan,
             "*nat\n-D OUTPUT -p tcp -m comment --comment podsteer/outbound -j PODSTEER_OUTPUT\n\
              -D PREROUTING -p tcp -m comment --comment podsteer/inbound -j PODSTEER_INBOUND\n\
-             :PODSTEER_OUTPUT - [0:0]\n-X PODSTEER_OUTPUT\n:PODSTEER_INBOUND - [0:0]\n-X PODSTEER_INBOUND\nCOMMIT\n"
+             :PODSTEER_OUTPUT - [0:0]\n-X PODSTEER_OUTPUT\n:PODSTEER_INBOUND - [0:0]\n-X PODSTEER_INBOUND\nCOMMIT\n\
+             *filter\n-D INPUT -p tcp -m comment --comment podsteer/input -j PODSTEER_INPUT\n\
+             :PODSTEER_INPUT - [0:0]\n-X PODSTEER_INPUT\nCOMMIT\n"
         );
         assert_eq!(remove_plan(EMPTY_SAVE), None);
     }

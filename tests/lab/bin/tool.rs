@@ -16,6 +16,7 @@
 //!                                 "C": answer the N remembered from the last "B".
 //! `halfclose ADDR client|server`  exercise one direction of half-close, print "ok ...".
 //! `expect-reset ADDR [--quiet]`   connect, send (or stay quiet), report how the proxy ended it.
+//! `expect-dropped ADDR MILLIS`    connect; print "dropped" if no answer came within MILLIS.
 //! `concurrent ADDR N`             N connections open at once, each echoing a message.
 //! `loop ADDR MILLIS`              connect/echo/close in a loop; print "ok n=.. failures=..".
 //! `chat ADDR`                     one long-lived connection to an echo server: each stdin
@@ -63,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         ["halfclose", addr, side] => halfclose(addr, side),
         ["expect-reset", addr] => expect_reset(addr, false),
         ["expect-reset", addr, "--quiet"] => expect_reset(addr, true),
+        ["expect-dropped", addr, millis] => expect_dropped(addr, Duration::from_millis(millis.parse()?)),
         ["concurrent", addr, n] => concurrent(addr, n.parse()?),
         ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
         ["chat", addr] => chat(addr),
@@ -563,6 +565,16 @@ fn expect_reset(addr: &str, quiet: bool) -> anyhow::Result<()> {
         Err(e) => format!("error {e}"),
     };
     println!("{how} after {}ms", started.elapsed().as_millis());
+    Ok(())
+}
+
+/// A SYN that gets no answer at all (dropped) times the connect out.
+fn expect_dropped(addr: &str, within: Duration) -> anyhow::Result<()> {
+    match TcpStream::connect_timeout(&addr.parse()?, within) {
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => println!("dropped"),
+        Err(e) => println!("error {e}"),
+        Ok(_) => println!("connected"),
+    }
     Ok(())
 }
 
