@@ -24,14 +24,10 @@ pub struct Explanation {
     pub lands_on: String,
 }
 
-fn rule_comment(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Redirect => "podsteer/redirect-outbound",
-        Verdict::OutboundOff => "(no jump to PODSTEER_OUTPUT)",
-        Verdict::Local => "podsteer/loopback or podsteer/own-ip",
-        Verdict::LinkLocal => "podsteer/link-local",
-        Verdict::ExcludedPort => "podsteer/excluded-outbound-port",
-        Verdict::ExcludedCidr => "podsteer/excluded-outbound-cidr",
+fn rule_comment(v: Verdict) -> String {
+    match v.rule_names() {
+        [] => "(no jump to PODSTEER_OUTPUT)".into(),
+        names => names.iter().map(|n| format!("podsteer/{n}")).collect::<Vec<_>>().join(" or "),
     }
 }
 

@@ -4,6 +4,8 @@
 
 use std::net::IpAddr;
 
+use podsteer_common::Verdict;
+
 use crate::policy::Policy;
 
 pub const OUTPUT_CHAIN: &str = "PODSTEER_OUTPUT";
@@ -65,22 +67,12 @@ pub fn install_plan(policy: &Policy, family: Family, current_save: &str) -> Stri
     if policy.proxy_mode == crate::policy::ProxyMode::Sidecar {
         out.push(rule(o, &format!("-m owner --uid-owner {}", policy.proxy_uid), "proxy-uid", "RETURN"));
     }
-    out.push(rule(o, &format!("-d {}", family.loopback()), "loopback", "RETURN"));
-    for ip in policy.ips.iter().filter(|ip| family.has(ip)) {
-        out.push(rule(o, &format!("-d {ip}/{}", family.host_prefix()), "own-ip", "RETURN"));
+    for verdict in Verdict::OUTBOUND_ORDER {
+        for (why, spec, target) in outbound_rules(verdict, policy, family) {
+            debug_assert!(verdict.rule_names().contains(&why), "{verdict:?} has no rule {why}");
+            out.push(rule(o, &spec, why, &target));
+        }
     }
-    if family == Family::V6 {
-        // The app's interface scope cannot be carried through the proxy; eBPF
-        // mode leaves these alone too (Verdict::LinkLocal).
-        out.push(rule(o, "-d fe80::/10", "link-local", "RETURN"));
-    }
-    for port in &policy.excluded_outbound_ports {
-        out.push(rule(o, &format!("-p tcp --dport {port}"), "excluded-outbound-port", "RETURN"));
-    }
-    for net in policy.excluded_outbound_cidrs.iter().filter(|n| family.has(&n.addr)) {
-        out.push(rule(o, &format!("-d {net}"), "excluded-outbound-cidr", "RETURN"));
-    }
-    out.push(rule(o, "-p tcp", "redirect-outbound", &format!("REDIRECT --to-ports {}", policy.outbound_port)));
 
     let i = INBOUND_CHAIN;
     out.push(rule(i, "-i lo", "loopback", "RETURN"));
@@ -100,6 +92,32 @@ pub fn install_plan(policy: &Policy, family: Family, current_save: &str) -> Stri
     jumps(&mut out, current_save, &[JUMP_INPUT]);
     out.push("COMMIT".into());
     out.join("\n") + "\n"
+}
+
+/// The rules of one verdict of [`Verdict::OUTBOUND_ORDER`]: (name, match, target).
+/// Exhaustive, so a new verdict cannot reach one mode and not the other.
+fn outbound_rules(v: Verdict, policy: &Policy, family: Family) -> Vec<(&'static str, String, String)> {
+    let ret = |why, spec: String| (why, spec, "RETURN".to_owned());
+    match v {
+        Verdict::Local => std::iter::once(ret("loopback", format!("-d {}", family.loopback())))
+            .chain(policy.ips.iter().filter(|ip| family.has(ip)).map(|ip| ret("own-ip", format!("-d {ip}/{}", family.host_prefix()))))
+            .collect(),
+        // The app's interface scope cannot be carried through the proxy.
+        Verdict::LinkLocal if family == Family::V6 => vec![ret("link-local", "-d fe80::/10".into())],
+        Verdict::LinkLocal => Vec::new(),
+        Verdict::ExcludedPort => {
+            policy.excluded_outbound_ports.iter().map(|p| ret("excluded-outbound-port", format!("-p tcp --dport {p}"))).collect()
+        }
+        Verdict::ExcludedCidr => policy
+            .excluded_outbound_cidrs
+            .iter()
+            .filter(|n| family.has(&n.addr))
+            .map(|n| ret("excluded-outbound-cidr", format!("-d {n}")))
+            .collect(),
+        Verdict::Redirect => vec![("redirect-outbound", "-p tcp".into(), format!("REDIRECT --to-ports {}", policy.outbound_port))],
+        // Outbound off: the install leaves out the jump, not a rule.
+        Verdict::OutboundOff => Vec::new(),
+    }
 }
 
 fn jumps(out: &mut Vec<String>, current_save: &str, want: &[&str]) {
@@ -163,6 +181,56 @@ mod tests {
         let plan = install_plan(&p, Family::V4, EMPTY_SAVE);
         let want = include_str!("../../../tests/testdata/iptables-plan-v4.txt");
         assert_eq!(plan, want);
+    }
+
+    /// The plan's PODSTEER_OUTPUT, after the proxy's own exemptions, is the
+    /// shared verdict table in its order: what connect4/6 and explain decide with.
+    #[test]
+    fn the_outbound_chain_follows_the_shared_verdict_order() {
+        let p = policy(&[
+            ("podsteer.io/exclude-outbound-ports", "5432"),
+            ("podsteer.io/exclude-outbound-cidrs", "192.168.0.0/16,fd00:ab::/32"),
+        ]);
+        for family in [Family::V4, Family::V6] {
+            let plan = install_plan(&p, family, EMPTY_SAVE);
+            let mut names: Vec<&str> = plan
+                .lines()
+                .filter(|l| l.starts_with(&format!("-A {OUTPUT_CHAIN} ")))
+                .filter_map(|l| l.split("--comment podsteer/").nth(1)?.split(' ').next())
+                .filter(|n| !n.starts_with("proxy-"))
+                .collect();
+            names.dedup();
+            let want: Vec<&str> = Verdict::OUTBOUND_ORDER
+                .iter()
+                .flat_map(|v| v.rule_names().iter().copied())
+                .filter(|n| family == Family::V6 || *n != "link-local")
+                .collect();
+            assert_eq!(names, want, "{family:?}");
+        }
+    }
+
+    /// OUTBOUND_ORDER is the order outbound_verdict really tries: a destination
+    /// that two verdicts fit gets the one listed first.
+    #[test]
+    fn the_shared_order_is_the_order_the_programs_decide_in() {
+        let p =
+            policy(&[("podsteer.io/exclude-outbound-ports", "5432"), ("podsteer.io/exclude-outbound-cidrs", "10.244.0.0/16,fe80::/10")])
+                .to_kernel();
+        let rank = |v: Verdict| Verdict::OUTBOUND_ORDER.iter().position(|x| *x == v).unwrap();
+        let cases = [
+            ("127.0.0.1:5432", Verdict::Local, Verdict::ExcludedPort),
+            ("10.244.0.7:80", Verdict::Local, Verdict::ExcludedCidr),
+            ("[fe80::1]:5432", Verdict::LinkLocal, Verdict::ExcludedPort),
+            ("[fe80::1]:80", Verdict::LinkLocal, Verdict::ExcludedCidr),
+            ("10.244.3.3:5432", Verdict::ExcludedPort, Verdict::ExcludedCidr),
+        ];
+        for (dst, first, then) in cases {
+            let dst: std::net::SocketAddr = dst.parse().unwrap();
+            let mut key = crate::ebpf::maps::ip_key(dst.ip());
+            key.port = dst.port().to_be();
+            assert!(rank(first) < rank(then), "{first:?} is listed before {then:?}");
+            assert_eq!(p.outbound_verdict(&key), first, "{dst}");
+        }
     }
 
     #[test]

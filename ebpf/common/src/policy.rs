@@ -82,6 +82,25 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The exemptions in the order [`PodPolicy::outbound_verdict`] tries them,
+    /// then the redirect: the one table the iptables plan is built from (one
+    /// rule group per entry, in this order), so the two modes cannot drift.
+    pub const OUTBOUND_ORDER: [Verdict; 5] =
+        [Verdict::Local, Verdict::LinkLocal, Verdict::ExcludedPort, Verdict::ExcludedCidr, Verdict::Redirect];
+
+    /// The `podsteer/<name>` comments of the iptables rules that carry this
+    /// verdict in `PODSTEER_OUTPUT` (none for `OutboundOff`: no jump at all).
+    pub const fn rule_names(self) -> &'static [&'static str] {
+        match self {
+            Verdict::Redirect => &["redirect-outbound"],
+            Verdict::OutboundOff => &[],
+            Verdict::Local => &["loopback", "own-ip"],
+            Verdict::LinkLocal => &["link-local"],
+            Verdict::ExcludedPort => &["excluded-outbound-port"],
+            Verdict::ExcludedCidr => &["excluded-outbound-cidr"],
+        }
+    }
+
     pub const fn reason(self) -> &'static str {
         match self {
             Verdict::Redirect => "redirected to the pod's outbound proxy port",
