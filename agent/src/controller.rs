@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use podsteer_proxy::control::wire::PodSpec;
+use podsteer_proxy::control::wire::{ListenerId, PodSpec};
 
 use serde::Serialize;
 use tracing::{info, info_span, warn};
@@ -35,6 +35,8 @@ pub struct Controller {
     node_netns: Option<crate::peer::NetnsId>,
     /// `--node-netns`: node-level too.
     more_node_netns: Vec<crate::peer::NetnsId>,
+    /// The pods' listeners, kept open across proxy restarts.
+    kept: crate::kept::KeptListeners,
 }
 
 #[derive(Serialize)]
@@ -83,7 +85,8 @@ impl Controller {
             .iter()
             .map(|p| anyhow::Context::with_context(crate::peer::NetnsId::of(p), || format!("--node-netns {}", p.display())))
             .collect::<anyhow::Result<_>>()?;
-        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns };
+        let kept = crate::kept::KeptListeners::default();
+        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns, kept };
         c.remove_stale_state();
         Ok(c)
     }
@@ -111,6 +114,7 @@ impl Controller {
                 warn!(error = %error_chain(&e), "removing a gone pod's map entries");
             }
             self.registry.remove(&rec.uid);
+            self.kept.forget(&rec.uid);
             if !stale_links.contains(&rec.netns_cookie) {
                 stale_removed("netns_gone");
             }
@@ -311,6 +315,7 @@ impl Controller {
             return Response::err(ErrorKind::Internal, error_chain(&e));
         }
         self.registry.remove(uid);
+        self.kept.forget(uid);
         info!("pod removed");
         Response::ok(serde_json::json!({"removed": true}))
     }
@@ -384,8 +389,11 @@ impl Controller {
         // No waiting here, under the controller's lock: the caller waited for a
         // live proxy before taking it (`proxy_to_wait_for`). One that died since
         // makes this ADD fail with "try again", and the runtime retries.
-        let listeners = link.with_proxy(Duration::ZERO, |p| p.add_pod(&spec, net.netns.as_fd()))?;
+        let kept = self.kept.of(uid);
+        let listeners = link.with_proxy(Duration::ZERO, |p| p.add_pod(&spec, net.netns.as_fd(), &kept))?;
+        drop(kept);
         self.install_listeners(net.cookie, &listeners);
+        self.kept.keep(uid, listeners);
         Ok(true)
     }
 
@@ -396,7 +404,7 @@ impl Controller {
             namespace: namespace.into(),
             outbound_port: policy.outbound_port,
             inbound_port: policy.inbound_port,
-            return_inbound_listeners: self.redirector.mode() == Mode::Ebpf,
+            listeners: Vec::new(),
             sk_msg: self.sk_msg_feeds(policy),
         }
     }
@@ -407,10 +415,14 @@ impl Controller {
         self.redirector.mode() == Mode::Ebpf && policy.sk_msg
     }
 
-    fn install_listeners(&mut self, cookie: u64, listeners: &[(u16, std::os::fd::OwnedFd)]) {
-        for (family, fd) in listeners {
-            if let Err(e) = self.redirector.set_inbound_listener(cookie, *family, fd.as_fd()) {
-                warn!(error = %error_chain(&e), family, "inbound listener");
+    /// eBPF mode: sk_lookup steers the pod's inbound connections to these.
+    fn install_listeners(&mut self, cookie: u64, listeners: &[(ListenerId, std::os::fd::OwnedFd)]) {
+        if self.redirector.mode() != Mode::Ebpf {
+            return;
+        }
+        for (id, fd) in listeners.iter().filter(|(id, _)| id.inbound) {
+            if let Err(e) = self.redirector.set_inbound_listener(cookie, id.family, fd.as_fd()) {
+                warn!(error = %error_chain(&e), family = id.family, "inbound listener");
             }
         }
     }
@@ -428,9 +440,13 @@ impl Controller {
                 continue;
             };
             let spec = self.proxy_spec(&rec.uid, &rec.name, &rec.namespace, &rec.policy);
-            match conn.add_pod(&spec, netns.as_fd()) {
+            let kept = self.kept.of(&rec.uid);
+            let added = conn.add_pod(&spec, netns.as_fd(), &kept);
+            drop(kept);
+            match added {
                 Ok(listeners) => {
                     self.install_listeners(rec.netns_cookie, &listeners);
+                    self.kept.keep(&rec.uid, listeners);
                     if let Some(r) = self.registry.get_mut(&rec.uid) {
                         r.proxy_ready = true;
                         r.last_error = None;

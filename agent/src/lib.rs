@@ -12,6 +12,7 @@ pub mod ctl;
 pub mod ebpf;
 pub mod install;
 pub mod iptables;
+pub mod kept;
 pub mod metrics;
 pub mod mode;
 pub mod peer;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use podsteer_proxy::control::wire::{self, FromProxy, PodSpec, ToProxy, WireError};
+use podsteer_proxy::control::wire::{self, FromProxy, ListenerId, PodSpec, ToProxy, WireError};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +47,22 @@ impl ProxyConn {
         }
     }
 
-    /// Sends one pod (with its netns fd) and returns the inbound listeners it opened.
-    pub fn add_pod(&self, spec: &PodSpec, netns: BorrowedFd<'_>) -> Result<Vec<(u16, OwnedFd)>, LinkError> {
-        wire::send(self.fd.as_fd(), &ToProxy::AddPod(spec.clone()), &[netns])?;
+    /// Sends one pod (its netns fd, and the listeners kept for it, to adopt)
+    /// and returns duplicates of the four listeners it accepts on.
+    pub fn add_pod(
+        &self,
+        spec: &PodSpec,
+        netns: BorrowedFd<'_>,
+        kept: &[(ListenerId, BorrowedFd<'_>)],
+    ) -> Result<Vec<(ListenerId, OwnedFd)>, LinkError> {
+        let spec = PodSpec { listeners: kept.iter().map(|(id, _)| *id).collect(), ..spec.clone() };
+        let fds: Vec<BorrowedFd<'_>> = std::iter::once(netns).chain(kept.iter().map(|(_, fd)| *fd)).collect();
+        wire::send(self.fd.as_fd(), &ToProxy::AddPod(spec.clone()), &fds)?;
         let (bytes, fds) = wire::recv_raw(self.fd.as_fd())?;
         match wire::decode::<FromProxy>(&bytes)? {
-            FromProxy::Ack { uid, families } if uid == spec.uid => Ok(families.into_iter().zip(fds).collect()),
+            FromProxy::Ack { uid, listeners } if uid == spec.uid && listeners.len() == fds.len() => {
+                Ok(listeners.into_iter().zip(fds).collect())
+            }
             FromProxy::Nack { uid, error } => Err(LinkError::Nack { uid, error }),
             other => Err(LinkError::Unexpected(format!("{other:?}"))),
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use self::wire::{FromProxy, ToProxy, WireError};
+use self::wire::{FromProxy, ListenerId, ToProxy, WireError};
 use crate::inpod::netns::PodNetns;
 use crate::pods::PodRequest;
 use crate::state::State;
@@ -54,23 +54,28 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
         match msg {
             ToProxy::AddPod(spec) => {
                 let uid = spec.uid.clone();
-                let reply = if fds.len() != 1 {
-                    Err(format!("AddPod carries {} fds; it needs exactly the pod's netns", fds.len()))
+                let reply = if fds.len() != 1 + spec.listeners.len() {
+                    Err(format!(
+                        "AddPod carries {} fds; it needs the pod's netns and the {} listeners it names",
+                        fds.len(),
+                        spec.listeners.len()
+                    ))
                 } else {
-                    add_pod(state, spec, fds.remove(0))
+                    let netns = fds.remove(0);
+                    add_pod(state, spec, netns, fds)
                 };
                 match reply {
                     Ok(listeners) => {
-                        let families = listeners.iter().map(|(f, _)| *f).collect();
+                        let ids = listeners.iter().map(|(id, _)| *id).collect();
                         let borrowed: Vec<_> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
-                        wire::send(conn.as_fd(), &FromProxy::Ack { uid, families }, &borrowed)?;
+                        wire::send(conn.as_fd(), &FromProxy::Ack { uid, listeners: ids }, &borrowed)?;
                     }
                     Err(error) => wire::send(conn.as_fd(), &FromProxy::Nack { uid, error }, &[])?,
                 }
             }
             ToProxy::DelPod { uid } => {
                 state.with_pods(|p| p.remove(&uid));
-                wire::send(conn.as_fd(), &FromProxy::Ack { uid, families: vec![] }, &[])?;
+                wire::send(conn.as_fd(), &FromProxy::Ack { uid, listeners: vec![] }, &[])?;
             }
             ToProxy::Drain => {
                 info!("drain requested: a newer proxy took over");
@@ -83,7 +88,7 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
     }
 }
 
-fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd) -> Result<Vec<(u16, OwnedFd)>, String> {
+fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd, kept: Vec<OwnedFd>) -> Result<Vec<(ListenerId, OwnedFd)>, String> {
     let netns = PodNetns::enter(netns).map_err(|e| e.to_string())?;
     let req = PodRequest {
         label: format!("{}/{}", spec.namespace, spec.name),
@@ -91,7 +96,7 @@ fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd) -> Result<Vec<(u1
         outbound_port: spec.outbound_port,
         inbound_port: spec.inbound_port,
         splice_allowed: !spec.sk_msg,
+        kept: spec.listeners.iter().copied().zip(kept).collect(),
     };
-    let listeners = state.with_pods(|p| p.add(req, netns)).map_err(|e| format!("{e}: {}", e.source))?;
-    Ok(if spec.return_inbound_listeners { listeners } else { Vec::new() })
+    state.with_pods(|p| p.add(req, netns)).map_err(|e| format!("{e}: {}", e.source))
 }

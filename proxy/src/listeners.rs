@@ -67,6 +67,19 @@ pub fn listen(sock: TcpSocket, dir: Direction, addr: SocketAddr) -> Result<TcpLi
     sock.listen(BACKLOG).map_err(|source| ListenError { direction: dir, addr, source })
 }
 
+/// Accepts on a listening socket the agent kept open, after checking it is
+/// one: the port it is bound to must be the one this listener has.
+pub fn adopt(fd: OwnedFd, dir: Direction, addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    let err = |source| ListenError { direction: dir, addr, source };
+    let l = std::net::TcpListener::from(fd);
+    let local = l.local_addr().map_err(err)?;
+    if local.port() != addr.port() || local.is_ipv4() != addr.is_ipv4() {
+        return Err(err(std::io::Error::other(format!("the kept listener is bound to {local}"))));
+    }
+    l.set_nonblocking(true).map_err(err)?;
+    TcpListener::from_std(l).map_err(err)
+}
+
 /// Duplicates a listener's fd for the agent (sk_lookup steers to it).
 pub fn dup(l: &TcpListener) -> std::io::Result<OwnedFd> {
     l.as_fd().try_clone_to_owned()

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::budget::Share;
+use crate::control::wire::ListenerId;
 use crate::inpod::netns::PodNetns;
 use crate::listeners::{self, ListenError};
 use crate::metrics::{Direction, Metrics};
@@ -18,8 +19,14 @@ use crate::relay::{PodCtx, Settings};
 struct Pod {
     ctx: Arc<PodCtx>,
     stop: watch::Sender<bool>,
-    /// Duplicates of the inbound listeners, by family (2, 10), for the agent.
-    inbound: Vec<(u16, OwnedFd)>,
+    /// Duplicates of the four listeners, for the agent to keep.
+    listeners: Vec<(ListenerId, OwnedFd)>,
+}
+
+/// A listener before it listens: one the agent kept, or one bound here.
+enum Prepared {
+    Kept(OwnedFd),
+    Bound(tokio::net::TcpSocket),
 }
 
 pub struct Pods {
@@ -36,6 +43,8 @@ pub struct PodRequest {
     pub inbound_port: u16,
     /// See [`PodCtx::splice_allowed`].
     pub splice_allowed: bool,
+    /// Listening sockets the agent kept open for the pod, to accept on.
+    pub kept: Vec<(ListenerId, OwnedFd)>,
 }
 
 impl Pods {
@@ -43,16 +52,21 @@ impl Pods {
         Pods { pods: BTreeMap::new(), rt, settings, metrics }
     }
 
-    /// Opens the pod's listeners (or finds them open: replays are idempotent)
-    /// and returns the inbound ones' fds.
-    pub fn add(&mut self, req: PodRequest, netns: PodNetns) -> Result<Vec<(u16, OwnedFd)>, ListenError> {
+    /// Opens the pod's listeners, adopting those the agent kept (or finds them
+    /// open: replays are idempotent), and returns duplicates of all four.
+    pub fn add(&mut self, mut req: PodRequest, netns: PodNetns) -> Result<Vec<(ListenerId, OwnedFd)>, ListenError> {
         if let Some(p) = self.pods.get(&req.uid) {
-            return Ok(dup_all(&p.inbound));
+            return Ok(dup_all(&p.listeners));
         }
-        // Bind all four before listening on any: a pod gets every listener or none.
-        let mut bound = Vec::new();
+        // Bind all that are not kept before listening on any: a pod gets every listener or none.
+        let mut prepared = Vec::new();
         for (dir, addr) in listeners::addresses(req.outbound_port, req.inbound_port) {
-            bound.push((dir, addr, listeners::bind(&netns, dir, addr)?));
+            let id = ListenerId { inbound: dir == Direction::Inbound, family: if addr.is_ipv4() { 2 } else { 10 } };
+            let p = match req.kept.iter().position(|(k, _)| *k == id) {
+                Some(i) => Prepared::Kept(req.kept.swap_remove(i).1),
+                None => Prepared::Bound(listeners::bind(&netns, dir, addr)?),
+            };
+            prepared.push((id, dir, addr, p));
         }
         let (stop, stopping) = watch::channel(false);
         let conns = Arc::new(crate::conns::Conns::default());
@@ -75,22 +89,26 @@ impl Pods {
             budget,
         });
         let _rt = self.rt.enter();
-        let mut inbound = Vec::new();
+        let mut held = Vec::new();
         let mut ready = Vec::new();
-        for (dir, addr, sock) in bound {
-            let l = listeners::listen(sock, dir, addr)?;
-            if dir == Direction::Inbound {
-                let fd = listeners::dup(&l).map_err(|source| ListenError { direction: dir, addr, source })?;
-                inbound.push((if addr.is_ipv4() { 2 } else { 10 }, fd));
-            }
+        let mut adopted = 0;
+        for (id, dir, addr, p) in prepared {
+            let l = match p {
+                Prepared::Kept(fd) => {
+                    adopted += 1;
+                    listeners::adopt(fd, dir, addr)?
+                }
+                Prepared::Bound(sock) => listeners::listen(sock, dir, addr)?,
+            };
+            held.push((id, listeners::dup(&l).map_err(|source| ListenError { direction: dir, addr, source })?));
             ready.push((l, dir));
         }
         for (l, dir) in ready {
             self.rt.spawn(listeners::accept_loop(l, dir, ctx.clone(), self.settings.clone(), self.metrics.clone()));
         }
-        info!(pod = %req.label, uid = %req.uid, "listeners open");
-        let out = dup_all(&inbound);
-        self.pods.insert(req.uid, Pod { ctx, stop, inbound });
+        info!(pod = %req.label, uid = %req.uid, adopted, "listeners open");
+        let out = dup_all(&held);
+        self.pods.insert(req.uid, Pod { ctx, stop, listeners: held });
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(out)
     }
@@ -128,6 +146,6 @@ impl Pods {
     }
 }
 
-fn dup_all(fds: &[(u16, OwnedFd)]) -> Vec<(u16, OwnedFd)> {
+fn dup_all(fds: &[(ListenerId, OwnedFd)]) -> Vec<(ListenerId, OwnedFd)> {
     fds.iter().filter_map(|(f, fd)| fd.try_clone().ok().map(|d| (*f, d))).collect()
 }

@@ -32,19 +32,33 @@ fn by_kind<'a>(d: &'a [serde_yaml::Value], kind: &str) -> &'a serde_yaml::Value 
 
 struct Manifest {
     config: ConfigMap,
+    /// The agent's.
     ds: DaemonSet,
+    /// The shared proxy's: its own, so each rolls on its own.
+    proxy_ds: DaemonSet,
 }
 
 fn manifest() -> anyhow::Result<Manifest> {
     let d = docs("daemonset.yaml")?;
-    assert_eq!(d.len(), 4, "Namespace, ServiceAccount, ConfigMap, DaemonSet");
+    assert_eq!(d.len(), 5, "Namespace, ServiceAccount, ConfigMap, two DaemonSets");
     typed::<Namespace>(by_kind(&d, "Namespace"))?;
     typed::<ServiceAccount>(by_kind(&d, "ServiceAccount"))?;
-    Ok(Manifest { config: typed(by_kind(&d, "ConfigMap"))?, ds: typed(by_kind(&d, "DaemonSet"))? })
+    let ds = |name: &str| {
+        d.iter().find(|x| x["kind"] == "DaemonSet" && x["metadata"]["name"] == name).unwrap_or_else(|| panic!("no DaemonSet {name}"))
+    };
+    Ok(Manifest { config: typed(by_kind(&d, "ConfigMap"))?, ds: typed(ds("podsteer"))?, proxy_ds: typed(ds("podsteer-proxy"))? })
+}
+
+fn pod_of(ds: &DaemonSet) -> &PodSpec {
+    ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
 }
 
 fn pod(m: &Manifest) -> &PodSpec {
-    m.ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod spec")
+    pod_of(&m.ds)
+}
+
+fn proxy_pod(m: &Manifest) -> &PodSpec {
+    pod_of(&m.proxy_ds)
 }
 
 fn container<'a>(p: &'a PodSpec, name: &str) -> &'a Container {
@@ -83,8 +97,21 @@ fn every_object_is_a_valid_kubernetes_object() -> anyhow::Result<()> {
         p.tolerations.as_ref().is_some_and(|t| t.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())),
         "tolerates every taint"
     );
-    assert_eq!(m.ds.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()), Some("RollingUpdate"));
+    for ds in [&m.ds, &m.proxy_ds] {
+        assert_eq!(ds.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.type_.as_deref()), Some("RollingUpdate"));
+    }
     assert_eq!(p.host_pid, Some(true), "the agent identifies socket peers by /proc/<pid>/ns/net");
+    assert_eq!(proxy_pod(&m).host_network, Some(true), "the agent hands pods only to a proxy in the node's netns");
+    assert!(p.containers.iter().all(|c| c.name != "proxy"), "the proxy is not in the agent's pod: they would roll together");
+    // Stop, then start: the sequence `proxy::a_proxy_stopped_then_started_again_refuses_nothing` replays.
+    let surge = m
+        .proxy_ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .and_then(|r| r.max_surge.clone());
+    assert_eq!(surge, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0)));
     Ok(())
 }
 
@@ -109,7 +136,7 @@ fn the_agent_args_env_and_ports_parse_with_the_agents_own_cli() -> anyhow::Resul
     let init_cli = Cli::try_parse_from(init.command.clone().unwrap_or_default())?;
     assert_eq!(init_cli.cmd, Some(Cmd::MountBpffs));
 
-    let proxy = container(p, "proxy");
+    let proxy = container(proxy_pod(&m), "proxy");
     let mut argv = proxy.command.clone().unwrap_or_default();
     argv.extend(proxy.args.clone().unwrap_or_default());
     let pc = ProxyConfig::try_parse_from(argv)?;
@@ -156,7 +183,7 @@ fn the_proxy_container_mounts_its_control_socket_and_not_the_agent_socket() -> a
     let m = manifest()?;
     let p = pod(&m);
     let cfg = Cli::try_parse_from(agent_argv(&m, container(p, "agent")))?.config;
-    let proxy = container(p, "proxy");
+    let proxy = container(proxy_pod(&m), "proxy");
     let mounts: Vec<&str> = proxy.volume_mounts.iter().flatten().map(|v| v.mount_path.as_str()).collect();
     let covered = |path: &Path| mounts.iter().any(|m| path.starts_with(m));
     let control = cfg.proxy_socket.clone().expect("the agent has a proxy socket");
@@ -170,8 +197,8 @@ fn the_proxy_container_mounts_its_control_socket_and_not_the_agent_socket() -> a
 #[test]
 fn only_the_bpffs_init_step_is_privileged() -> anyhow::Result<()> {
     let m = manifest()?;
-    let p = pod(&m);
-    for c in p.containers.iter().chain(p.init_containers.iter().flatten()) {
+    let pods = [pod(&m), proxy_pod(&m)];
+    for c in pods.iter().flat_map(|p| p.containers.iter().chain(p.init_containers.iter().flatten())) {
         let sc = c.security_context.as_ref().expect("explicit securityContext");
         let privileged = sc.privileged == Some(true);
         let bidirectional = c.volume_mounts.iter().flatten().any(|v| v.mount_propagation.as_deref() == Some("Bidirectional"));
@@ -252,7 +279,8 @@ fn serve_with_the_manifests_capabilities(mode: &str) -> anyhow::Result<()> {
         &["--proxy-socket", &control.display().to_string()],
         &only_capabilities(container(spec, "agent")),
     )?;
-    let _proxy = podsteer_lab::proxy::Proxy::start_shared_under(&node, &control, 15020, &[], &only_capabilities(container(spec, "proxy")))?;
+    let _proxy =
+        podsteer_lab::proxy::Proxy::start_shared_under(&node, &control, 15020, &[], &only_capabilities(container(proxy_pod(&m), "proxy")))?;
     let [a, b, c] = ["a", "b", "c"].map(|n| node.add_pod(podsteer_lab::PodSpec::new("default", n)));
     let (a, b, c) = (a?, b?, c?);
     for p in [&a, &b, &c] {

@@ -261,6 +261,45 @@ fn handover_to_a_new_proxy_refuses_nothing(mode: &str) -> anyhow::Result<()> {
 }
 both_modes!(handover_to_a_new_proxy_refuses_nothing);
 
+/// The sequence a rolling update of the proxy causes with no surge: the old
+/// proxy gets SIGTERM, drains and exits, and only then does the new one start.
+/// The agent keeps the pods' listening sockets open meanwhile, so connections
+/// made in the gap queue in their backlog and the new proxy, which accepts on
+/// the very same sockets, serves them: none is refused, outbound or inbound.
+fn a_proxy_stopped_then_started_again_refuses_nothing(mode: &str) -> anyhow::Result<()> {
+    let mut m = Mesh::new(mode, &["--drain-timeout-ms", "1000"])?;
+    let mut cmd = m.a.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
+    cmd.args(["loop", &m.b(8080), "4000"]).stdout(std::process::Stdio::piped());
+    let mut looping = m.a.spawn("loop", cmd)?;
+    let key = "podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}";
+    wait::until("the loop to be running through the old proxy", Duration::from_secs(5), || {
+        (m.proxy.metric(key).ok()? >= 20.0).then_some(())
+    })?;
+    m.proxy.process_mut().signal(nix::sys::signal::Signal::SIGTERM)?;
+    let status = m.proxy.process_mut().wait_exit(Duration::from_secs(10))?;
+    assert!(status.success(), "old proxy: {status}");
+    let gap = std::time::Instant::now();
+    // What a new pod takes to be scheduled and start, at the least; the loop's
+    // clients wait up to 5 s for their echo.
+    std::thread::sleep(Duration::from_millis(1500));
+    let control = m.agent.proxy_socket.clone().expect("proxy socket");
+    let new = Proxy::start_shared(&m.node, &control, 15024, &[])?;
+    m.agent.wait_proxy_current(new.pid())?;
+    let gap = gap.elapsed();
+    let out = looping.wait_exit(Duration::from_secs(15)).map(|_| {
+        let mut s = String::new();
+        if let Some(mut o) = looping.child_mut().stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut o, &mut s);
+        }
+        s
+    })?;
+    assert!(out.contains("failures=0"), "{mode}: with no proxy for {gap:?}: {out}");
+    assert!(new.metric(key)? > 0.0, "the new proxy took traffic");
+    assert!(std::fs::read_to_string(&new.log)?.contains("adopted=4"), "{mode}: the new proxy accepts on the kept sockets");
+    Ok(())
+}
+both_modes!(a_proxy_stopped_then_started_again_refuses_nothing);
+
 /// An ADD that arrives while the shared proxy is restarting waits for the new
 /// one. The agent used to wait for it while holding its state lock, which the
 /// new proxy needs to be replayed and promoted, so the ADD timed out instead.
@@ -293,7 +332,6 @@ fn a_restarted_proxy_gets_every_pod_replayed() -> anyhow::Result<()> {
     m.proxy.process_mut().wait_exit(Duration::from_secs(5))?;
     let control = m.agent.proxy_socket.clone().expect("proxy socket");
     let again = Proxy::start_shared(&m.node, &control, 15023, &[])?;
-    // Until the replay is done, inbound to a meshed pod is refused (fail closed).
     m.agent.wait_proxy_current(again.pid())?;
     let out = run_client(&m.a, &["request", &m.b(8080), "1000"])?;
     assert!(out.starts_with("ok 1000"), "{out}");
@@ -336,7 +374,7 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
             namespace: "default".into(),
             outbound_port: 15001,
             inbound_port: 15006,
-            return_inbound_listeners: true,
+            listeners: vec![],
             sk_msg: true,
         };
         wire::send(conn.as_fd(), &ToProxy::AddPod(spec.clone()), &[])?;
@@ -353,7 +391,10 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
         let _ = reply(&conn)?;
         wire::send(conn.as_fd(), &ToProxy::AddPod(spec), &[ns.as_fd()])?;
         match reply(&conn)? {
-            FromProxy::Ack { families, .. } => assert_eq!(families, vec![2, 10]),
+            FromProxy::Ack { listeners, .. } => {
+                let ids: Vec<(bool, u16)> = listeners.iter().map(|l| (l.inbound, l.family)).collect();
+                assert_eq!(ids, vec![(false, 2), (false, 10), (true, 2), (true, 10)], "every listener comes back, for the agent to keep");
+            }
             other => panic!("valid AddPod: {other:?}"),
         }
         let p = h.join().map_err(|_| anyhow::anyhow!("proxy thread"))??;

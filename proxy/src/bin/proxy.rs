@@ -42,12 +42,14 @@ fn main() -> anyhow::Result<()> {
             outbound_port: cfg.outbound_port,
             inbound_port: cfg.inbound_port,
             splice_allowed: cfg.agent_socket.is_none(),
+            kept: Vec::new(),
         };
         let listeners = state.with_pods(|p| p.add(req, PodNetns::Current)).context("opening sidecar listeners")?;
         if let (Some(sock), Some(uid)) = (&cfg.agent_socket, &cfg.pod_uid) {
             let mut sk_msg = false;
-            for (family, fd) in &listeners {
-                sk_msg |= register_listener(sock, uid, *family, fd)
+            for (id, fd) in listeners.iter().filter(|(id, _)| id.inbound) {
+                let family = id.family;
+                sk_msg |= register_listener(sock, uid, family, fd)
                     .with_context(|| format!("registering the inbound listener (family {family}) with the agent"))?;
             }
             if !sk_msg {

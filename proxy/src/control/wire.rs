@@ -16,7 +16,8 @@ pub const MAX_MESSAGE: usize = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToProxy {
-    /// Open this pod's listeners inside the netns sent with the message.
+    /// Open this pod's listeners inside the netns sent with the message (the
+    /// first fd), or adopt the ones that follow it (`PodSpec::listeners`).
     AddPod(PodSpec),
     /// Close the pod's listeners and drain its connections.
     DelPod { uid: String },
@@ -31,8 +32,11 @@ pub struct PodSpec {
     pub namespace: String,
     pub outbound_port: u16,
     pub inbound_port: u16,
-    /// The agent wants the inbound listeners back (eBPF mode steers to them with sk_lookup).
-    pub return_inbound_listeners: bool,
+    /// Listening sockets the agent kept open for this pod, sent after the
+    /// netns in this order: the proxy accepts on them instead of binding anew,
+    /// so connections that queued while no proxy ran are served, not refused.
+    #[serde(default)]
+    pub listeners: Vec<ListenerId>,
     /// sk_msg may feed the pod's sockets (eBPF mode), so the proxy reads them
     /// with recvmsg and never splice(2). Absent means yes: the safe answer.
     #[serde(default = "yes")]
@@ -43,6 +47,14 @@ fn yes() -> bool {
     true
 }
 
+/// Which of a pod's four listeners an fd is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ListenerId {
+    pub inbound: bool,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+}
+
 /// Proxy → agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -51,10 +63,11 @@ pub enum FromProxy {
         pid: u32,
         version: String,
     },
-    /// Listeners are open. With `return_inbound_listeners`, the fds follow in `families` order.
+    /// Listeners are open; duplicates of them follow in `listeners` order, for
+    /// the agent to keep (and, inbound, to steer to with sk_lookup).
     Ack {
         uid: String,
-        families: Vec<u16>,
+        listeners: Vec<ListenerId>,
     },
     Nack {
         uid: String,
@@ -95,7 +108,8 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>])
 /// malformed message can be answered instead of dropping the connection.
 pub fn recv_raw(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    // An AddPod carries the netns and up to four listeners.
+    let mut cmsg = nix::cmsg_space!([RawFd; 8]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
     let n = msg.bytes;
