@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use podsteer_proxy::admin::{NOT_FOUND, OK, UNAVAILABLE};
+use podsteer_proto::admin::{NOT_FOUND, OK, UNAVAILABLE};
 
 use crate::controller::Controller;
 use crate::metrics::{CounterLabel, ModeLabel, metrics};
@@ -33,7 +33,7 @@ fn lock_within(ctl: &Mutex<Controller>, wait: Duration) -> Result<MutexGuard<'_,
 }
 
 pub fn spawn(addr: SocketAddr, ctl: Arc<Mutex<Controller>>) -> std::io::Result<SocketAddr> {
-    podsteer_proxy::admin::serve(addr, move |path| match path {
+    podsteer_proto::admin::serve(addr, move |path| match path {
         "/healthz" => match lock_within(&ctl, STATE_WAIT) {
             Ok(_) => (OK, "ok\n".to_owned()),
             Err(why) => (UNAVAILABLE, format!("unhealthy: {why}\n")),

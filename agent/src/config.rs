@@ -12,7 +12,7 @@ use crate::policy::{NodeDefaults, ProxyMode};
 
 /// Default paths on a real node; the lab passes its own.
 pub mod defaults {
-    pub const SOCKET: &str = "/var/run/podsteer/agent.sock";
+    pub const SOCKET: &str = podsteer_proto::api::DEFAULT_SOCKET;
     pub const STATE_DIR: &str = "/var/run/podsteer";
     pub const BPFFS: &str = "/sys/fs/bpf";
     pub const CGROUP: &str = "/sys/fs/cgroup/kubepods.slice";
@@ -151,13 +151,13 @@ impl AgentConfig {
     /// The plugin's conflist entry, carrying the node's CNI settings.
     pub fn cni_entry(&self) -> serde_json::Value {
         let mut e = serde_json::json!({
-            "type": crate::cni::PLUGIN_TYPE,
+            "type": podsteer_proto::cni::PLUGIN_TYPE,
             "agentSocket": self.socket,
             "timeoutMs": self.cni_timeout_ms,
             "failOpen": self.cni_fail_open,
             "excludeNamespaces": self.exclude_namespaces,
             "injection": self.injection,
-            "capabilities": {crate::cni::conf::ANNOTATIONS_CAPABILITY: true},
+            "capabilities": {podsteer_proto::cni::ANNOTATIONS_CAPABILITY: true},
         });
         if let Some(log) = &self.cni_log_file {
             e["logFile"] = serde_json::json!(log);
@@ -167,7 +167,7 @@ impl AgentConfig {
 
     pub fn installer(&self) -> crate::install::Installer {
         let source = self.cni_plugin.clone().unwrap_or_else(|| {
-            std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(crate::cni::PLUGIN_TYPE))).unwrap_or_default()
+            std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join(podsteer_proto::cni::PLUGIN_TYPE))).unwrap_or_default()
         });
         crate::install::Installer {
             bin_dir: self.cni_bin_dir.clone(),

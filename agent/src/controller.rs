@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use podsteer_proxy::control::wire::{ListenerId, PodSpec};
+use podsteer_proto::control::{ListenerId, PodSpec};
 
 use serde::Serialize;
 use tracing::{info, info_span, warn};

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::info;
 
-use crate::cni::PLUGIN_TYPE;
+use podsteer_proto::cni::PLUGIN_TYPE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {

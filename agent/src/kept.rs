@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 
-use podsteer_proxy::control::wire::ListenerId;
+use podsteer_proto::control::ListenerId;
 
 #[derive(Default)]
 pub struct KeptListeners {

@@ -2,13 +2,11 @@
 //! answers the CNI plugin, the proxy and the debug CLI on its socket.
 
 pub mod admin;
-pub mod api;
+pub use podsteer_proto::api;
 pub mod cli;
-pub mod cni;
 pub mod config;
 pub mod controller;
 pub mod cri;
-pub mod ctl;
 pub mod ebpf;
 pub mod install;
 pub mod iptables;

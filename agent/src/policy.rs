@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Annotation keys, in the style of Istio's `traffic.sidecar.istio.io/*`.
 pub mod annotations {
-    pub const INJECT: &str = "podsteer.io/inject";
+    pub use podsteer_proto::inject::INJECT;
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "podsteer.io/exclude-outbound-ports";
     pub const EXCLUDE_INBOUND_PORTS: &str = "podsteer.io/exclude-inbound-ports";
     pub const EXCLUDE_OUTBOUND_CIDRS: &str = "podsteer.io/exclude-outbound-cidrs";
@@ -141,33 +141,7 @@ pub struct Policy {
     pub ips: Vec<IpAddr>,
 }
 
-/// Opt-out meshes every pod unless it says no; opt-in only pods that say yes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Injection {
-    #[default]
-    OptOut,
-    OptIn,
-}
-
-/// Why a pod is not meshed, or None when it is. The plugin and the agent's
-/// repair decide with this one function, so they never disagree.
-pub fn skip_reason(exclude_namespaces: &[String], injection: Injection, namespace: &str, ann: &BTreeMap<String, String>) -> Option<String> {
-    if exclude_namespaces.iter().any(|n| n == namespace) {
-        return Some(format!("namespace {namespace} is excluded"));
-    }
-    match ann.get(annotations::INJECT).map(String::as_str) {
-        Some(v) if v.eq_ignore_ascii_case("false") => Some(format!("{} is false", annotations::INJECT)),
-        Some(v) if v.eq_ignore_ascii_case("true") => None,
-        _ if injection == Injection::OptIn => Some(format!("opt-in mode and no {}: \"true\"", annotations::INJECT)),
-        _ => None,
-    }
-}
-
-/// Whether annotations ask for the pod to be left alone.
-pub fn inject_disabled(annotations: &BTreeMap<String, String>) -> bool {
-    annotations.get(annotations::INJECT).is_some_and(|v| v.eq_ignore_ascii_case("false"))
-}
+pub use podsteer_proto::inject::{Injection, inject_disabled, skip_reason};
 
 impl Policy {
     pub fn from_annotations(defaults: &NodeDefaults, ann: &BTreeMap<String, String>, ips: &[IpAddr]) -> Result<Policy, PolicyError> {

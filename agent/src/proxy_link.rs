@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use podsteer_proxy::control::wire::{self, FromProxy, ListenerId, PodSpec, ToProxy, WireError};
+use podsteer_proto::control::{self as wire, FromProxy, ListenerId, PodSpec, ToProxy, WireError};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]

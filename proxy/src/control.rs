@@ -3,7 +3,7 @@
 //! reply and changes nothing. When the agent goes away the pods keep being
 //! served, and a reconnect gets the full replay.
 
-pub mod wire;
+pub use podsteer_proto::control as wire;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;

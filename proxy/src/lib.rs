@@ -9,7 +9,7 @@ pub mod conns;
 pub mod control;
 pub mod inpod;
 pub mod listeners;
-pub mod logs;
+pub use podsteer_proto::logs;
 pub mod metrics;
 pub mod pods;
 pub mod relay;

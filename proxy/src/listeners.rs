@@ -88,14 +88,19 @@ pub fn dup(l: &TcpListener) -> std::io::Result<OwnedFd> {
 /// Accepts until the pod stops; each connection runs on its own task.
 pub async fn accept_loop(l: TcpListener, dir: Direction, pod: Arc<PodCtx>, s: Arc<Settings>, m: Arc<Metrics>) {
     let mut stop: watch::Receiver<bool> = pod.stopping.clone();
+    let mut outbound_stop = pod.outbound_stopping.clone();
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => {
                 if *stop.borrow() { break; }
             }
+            _ = outbound_stop.changed(), if dir == Direction::Outbound => {
+                if *outbound_stop.borrow() { break; }
+            }
             r = l.accept() => match r {
                 Ok((conn, _)) => {
+                    relay::Live::accepted(&m, dir);
                     // Every log line of a connection, the access line included, carries these.
                     let span = tracing::info_span!("conn", pod = %pod.label, id = CONN_IDS.fetch_add(1, Ordering::Relaxed), dir = dir.as_str());
                     tokio::spawn(relay::serve(conn, dir, pod.clone(), s.clone(), m.clone()).instrument(span));

@@ -172,6 +172,8 @@ pub struct Metrics {
     pub limits: Family<LimitLabels, Gauge>,
     /// Connections being relayed, all pods together: what a drain waits for.
     pub live: Gauge,
+    /// Of those, the outbound ones: what a stop waits for before inbound accepts end.
+    pub live_outbound: Gauge,
     pub registry: Registry,
 }
 
@@ -194,6 +196,7 @@ impl Metrics {
             reads_held_back: Family::default(),
             limits: Family::default(),
             live: Gauge::default(),
+            live_outbound: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("connections_opened", "Connections accepted", m.opened.clone());

@@ -31,6 +31,8 @@ enum Prepared {
 
 pub struct Pods {
     pods: BTreeMap<String, Pod>,
+    /// See [`PodCtx::outbound_stopping`].
+    outbound_stop: watch::Sender<bool>,
     rt: Handle,
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
@@ -49,7 +51,7 @@ pub struct PodRequest {
 
 impl Pods {
     pub fn new(rt: Handle, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Pods {
-        Pods { pods: BTreeMap::new(), rt, settings, metrics }
+        Pods { pods: BTreeMap::new(), outbound_stop: watch::channel(false).0, rt, settings, metrics }
     }
 
     /// Opens the pod's listeners, adopting those the agent kept (or finds them
@@ -83,6 +85,7 @@ impl Pods {
             outbound_port: req.outbound_port,
             inbound_port: req.inbound_port,
             stopping,
+            outbound_stopping: self.outbound_stop.subscribe(),
             conns,
             splice_allowed: req.splice_allowed.into(),
             serving: 0.into(),
@@ -128,6 +131,13 @@ impl Pods {
         if let Some(p) = self.pods.get(uid) {
             p.ctx.splice_allowed.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The first step of a stop: no new outbound connections (they wait in the
+    /// listeners the agent keeps, for the next proxy), while inbound accepts go
+    /// on, so outbound connections in flight to a pod on this node can finish.
+    pub fn stop_outbound(&mut self) {
+        let _ = self.outbound_stop.send(true);
     }
 
     pub fn remove_all(&mut self) {

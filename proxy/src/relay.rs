@@ -61,6 +61,9 @@ pub struct PodCtx {
     pub inbound_port: u16,
     /// Flips to true when the pod is removed or the proxy drains.
     pub stopping: watch::Receiver<bool>,
+    /// Flips to true first when the proxy stops on SIGTERM: outbound accepts
+    /// end, inbound ones go on until the outbound connections in flight are done.
+    pub outbound_stopping: watch::Receiver<bool>,
     /// Live connections, which the pod's sweeper times out and drains.
     pub conns: Arc<crate::conns::Conns>,
     /// False while the pod's sockets may be fed by sk_msg, which splice(2)
@@ -106,13 +109,33 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
     }
     pod.serving.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     pod.forget_if_done(&m);
+    Live::done(&m, dir);
+}
+
+/// The count a stop waits on, taken at accept: a connection accepted but not
+/// yet started must keep the proxy from exiting under it.
+pub struct Live;
+
+impl Live {
+    pub fn accepted(m: &Metrics, dir: Direction) {
+        m.live.inc();
+        if dir == Direction::Outbound {
+            m.live_outbound.inc();
+        }
+    }
+
+    fn done(m: &Metrics, dir: Direction) {
+        m.live.dec();
+        if dir == Direction::Outbound {
+            m.live_outbound.dec();
+        }
+    }
 }
 
 async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: &Settings, m: &Metrics) {
     let labels = ConnLabels { pod: pod.label.clone(), direction: dir };
     m.opened.get_or_create(&labels).inc();
     m.active.get_or_create(&labels).inc();
-    m.live.inc();
     let started = Instant::now();
     let mut dst = None;
     let (outcome, up, down) = match destination(&client, dir, pod) {
@@ -137,7 +160,6 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
         }
     };
     m.active.get_or_create(&labels).dec();
-    m.live.dec();
     m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: outcome }).inc();
     // The connection's span adds its id; pod and direction stay in the event so
     // an access line reads on its own.
@@ -314,18 +336,12 @@ impl Half {
     }
 
     /// Moves bytes from `from` to `to` until one would block, EOF, or an error.
-    fn poll_copy(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        state: &ConnState,
-        budget: &Budget,
-    ) -> Poll<Result<(), Broke>> {
+    fn poll_copy(&mut self, cx: &mut Context<'_>, e: &Ends<'_>) -> Poll<Result<(), Broke>> {
+        let Ends { from, to, state, budget } = *e;
         loop {
             ready!(self.poll_flush(cx, to, budget))?;
             if self.pipe.is_some() {
-                return self.poll_splice(cx, from, to, state, budget);
+                return self.poll_splice(cx, e);
             }
             if self.done {
                 return Poll::Ready(Ok(()));
@@ -359,17 +375,11 @@ impl Half {
     /// when either side would block.
     fn step(&mut self, from: &TcpStream, to: &TcpStream, budget: &Budget) -> Result<Option<usize>, Broke> {
         SCRATCH.with_borrow_mut(|buf| -> Result<Option<usize>, Broke> {
-            let n = match from.try_read(buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-                Err(e) => return Err(Broke::From(e)),
+            let n = match read_now(from.try_read(buf))? {
+                Some(n) if n > 0 => n,
+                eof_or_nothing => return Ok(eof_or_nothing),
             };
-            let sent = match to.try_write(&buf[..n]) {
-                Ok(k) => k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(Broke::To(e)),
-            };
+            let sent = written_now(to.try_write(&buf[..n]))?;
             self.pending.extend_from_slice(&buf[sent..n]);
             budget.take(n - sent);
             self.moved.add(sent);
@@ -383,17 +393,11 @@ impl Half {
     fn held_back_step(&mut self, from: &TcpStream, to: &TcpStream, budget: &Budget) -> Result<Option<usize>, Broke> {
         budget.held_back();
         SCRATCH.with_borrow_mut(|buf| -> Result<Option<usize>, Broke> {
-            let n = match from.try_io(Interest::READABLE, || socket::peek(from.as_fd(), buf)) {
-                Ok(0) => return Ok(None),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-                Err(e) => return Err(Broke::From(e)),
+            let n = match read_now(from.try_io(Interest::READABLE, || socket::peek(from.as_fd(), buf)))? {
+                Some(n) if n > 0 => n,
+                eof_or_nothing => return Ok(eof_or_nothing),
             };
-            let sent = match to.try_write(&buf[..n]) {
-                Ok(k) => k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-                Err(e) => return Err(Broke::To(e)),
-            };
+            let sent = written_now(to.try_write(&buf[..n]))?;
             // The peeked bytes are queued and this task is the socket's only
             // reader, so reading `sent` of them cannot block or come up short;
             // if it ever did, going on would resend bytes: end the connection.
@@ -412,14 +416,8 @@ impl Half {
 
     /// The splice(2) twin of the copy loop: empty the pipe into `to`, then
     /// refill it from `from`, until one would block, EOF, or an error.
-    fn poll_splice(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        state: &ConnState,
-        budget: &Budget,
-    ) -> Poll<Result<(), Broke>> {
+    fn poll_splice(&mut self, cx: &mut Context<'_>, e: &Ends<'_>) -> Poll<Result<(), Broke>> {
+        let Ends { from, to, state, .. } = *e;
         let Some(pipe) = self.pipe.as_mut() else { return Poll::Ready(Ok(())) };
         loop {
             while pipe.held > 0 {
@@ -446,13 +444,41 @@ impl Half {
                     self.pipe = None;
                     self.splice = SpliceMode::Never;
                     self.fallbacks.inc();
-                    return self.poll_copy(cx, from, to, state, budget);
+                    return self.poll_copy(cx, e);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(Broke::From(e))),
             }
         }
     }
+}
+
+/// A non-blocking read: `None` at EOF, `Some(0)` when nothing was there.
+fn read_now(r: io::Result<usize>) -> Result<Option<usize>, Broke> {
+    match r {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(0)),
+        Err(e) => Err(Broke::From(e)),
+    }
+}
+
+/// A non-blocking write: what it took, 0 when the peer takes nothing now.
+fn written_now(r: io::Result<usize>) -> Result<usize, Broke> {
+    match r {
+        Ok(k) => Ok(k),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(Broke::To(e)),
+    }
+}
+
+/// What one direction of a relay reads from, writes to, and answers to.
+#[derive(Clone, Copy)]
+struct Ends<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    state: &'a ConnState,
+    budget: &'a Budget,
 }
 
 /// Both directions in one future, so each finishes on its own (half-close)
@@ -481,11 +507,11 @@ impl Future for Copy<'_> {
         if let Some(ended) = this.state.poll_ended(cx.waker()) {
             return Poll::Ready(ended);
         }
-        let up = this.up.poll_copy(cx, this.client, this.upstream, this.state, this.budget);
+        let up = this.up.poll_copy(cx, &Ends { from: this.client, to: this.upstream, state: this.state, budget: this.budget });
         if let Poll::Ready(Err(b)) = up {
             return Poll::Ready(classify_one(Some(&Err(b))));
         }
-        let down = this.down.poll_copy(cx, this.upstream, this.client, this.state, this.budget);
+        let down = this.down.poll_copy(cx, &Ends { from: this.upstream, to: this.client, state: this.state, budget: this.budget });
         if let Poll::Ready(Err(b)) = down {
             return Poll::Ready(classify_one(Some(&swap_sides(&Err(b)))));
         }

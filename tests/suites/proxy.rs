@@ -234,6 +234,16 @@ fn unmodified_haproxy_works_as_a_transparent_sidecar(mode: &str) -> anyhow::Resu
 }
 both_modes!(unmodified_haproxy_works_as_a_transparent_sidecar);
 
+/// What a `loop` client printed, once it is done.
+fn loop_output(looping: &mut podsteer_lab::process::LabProcess, within: Duration) -> anyhow::Result<String> {
+    looping.wait_exit(within)?;
+    let mut s = String::new();
+    if let Some(mut o) = looping.child_mut().stdout.take() {
+        std::io::Read::read_to_string(&mut o, &mut s)?;
+    }
+    Ok(s)
+}
+
 fn handover_to_a_new_proxy_refuses_nothing(mode: &str) -> anyhow::Result<()> {
     let mut m = Mesh::new(mode, &["--drain-timeout-ms", "2000"])?;
     let mut cmd = m.a.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
@@ -248,13 +258,7 @@ fn handover_to_a_new_proxy_refuses_nothing(mode: &str) -> anyhow::Result<()> {
     let status = m.proxy.process_mut().wait_exit(Duration::from_secs(10))?;
     assert!(status.success(), "old proxy: {status}");
     assert_eq!(m.agent.status()?["proxy_pid"], new.pid());
-    let out = looping.wait_exit(Duration::from_secs(10)).map(|_| {
-        let mut s = String::new();
-        if let Some(mut o) = looping.child_mut().stdout.take() {
-            let _ = std::io::Read::read_to_string(&mut o, &mut s);
-        }
-        s
-    })?;
+    let out = loop_output(&mut looping, Duration::from_secs(10))?;
     assert!(out.contains("failures=0"), "{out}");
     assert!(new.metric(key)? > 0.0, "the new proxy took traffic");
     Ok(())
@@ -286,13 +290,7 @@ fn a_proxy_stopped_then_started_again_refuses_nothing(mode: &str) -> anyhow::Res
     let new = Proxy::start_shared(&m.node, &control, 15024, &[])?;
     m.agent.wait_proxy_current(new.pid())?;
     let gap = gap.elapsed();
-    let out = looping.wait_exit(Duration::from_secs(15)).map(|_| {
-        let mut s = String::new();
-        if let Some(mut o) = looping.child_mut().stdout.take() {
-            let _ = std::io::Read::read_to_string(&mut o, &mut s);
-        }
-        s
-    })?;
+    let out = loop_output(&mut looping, Duration::from_secs(15))?;
     assert!(out.contains("failures=0"), "{mode}: with no proxy for {gap:?}: {out}");
     assert!(new.metric(key)? > 0.0, "the new proxy took traffic");
     assert!(std::fs::read_to_string(&new.log)?.contains("adopted=4"), "{mode}: the new proxy accepts on the kept sockets");

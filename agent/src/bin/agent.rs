@@ -12,7 +12,7 @@ use tracing::info;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(podsteer_agent::config::args_with_file(std::env::args_os().collect())?);
-    podsteer_proxy::logs::init(cli.config.log_json);
+    podsteer_proto::logs::init(cli.config.log_json);
     match cli.cmd.unwrap_or(Cmd::Run) {
         Cmd::RemovePins => {
             EbpfDataPath::remove_pins(&cli.config.bpffs)?;

@@ -70,14 +70,24 @@ fn main() -> anyhow::Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {
-                info!("SIGTERM: closing listeners and draining");
+                // Stop, not hand over: the next proxy may start only after this
+                // one exits. Outbound accepts end first; inbound ones go on until
+                // the outbound connections in flight are done, since one to a pod
+                // on this node needs this proxy to accept its inbound leg too.
+                info!("SIGTERM: closing outbound listeners, then inbound, and draining");
                 state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                state.with_pods(|p| p.stop_outbound());
+                let end = tokio::time::Instant::now() + drain;
+                wait_until_done(&state.metrics.live_outbound, end).await;
                 state.with_pods(|p| p.remove_all());
+                wait_until_done(&state.metrics.live, end).await;
             }
-            _ = tokio::signal::ctrl_c() => state.with_pods(|p| p.remove_all()),
-            _ = state.drained.notified() => {}
+            _ = tokio::signal::ctrl_c() => {
+                state.with_pods(|p| p.remove_all());
+                wait_until_done(&state.metrics.live, tokio::time::Instant::now() + drain).await;
+            }
+            _ = state.drained.notified() => wait_until_done(&state.metrics.live, tokio::time::Instant::now() + drain).await,
         }
-        wait_for_connections(&state, drain).await;
         anyhow::Ok(())
     })?;
     info!("drained; exiting");
@@ -88,21 +98,13 @@ fn main() -> anyhow::Result<()> {
 /// socket with the fd attached (SCM_RIGHTS), one JSON answer line back, which
 /// says whether sk_msg feeds the pod's sockets.
 fn register_listener(socket: &std::path::Path, uid: &str, family: u16, fd: &std::os::fd::OwnedFd) -> anyhow::Result<bool> {
-    use std::io::BufRead as _;
-    use std::os::fd::AsRawFd as _;
-    let stream = std::os::unix::net::UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = serde_json::to_vec(&serde_json::json!({"op": "register_listener", "uid": uid, "family": family}))?;
-    line.push(b'\n');
-    let fds = [fd.as_raw_fd()];
-    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-    nix::sys::socket::sendmsg::<()>(stream.as_raw_fd(), &[std::io::IoSlice::new(&line)], &cmsg, nix::sys::socket::MsgFlags::empty(), None)?;
-    let mut answer = String::new();
-    std::io::BufReader::new(&stream).read_line(&mut answer)?;
-    let v: serde_json::Value = serde_json::from_str(&answer)?;
-    anyhow::ensure!(v["ok"] == true, "agent refused: {}", v["error"]);
+    use podsteer_proto::api::{Request, call};
+    use std::os::fd::AsFd as _;
+    let req = Request::RegisterListener { uid: uid.into(), family };
+    let data =
+        call(socket, &req, Duration::from_secs(5), Some(fd.as_fd()))?.into_result().map_err(|e| anyhow::anyhow!("agent refused: {e}"))?;
     // An agent that does not say is treated as feeding them: copying is always correct.
-    Ok(v["data"]["sk_msg"].as_bool().unwrap_or(true))
+    Ok(data["sk_msg"].as_bool().unwrap_or(true))
 }
 
 /// Every relayed connection costs two fds; the usual soft limit of 1024 would cap
@@ -118,10 +120,9 @@ fn raise_fd_limit() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until no connection is active, or the drain timeout passed.
-async fn wait_for_connections(state: &State, deadline: Duration) {
-    let end = tokio::time::Instant::now() + deadline;
-    while tokio::time::Instant::now() < end && state.metrics.live.get() > 0 {
+/// Waits until `live` counts no connection, or `end`.
+async fn wait_until_done(live: &prometheus_client::metrics::gauge::Gauge, end: tokio::time::Instant) {
+    while tokio::time::Instant::now() < end && live.get() > 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -5,8 +5,7 @@ pub mod conf;
 pub mod error;
 pub mod plugin;
 
-/// The plugin's `type` in a conflist.
-pub const PLUGIN_TYPE: &str = "podsteer-cni";
+pub use podsteer_proto::cni::PLUGIN_TYPE;
 /// CNI versions whose configs the plugin accepts; results are passed through in the config's version.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
 pub const SPEC_VERSION: &str = "1.1.0";

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Where the agent listens, and where the plugin and CLI look by default.
+pub const DEFAULT_SOCKET: &str = "/var/run/podsteer/agent.sock";
+
 /// A pod as the CNI plugin (or CRI repair) reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodInfo {

@@ -61,10 +61,10 @@ impl CniEnv {
     }
 }
 
-pub use crate::policy::Injection;
+pub use podsteer_proto::inject::Injection;
 
 fn default_socket() -> PathBuf {
-    crate::config::defaults::SOCKET.into()
+    podsteer_proto::api::DEFAULT_SOCKET.into()
 }
 fn default_timeout() -> u64 {
     10_000
@@ -107,8 +107,7 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Value>>,
 }
 
-/// Annotation capability key, as containerd passes pod annotations.
-pub const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
+pub use podsteer_proto::cni::ANNOTATIONS_CAPABILITY;
 
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {

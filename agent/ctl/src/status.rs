@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::output::table;
 use super::{CtlError, Paths, exit};
-use crate::api::{self, Request};
+use podsteer_agent::api::{self, Request};
 
 const AGENT_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -41,14 +41,14 @@ pub struct CniEntry {
 fn agent_status(paths: &Paths) -> Result<Value, String> {
     match api::call(&paths.socket, &Request::Status, AGENT_DEADLINE, None) {
         Ok(r) => r.into_result().map_err(|e| e.message),
-        Err(e) => Err(crate::controller::error_chain(&e)),
+        Err(e) => Err(podsteer_agent::controller::error_chain(&e)),
     }
 }
 
 pub fn status(paths: &Paths) -> Result<Status, CtlError> {
     let live = agent_status(paths);
     // With the agent down, what it decided at start is in its state dir.
-    let saved: Value = std::fs::read(paths.state_dir.join(crate::controller::STATUS_FILE))
+    let saved: Value = std::fs::read(paths.state_dir.join(podsteer_agent::controller::STATUS_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(Value::Null);
@@ -63,7 +63,7 @@ pub fn status(paths: &Paths) -> Result<Status, CtlError> {
             ),
         ));
     }
-    let pins = crate::ebpf::pins::PinDir::new(&paths.bpffs);
+    let pins = podsteer_agent::ebpf::pins::PinDir::new(&paths.bpffs);
     let mut links: Vec<String> =
         std::fs::read_dir(pins.links()).into_iter().flatten().filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
     links.sort();
@@ -77,7 +77,7 @@ pub fn status(paths: &Paths) -> Result<Status, CtlError> {
         },
         Err(_) => Health { up: false, detail: "unknown while the agent is down".into() },
     };
-    let primary = crate::install::primary(&paths.cni_conf_dir);
+    let primary = podsteer_agent::install::primary(&paths.cni_conf_dir);
     let conf: Value = primary.as_ref().and_then(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok()).unwrap_or(Value::Null);
     let types: Vec<&str> = conf["plugins"].as_array().into_iter().flatten().filter_map(|p| p["type"].as_str()).collect();
     Ok(Status {
@@ -95,8 +95,8 @@ pub fn status(paths: &Paths) -> Result<Status, CtlError> {
         pods: paths.registry().len(),
         cni: CniEntry {
             conflist: primary.map(|p| p.display().to_string()),
-            installed: types.contains(&crate::cni::PLUGIN_TYPE),
-            last: types.last() == Some(&crate::cni::PLUGIN_TYPE),
+            installed: types.contains(&podsteer_proto::cni::PLUGIN_TYPE),
+            last: types.last() == Some(&podsteer_proto::cni::PLUGIN_TYPE),
         },
     })
 }
@@ -151,7 +151,7 @@ pub struct PodRow {
 
 pub fn pods(paths: &Paths) -> Result<Vec<PodRow>, CtlError> {
     let registry = paths.registry();
-    let pins = crate::ebpf::maps::Maps::open_pinned(&paths.bpffs).ok();
+    let pins = podsteer_agent::ebpf::maps::Maps::open_pinned(&paths.bpffs).ok();
     let agent_up = agent_status(paths).is_ok();
     Ok(registry
         .into_iter()

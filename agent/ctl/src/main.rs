@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use podsteer_agent::config::defaults;
-use podsteer_agent::ctl::output::{Format, print_json};
-use podsteer_agent::ctl::{self, CtlError, Paths, exit, explain, maps, status};
+use podsteer_ctl::output::{Format, print_json};
+use podsteer_ctl::{self as ctl, CtlError, Paths, exit, explain, maps, status};
 
 #[derive(Parser)]
 #[command(

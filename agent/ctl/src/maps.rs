@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::output::table;
 use super::{CtlError, Paths, exit};
-use crate::ebpf::maps::Maps;
+use podsteer_agent::ebpf::maps::Maps;
 
 /// Names accepted by `--map`.
 pub const MAP_NAMES: &[&str] =
@@ -136,7 +136,7 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
         return Err(CtlError::new(exit::USAGE, format!("no map {m:?}; the maps are {}", MAP_NAMES.join(", "))));
     }
     super::require_pins(&paths.bpffs)?;
-    let maps = Maps::open_pinned(&paths.bpffs).map_err(|e| CtlError::new(exit::FAILURE, crate::controller::error_chain(&e)))?;
+    let maps = Maps::open_pinned(&paths.bpffs).map_err(|e| CtlError::new(exit::FAILURE, podsteer_agent::controller::error_chain(&e)))?;
     let names: BTreeMap<u64, String> =
         paths.registry().into_iter().map(|p| (p.netns_cookie, format!("{}/{}", p.namespace, p.name))).collect();
     let want_cookie = match pod {
@@ -152,7 +152,7 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
     let keep = |c: u64| want_cookie.is_none_or(|w| w == c);
     let name = |c: u64| names.get(&c).cloned();
     let wants = |m: &str| only.is_none_or(|o| o == m);
-    let mut d = Dump { pins: crate::ebpf::pins::PinDir::new(&paths.bpffs).root().display().to_string(), ..Dump::default() };
+    let mut d = Dump { pins: podsteer_agent::ebpf::pins::PinDir::new(&paths.bpffs).root().display().to_string(), ..Dump::default() };
     if wants("pods") {
         d.pods = Some(maps.pods.iter().filter_map(Result::ok).filter(|(c, _)| keep(*c)).map(|(c, p)| pod_entry(c, &p, name(c))).collect());
     }
@@ -212,7 +212,7 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
         );
     }
     if wants("counters") {
-        let c = maps.counters().map_err(|e| CtlError::new(exit::FAILURE, crate::controller::error_chain(&e)))?;
+        let c = maps.counters().map_err(|e| CtlError::new(exit::FAILURE, podsteer_agent::controller::error_chain(&e)))?;
         d.counters = Some(c.into_iter().map(|(k, v)| (k.name().to_owned(), v)).collect());
     }
     Ok(d)

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::conf::{CniEnv, NetConf};
 use super::error::{CniError, Code};
-use crate::api::{self, ApiError, ClientError, ErrorKind, PodInfo, Request};
+use podsteer_proto::api::{self, ApiError, ClientError, ErrorKind, PodInfo, Request};
 
 /// DEL and STATUS must be quick even when the agent is gone: the runtime waits on us.
 const SHORT_DEADLINE: Duration = Duration::from_secs(2);
@@ -38,7 +38,7 @@ fn log(conf: &NetConf, line: &str) {
 }
 
 fn skip_reason(conf: &NetConf, namespace: &str, ann: &std::collections::BTreeMap<String, String>) -> Option<String> {
-    crate::policy::skip_reason(&conf.exclude_namespaces, conf.injection, namespace, ann)
+    podsteer_proto::inject::skip_reason(&conf.exclude_namespaces, conf.injection, namespace, ann)
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {

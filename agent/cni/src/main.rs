@@ -3,9 +3,9 @@
 
 use std::io::{Read as _, Write as _};
 
-use podsteer_agent::cni::conf::CniEnv;
-use podsteer_agent::cni::error::{CniError, Code};
-use podsteer_agent::cni::plugin;
+use podsteer_cni::conf::CniEnv;
+use podsteer_cni::error::{CniError, Code};
+use podsteer_cni::plugin;
 
 fn main() {
     let outcome = std::panic::catch_unwind(|| {

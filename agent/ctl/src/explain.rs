@@ -8,8 +8,8 @@ use podsteer_common::{Addr, PodPolicy, Verdict};
 use serde::Serialize;
 
 use super::{CtlError, Paths, exit};
-use crate::ebpf::maps::ip_key;
-use crate::mode::Mode;
+use podsteer_agent::ebpf::maps::ip_key;
+use podsteer_agent::mode::Mode;
 
 #[derive(Debug, Serialize)]
 pub struct Explanation {
@@ -45,8 +45,8 @@ pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlE
     let (policy, decided_by, mode) = match rec.mode {
         Mode::Ebpf => {
             super::require_pins(&paths.bpffs)?;
-            let maps = crate::ebpf::maps::Maps::open_pinned(&paths.bpffs)
-                .map_err(|e| CtlError::new(exit::FAILURE, crate::controller::error_chain(&e)))?;
+            let maps = podsteer_agent::ebpf::maps::Maps::open_pinned(&paths.bpffs)
+                .map_err(|e| CtlError::new(exit::FAILURE, podsteer_agent::controller::error_chain(&e)))?;
             match maps.pods.get(&rec.netns_cookie, 0) {
                 Ok(p) => (p, format!("PODS[{}]", rec.netns_cookie), "ebpf"),
                 Err(_) => {

@@ -9,7 +9,7 @@ pub mod status;
 
 use std::path::{Path, PathBuf};
 
-use crate::registry::PodRecord;
+use podsteer_agent::registry::PodRecord;
 
 /// Exit codes, after sysexits(3).
 pub mod exit {
@@ -47,7 +47,7 @@ pub struct Paths {
 impl Paths {
     /// Pods the agent registered, from its saved registry (no agent needed).
     pub fn registry(&self) -> Vec<PodRecord> {
-        crate::registry::Registry::load(&self.state_dir.join("pods.json")).all().cloned().collect()
+        podsteer_agent::registry::Registry::load(&self.state_dir.join("pods.json")).all().cloned().collect()
     }
 }
 
@@ -61,7 +61,7 @@ pub fn require_root() -> Result<(), CtlError> {
 }
 
 pub fn require_pins(bpffs: &Path) -> Result<(), CtlError> {
-    let pins = crate::ebpf::pins::PinDir::new(bpffs);
+    let pins = podsteer_agent::ebpf::pins::PinDir::new(bpffs);
     if pins.exists() {
         Ok(())
     } else {

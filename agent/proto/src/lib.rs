@@ -1,0 +1,15 @@
+//! podsteer-proto: what the agent, the CNI plugin, the proxy and the CLI share,
+//! so none of them depends on another's crate.
+//!
+//! - [`api`]: the agent socket (plugin, CLI, sidecar proxies → agent);
+//! - [`control`]: the proxy control socket (agent ⇄ shared proxy);
+//! - [`inject`]: whether a pod is meshed at all, decided alike by the plugin and the agent;
+//! - [`cni`]: the names that tie the plugin to the conflist the agent writes;
+//! - [`logs`], [`admin`]: the log set-up and the admin endpoint both daemons run.
+
+pub mod admin;
+pub mod api;
+pub mod cni;
+pub mod control;
+pub mod inject;
+pub mod logs;
