@@ -11,6 +11,9 @@
 //!                                 connect, print the first line the server sends.
 //! `bulk ADDR BYTES`               stream BYTES pseudo-random bytes to an echo server while
 //!                                 checking every byte that comes back; print "ok <n> <hash>".
+//! `bulk-for ADDR STREAMS MILLIS`  STREAMS blocking connections to an echo server, each writing
+//!                                 for MILLIS while checking every byte that comes back;
+//!                                 print "ok streams=<n> bytes=<echoed>", or fail on any error.
 //! `halfclose-server ADDR`         "A": read to EOF, answer "got N", close.
 //!                                 "B": say "bye", shut writes, read to EOF, remember N.
 //!                                 "C": answer the N remembered from the last "B".
@@ -60,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         ["whoami", addr, name, rest @ ..] => whoami(addr, name, rest),
         ["hello", addr, rest @ ..] => hello(addr.parse()?, rest),
         ["bulk", addr, bytes] => bulk(addr, bytes.parse()?),
+        ["bulk-for", addr, streams, millis] => bulk_for(addr, streams.parse()?, Duration::from_millis(millis.parse()?)),
         ["halfclose-server", addr] => halfclose_server(addr),
         ["halfclose", addr, side] => halfclose(addr, side),
         ["expect-reset", addr] => expect_reset(addr, false),
@@ -436,6 +440,54 @@ fn fill_at(offset: u64, buf: &mut [u8]) {
         x ^= x >> 31;
         *b = (x >> ((pos & 7) * 8)) as u8;
     }
+}
+
+/// One echo stream for `run`: a writer thread sends until the deadline, then
+/// half-closes; this thread checks every byte back. Any error fails it.
+fn echo_stream_for(addr: &str, run: Duration) -> anyhow::Result<u64> {
+    let c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = c.try_clone()?;
+    let end = std::time::Instant::now() + run;
+    let writer = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        while std::time::Instant::now() < end {
+            fill_at(sent, &mut buf);
+            w.write_all(&buf)?;
+            sent += buf.len() as u64;
+        }
+        w.shutdown(std::net::Shutdown::Write)?;
+        Ok(sent)
+    });
+    let (mut got, mut buf, mut want) = (0u64, vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
+    loop {
+        let n = (&c).read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        fill_at(got, &mut want[..n]);
+        anyhow::ensure!(buf[..n] == want[..n], "byte mismatch at offset {got}");
+        got += n as u64;
+    }
+    let sent = writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    anyhow::ensure!(got == sent, "sent {sent} bytes, got {got} back");
+    Ok(got)
+}
+
+fn bulk_for(addr: &str, streams: usize, run: Duration) -> anyhow::Result<()> {
+    let handles: Vec<_> = (0..streams)
+        .map(|_| {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || echo_stream_for(&addr, run))
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().map_err(|_| anyhow::anyhow!("stream panicked"))??;
+    }
+    println!("ok streams={streams} bytes={total}");
+    Ok(())
 }
 
 fn bulk(addr: &str, total: u64) -> anyhow::Result<()> {
