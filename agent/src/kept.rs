@@ -36,12 +36,4 @@ impl KeptListeners {
     pub fn forget(&mut self, uid: &str) {
         self.by_pod.remove(uid);
     }
-
-    pub fn len(&self) -> usize {
-        self.by_pod.values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_pod.is_empty()
-    }
 }

@@ -35,7 +35,7 @@ impl Share {
 pub struct Budget {
     /// This pod's (`buffered_bytes{pod}`).
     pod: Share,
-    /// Every pod's together (`buffered_bytes_total`).
+    /// Every pod's together (`buffered_bytes_all_pods`).
     proxy: Share,
     /// Reads done held back because a budget was spent.
     throttled: Counter,

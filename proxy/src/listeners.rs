@@ -100,7 +100,7 @@ pub async fn accept_loop(l: TcpListener, dir: Direction, pod: Arc<PodCtx>, s: Ar
             }
             r = l.accept() => match r {
                 Ok((conn, _)) => {
-                    relay::Live::accepted(&m, dir);
+                    m.conn_accepted(dir);
                     // Every log line of a connection, the access line included, carries these.
                     let span = tracing::info_span!("conn", pod = %pod.label, id = CONN_IDS.fetch_add(1, Ordering::Relaxed), dir = dir.as_str());
                     tokio::spawn(relay::serve(conn, dir, pod.clone(), s.clone(), m.clone()).instrument(span));

@@ -250,6 +250,23 @@ impl Metrics {
         self.reads_held_back.remove(&PodLabels { pod: pod.into() });
     }
 
+    /// Counts a connection live from its accept, so a stop cannot exit under
+    /// one that is accepted but not yet started.
+    pub fn conn_accepted(&self, dir: Direction) {
+        self.live.inc();
+        if dir == Direction::Outbound {
+            self.live_outbound.inc();
+        }
+    }
+
+    /// The end of what [`Metrics::conn_accepted`] counted.
+    pub fn conn_done(&self, dir: Direction) {
+        self.live.dec();
+        if dir == Direction::Outbound {
+            self.live_outbound.dec();
+        }
+    }
+
     /// Shows the limits in force (once, at start).
     pub fn set_limits(&self, s: &crate::relay::Settings) {
         let limits =

@@ -109,27 +109,7 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
     }
     pod.serving.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     pod.forget_if_done(&m);
-    Live::done(&m, dir);
-}
-
-/// The count a stop waits on, taken at accept: a connection accepted but not
-/// yet started must keep the proxy from exiting under it.
-pub struct Live;
-
-impl Live {
-    pub fn accepted(m: &Metrics, dir: Direction) {
-        m.live.inc();
-        if dir == Direction::Outbound {
-            m.live_outbound.inc();
-        }
-    }
-
-    fn done(m: &Metrics, dir: Direction) {
-        m.live.dec();
-        if dir == Direction::Outbound {
-            m.live_outbound.dec();
-        }
-    }
+    m.conn_done(dir);
 }
 
 async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: &Settings, m: &Metrics) {
@@ -346,12 +326,13 @@ impl Half {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            if budget.spent() {
+            let held_back = budget.spent();
+            if held_back {
                 // Only the peer's readiness says when to go on; wait for it first.
                 ready!(to.poll_write_ready(cx)).map_err(Broke::To)?;
             }
             ready!(from.poll_read_ready(cx)).map_err(Broke::From)?;
-            let step = if budget.spent() { self.held_back_step(from, to, budget) } else { self.step(from, to, budget) };
+            let step = if held_back { self.held_back_step(from, to, budget) } else { self.step(from, to, budget) };
             match step {
                 Err(b) => return Poll::Ready(Err(b)),
                 Ok(None) => {

@@ -234,6 +234,20 @@ fn unmodified_haproxy_works_as_a_transparent_sidecar(mode: &str) -> anyhow::Resu
 }
 both_modes!(unmodified_haproxy_works_as_a_transparent_sidecar);
 
+const A_OUTBOUND_OPENED: &str = "podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}";
+
+/// A `loop` client in `a` against b's echo server for `millis`, once it runs
+/// through the current proxy.
+fn loop_through_the_proxy(m: &Mesh, millis: u64) -> anyhow::Result<podsteer_lab::process::LabProcess> {
+    let mut cmd = m.a.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
+    cmd.args(["loop", &m.b(8080), &millis.to_string()]).stdout(std::process::Stdio::piped());
+    let looping = m.a.spawn("loop", cmd)?;
+    wait::until("the loop to be running through the old proxy", Duration::from_secs(5), || {
+        (m.proxy.metric(A_OUTBOUND_OPENED).ok()? >= 20.0).then_some(())
+    })?;
+    Ok(looping)
+}
+
 /// What a `loop` client printed, once it is done.
 fn loop_output(looping: &mut podsteer_lab::process::LabProcess, within: Duration) -> anyhow::Result<String> {
     looping.wait_exit(within)?;
@@ -246,13 +260,7 @@ fn loop_output(looping: &mut podsteer_lab::process::LabProcess, within: Duration
 
 fn handover_to_a_new_proxy_refuses_nothing(mode: &str) -> anyhow::Result<()> {
     let mut m = Mesh::new(mode, &["--drain-timeout-ms", "2000"])?;
-    let mut cmd = m.a.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
-    cmd.args(["loop", &m.b(8080), "3000"]).stdout(std::process::Stdio::piped());
-    let mut looping = m.a.spawn("loop", cmd)?;
-    let key = "podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}";
-    wait::until("the loop to be running through the old proxy", Duration::from_secs(5), || {
-        (m.proxy.metric(key).ok()? >= 20.0).then_some(())
-    })?;
+    let mut looping = loop_through_the_proxy(&m, 3000)?;
     let control = m.agent.proxy_socket.clone().expect("proxy socket");
     let new = Proxy::start_shared(&m.node, &control, 15022, &[])?;
     let status = m.proxy.process_mut().wait_exit(Duration::from_secs(10))?;
@@ -260,7 +268,7 @@ fn handover_to_a_new_proxy_refuses_nothing(mode: &str) -> anyhow::Result<()> {
     assert_eq!(m.agent.status()?["proxy_pid"], new.pid());
     let out = loop_output(&mut looping, Duration::from_secs(10))?;
     assert!(out.contains("failures=0"), "{out}");
-    assert!(new.metric(key)? > 0.0, "the new proxy took traffic");
+    assert!(new.metric(A_OUTBOUND_OPENED)? > 0.0, "the new proxy took traffic");
     Ok(())
 }
 both_modes!(handover_to_a_new_proxy_refuses_nothing);
@@ -272,13 +280,7 @@ both_modes!(handover_to_a_new_proxy_refuses_nothing);
 /// the very same sockets, serves them: none is refused, outbound or inbound.
 fn a_proxy_stopped_then_started_again_refuses_nothing(mode: &str) -> anyhow::Result<()> {
     let mut m = Mesh::new(mode, &["--drain-timeout-ms", "1000"])?;
-    let mut cmd = m.a.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
-    cmd.args(["loop", &m.b(8080), "4000"]).stdout(std::process::Stdio::piped());
-    let mut looping = m.a.spawn("loop", cmd)?;
-    let key = "podsteer_proxy_connections_opened_total{pod=\"default/a\",direction=\"outbound\"}";
-    wait::until("the loop to be running through the old proxy", Duration::from_secs(5), || {
-        (m.proxy.metric(key).ok()? >= 20.0).then_some(())
-    })?;
+    let mut looping = loop_through_the_proxy(&m, 4000)?;
     m.proxy.process_mut().signal(nix::sys::signal::Signal::SIGTERM)?;
     let status = m.proxy.process_mut().wait_exit(Duration::from_secs(10))?;
     assert!(status.success(), "old proxy: {status}");
@@ -292,7 +294,7 @@ fn a_proxy_stopped_then_started_again_refuses_nothing(mode: &str) -> anyhow::Res
     let gap = gap.elapsed();
     let out = loop_output(&mut looping, Duration::from_secs(15))?;
     assert!(out.contains("failures=0"), "{mode}: with no proxy for {gap:?}: {out}");
-    assert!(new.metric(key)? > 0.0, "the new proxy took traffic");
+    assert!(new.metric(A_OUTBOUND_OPENED)? > 0.0, "the new proxy took traffic");
     assert!(std::fs::read_to_string(&new.log)?.contains("adopted=4"), "{mode}: the new proxy accepts on the kept sockets");
     Ok(())
 }

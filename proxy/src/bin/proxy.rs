@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
     let drain = Duration::from_millis(cfg.drain_timeout_ms);
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
+        let end = tokio::select! {
             _ = term.recv() => {
                 // Stop, not hand over: the next proxy may start only after this
                 // one exits. Outbound accepts end first; inbound ones go on until
@@ -80,14 +80,15 @@ fn main() -> anyhow::Result<()> {
                 let end = tokio::time::Instant::now() + drain;
                 wait_until_done(&state.metrics.live_outbound, end).await;
                 state.with_pods(|p| p.remove_all());
-                wait_until_done(&state.metrics.live, end).await;
+                end
             }
             _ = tokio::signal::ctrl_c() => {
                 state.with_pods(|p| p.remove_all());
-                wait_until_done(&state.metrics.live, tokio::time::Instant::now() + drain).await;
+                tokio::time::Instant::now() + drain
             }
-            _ = state.drained.notified() => wait_until_done(&state.metrics.live, tokio::time::Instant::now() + drain).await,
-        }
+            _ = state.drained.notified() => tokio::time::Instant::now() + drain,
+        };
+        wait_until_done(&state.metrics.live, end).await;
         anyhow::Ok(())
     })?;
     info!("drained; exiting");
