@@ -37,6 +37,7 @@ pub struct Controller {
     more_node_netns: Vec<crate::peer::NetnsId>,
     /// The pods' listeners, kept open across proxy restarts.
     kept: crate::kept::KeptListeners,
+    beat: Arc<crate::state::Beat>,
 }
 
 #[derive(Serialize)]
@@ -86,7 +87,8 @@ impl Controller {
             .map(|p| anyhow::Context::with_context(crate::peer::NetnsId::of(p), || format!("--node-netns {}", p.display())))
             .collect::<anyhow::Result<_>>()?;
         let kept = crate::kept::KeptListeners::default();
-        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns, kept };
+        let beat = Arc::default();
+        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns, kept, beat };
         c.remove_stale_state();
         Ok(c)
     }
@@ -140,22 +142,32 @@ impl Controller {
         self.registry.save();
     }
 
-    /// Ready: a mode is chosen, the kernel side is in place, and the shared proxy
-    /// (when there is one) is connected.
-    pub fn ready(&self) -> Result<(), String> {
+    /// Ready: a mode is chosen, the kernel side is in place (in eBPF mode the
+    /// four cgroup links and one sk_lookup link per registered pod are pinned),
+    /// and the shared proxy, when there is one, is connected and alive. Ok says
+    /// what is in place, Err what is missing.
+    pub fn ready(&self) -> Result<String, String> {
+        let mut what = format!("mode={}", self.choice.mode.as_str());
         if let Redirector::Ebpf(dp) = &self.redirector {
             for p in ["podsteer_connect4", "podsteer_connect6", "podsteer_getsockopt", "podsteer_sockops"] {
                 if !dp.pins().link(p).exists() {
-                    return Err(format!("link {p} is not pinned"));
+                    return Err(format!("{what}: link {p} is not pinned"));
                 }
             }
+            let pinned: std::collections::HashSet<u64> = dp.pins().pod_links().into_iter().collect();
+            if let Some(r) = self.registry.all().find(|r| r.mode == Mode::Ebpf && !pinned.contains(&r.netns_cookie)) {
+                return Err(format!("{what}: pod {}/{}'s sk_lookup link is not pinned", r.namespace, r.name));
+            }
+            what.push_str(&format!(" cgroup_links=4 pod_links={}", pinned.len()));
         }
-        if let Some(link) = &self.proxy
-            && link.connected().is_none()
-        {
-            return Err("no proxy connected".into());
+        if let Some(link) = &self.proxy {
+            match link.live() {
+                Some(pid) => what.push_str(&format!(" proxy_pid={pid}")),
+                None => return Err(format!("{what}: no proxy connected")),
+            }
         }
-        Ok(())
+        what.push_str(&format!(" pods={}", self.registry.all().count()));
+        Ok(what)
     }
 
     /// The eBPF per-CPU counters, summed; None in iptables mode.
@@ -181,20 +193,14 @@ impl Controller {
         }
     }
 
-    /// Classifies a peer of the agent socket (see [`crate::peer`]): a process in
-    /// a registered pod's netns acts for that pod only, whatever its uid.
-    pub fn caller(&self, peer: &crate::peer::Peer) -> crate::peer::Caller {
-        use crate::peer::{Caller, NetnsId};
-        if peer.uid != 0 {
-            return Caller::Unprivileged { uid: peer.uid };
-        }
-        if Some(peer.netns) == self.node_netns || self.more_node_netns.contains(&peer.netns) {
-            return Caller::Node;
-        }
-        match self.registry.all().find(|r| NetnsId::of(&r.netns).is_ok_and(|n| n == peer.netns)) {
-            Some(r) => Caller::Pod(r.uid.clone()),
-            None => Caller::Elsewhere { pid: peer.pid },
-        }
+    /// The netns whose root processes are the node's: the agent's own and `--node-netns`.
+    pub fn node_netns_ids(&self) -> Vec<crate::peer::NetnsId> {
+        self.node_netns.iter().chain(&self.more_node_netns).copied().collect()
+    }
+
+    /// The state manager's heartbeat, which long changes touch as they go.
+    pub fn beat(&self) -> Arc<crate::state::Beat> {
+        self.beat.clone()
     }
 
     pub fn pods(&self) -> Vec<PodRecord> {
@@ -287,6 +293,10 @@ impl Controller {
             last_error: None,
         };
         self.registry.insert(rec.clone());
+        // Answered only once the record is on disk: an agent killed right after
+        // would otherwise find the pod's map entries unexplained at start and
+        // remove them, unmeshing a running pod until repair found it again.
+        self.registry.flush();
         info!(cookie, "pod enrolled");
         Response::ok(rec)
     }
@@ -329,6 +339,7 @@ impl Controller {
     pub fn remove_all(&mut self) -> anyhow::Result<()> {
         let uids: Vec<String> = self.registry.all().map(|p| p.uid.clone()).collect();
         for uid in uids {
+            self.beat.touch();
             if let Err(e) = self.del(&uid).into_result() {
                 warn!(uid, error = %e, "removing pod during uninstall");
             }
@@ -369,13 +380,13 @@ impl Controller {
         }
     }
 
-    /// For an ADD that the shared proxy must take: the link to wait on, and for
-    /// how long, before the request takes the controller's lock.
-    pub fn proxy_to_wait_for(&self, pod: &PodInfo) -> Option<(Arc<ProxyLink>, Duration)> {
-        let link = self.proxy.clone()?;
-        let shared = Policy::from_annotations(&self.config.node_defaults(), &pod.annotations, &pod.ips)
-            .is_ok_and(|p| p.proxy_mode == ProxyMode::Shared);
-        (shared && !inject_disabled(&pod.annotations)).then(|| (link, Duration::from_millis(self.config.proxy_wait_ms)))
+    /// What an ADD waits on before it is queued (see [`crate::state::Handle::proxy_to_wait_for`]).
+    pub fn proxy_wait(&self) -> crate::state::ProxyWait {
+        crate::state::ProxyWait {
+            link: self.proxy.clone(),
+            defaults: self.config.node_defaults(),
+            wait: Duration::from_millis(self.config.proxy_wait_ms),
+        }
     }
 
     /// Hands a pod to the shared proxy and, in eBPF mode, points sk_lookup at
@@ -434,6 +445,8 @@ impl Controller {
         let Some(link) = self.proxy.clone() else { return };
         let pods: Vec<PodRecord> = self.registry.all().filter(|p| p.policy.proxy_mode == ProxyMode::Shared).cloned().collect();
         for rec in pods {
+            // A replay of many pods is progress, not a stall.
+            self.beat.touch();
             let _g = pod_span("replay", &rec.namespace, &rec.name, &rec.netns, rec.mode).entered();
             let Ok(netns) = sys::open_netns(&rec.netns) else {
                 warn!("netns gone; the pod will be removed by repair");

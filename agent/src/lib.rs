@@ -20,4 +20,5 @@ pub mod redirect;
 pub mod registry;
 pub mod repair;
 pub mod server;
+pub mod state;
 pub mod sys;

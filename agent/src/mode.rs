@@ -15,6 +15,16 @@ pub enum Mode {
     Iptables,
 }
 
+impl Mode {
+    /// As in the config, the status and the metrics' `mode` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Iptables => "iptables",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ModeRequest {

@@ -112,6 +112,11 @@ impl ProxyLink {
         old
     }
 
+    /// The current proxy's pid, if its end is still open. Looks, never waits.
+    pub fn live(&self) -> Option<u32> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|c| !c.hung_up()).map(|c| c.pid)
+    }
+
     pub fn connected(&self) -> Option<u32> {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.pid)
     }

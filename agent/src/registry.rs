@@ -1,5 +1,5 @@
-//! The single owner of what the agent knows about pods, saved atomically (by
-//! a writer thread, off the CNI path) so a restarted agent knows them again.
+//! What the agent knows about pods, owned by the state manager and saved
+//! atomically (by a writer thread) so a restarted agent knows them again.
 
 mod writer;
 
@@ -85,7 +85,8 @@ impl Registry {
         }
     }
 
-    /// Waits (boundedly) until the newest state is on disk: before the agent exits.
+    /// Waits (boundedly) until the newest state is on disk: after an ADD, and
+    /// before the agent exits.
     pub fn flush(&self) {
         if let Some(w) = &self.writer {
             w.flush(std::time::Duration::from_secs(5));

@@ -4,13 +4,13 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
 use crate::controller::Controller;
 use crate::cri;
+use crate::state::{Event, Handle};
 
 /// Bound on one CRI round trip, so a hung runtime cannot stall the agent.
 const CRI_DEADLINE: Duration = Duration::from_secs(10);
@@ -22,18 +22,23 @@ pub struct RepairReport {
     pub failed: Vec<String>,
 }
 
-pub fn run_once(ctl: &Mutex<Controller>, socket: &Path) -> anyhow::Result<RepairReport> {
+/// One pass: the runtime is asked outside the state manager (a hung runtime
+/// stalls only repair), then the manager applies what it said.
+pub fn run_once(state: &Handle, socket: &Path) -> anyhow::Result<RepairReport> {
     // Only pods registered before the snapshot may be judged gone by it: one
     // the plugin adds while the runtime answers is missing from the snapshot
     // and alive.
-    let known_before: BTreeSet<String> =
-        ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?.pods().into_iter().map(|p| p.uid).collect();
+    let known_before: BTreeSet<String> = state.snapshot().pods.iter().map(|p| p.uid.clone()).collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let sandboxes = rt.block_on(async {
         let mut client = tokio::time::timeout(CRI_DEADLINE, cri::connect(socket)).await??;
         anyhow::Ok(tokio::time::timeout(CRI_DEADLINE, cri::ready_pods(&mut client)).await??)
     })?;
-    let mut c = ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
+    Ok(state.ask(|reply| Event::Reconcile { known_before, sandboxes, reply })?)
+}
+
+/// The state manager's half of a pass: gone pods are removed, new ones enrolled.
+pub fn reconcile(c: &mut Controller, known_before: &BTreeSet<String>, sandboxes: cri::Sandboxes) -> RepairReport {
     let mut report = RepairReport::default();
     // A sandbox whose status could not be read is still running: never gone.
     let gone = c.pods().into_iter().filter(|p| known_before.contains(&p.uid) && !sandboxes.running.contains(&p.uid));
@@ -64,13 +69,13 @@ pub fn run_once(ctl: &Mutex<Controller>, socket: &Path) -> anyhow::Result<Repair
     if !report.enrolled.is_empty() || !report.removed.is_empty() || !report.failed.is_empty() {
         info!(enrolled = ?report.enrolled, removed = ?report.removed, failed = ?report.failed, "repair");
     }
-    Ok(report)
+    report
 }
 
 /// First pass now, then every `interval`.
-pub fn run_forever(ctl: &Mutex<Controller>, socket: &Path, interval: Duration) {
+pub fn run_forever(state: &Handle, socket: &Path, interval: Duration) {
     loop {
-        if let Err(e) = run_once(ctl, socket) {
+        if let Err(e) = run_once(state, socket) {
             warn!(error = %format!("{e:#}"), "repair pass failed");
         }
         std::thread::sleep(interval);

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use tracing::warn;
 
 use crate::api::{self, ErrorKind, Request, Response};
-use crate::controller::Controller;
+use crate::state::{Event, Handle};
 
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(UnixListener::from(crate::sys::bind_owner_only(path, nix::sys::socket::SockType::Stream)?))
@@ -27,7 +27,7 @@ const OTHER_CONNECTIONS: usize = 4;
 /// long is cut off so it does not hold its thread.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-pub fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>) {
+pub fn serve(listener: UnixListener, state: Handle) {
     let own = crate::peer::NetnsId::own().ok();
     let open: Arc<Mutex<HashMap<crate::peer::NetnsId, usize>>> = Arc::default();
     for conn in listener.incoming() {
@@ -53,10 +53,10 @@ pub fn serve(listener: UnixListener, ctl: Arc<Mutex<Controller>>) {
             continue;
         };
         let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-        let ctl = ctl.clone();
+        let state = state.clone();
         let spawned = std::thread::Builder::new().name("agent-conn".into()).spawn(move || {
             let _slot = slot;
-            handle(stream, peer, &ctl)
+            handle(stream, peer, &state)
         });
         if let Err(e) = spawned {
             warn!(error = %e, "no thread for an agent connection");
@@ -107,47 +107,54 @@ fn accept_failed(socket: &str, e: &dyn std::fmt::Display) {
     std::thread::sleep(std::time::Duration::from_millis(50));
 }
 
-fn handle(stream: UnixStream, peer: crate::peer::Peer, ctl: &Mutex<Controller>) {
+fn handle(stream: UnixStream, peer: crate::peer::Peer, state: &Handle) {
     let resp = match api::read_request(&stream) {
         Err(e) => Response::err(ErrorKind::BadRequest, format!("reading request: {e}")),
         Ok((line, fds)) => match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
-            Ok(req) => match wait_for_proxy(ctl, &req).and_then(|()| ctl.lock().map_err(drop)) {
-                Err(_) => Response::err(ErrorKind::Internal, "agent state poisoned by an earlier panic"),
-                Ok(mut c) => {
-                    let caller = c.caller(&peer);
-                    match crate::peer::authorize(&caller, &req) {
-                        Ok(()) => dispatch(&mut c, req, fds.first().map(|f| f.as_fd())),
-                        Err(why) => {
-                            warn!(pid = peer.pid, uid = peer.uid, ?caller, request = req.name(), why, "request refused");
-                            count(req.name(), "forbidden");
-                            Response::err(ErrorKind::Forbidden, why)
-                        }
-                    }
-                }
-            },
+            Ok(req) => {
+                let command = req.name();
+                let r = answer(state, &peer, req, fds.into_iter().next());
+                count(command, result_label(&r));
+                r
+            }
         },
     };
     reply(&stream, &resp);
 }
 
-/// An ADD for the shared proxy first waits, without the controller's lock,
-/// until a live proxy is connected (see `ProxyLink::wait_live`); a missing one
-/// shows up as the ADD's own "try again" error.
-fn wait_for_proxy(ctl: &Mutex<Controller>, req: &Request) -> Result<(), ()> {
-    let Request::Add { pod } = req else { return Ok(()) };
-    let wait = ctl.lock().map_err(drop)?.proxy_to_wait_for(pod);
-    if let Some((link, deadline)) = wait {
-        link.wait_live(deadline);
+/// Authorizes a request against the newest snapshot, answers reads from it,
+/// and queues changes for the state manager. An ADD for the shared proxy first
+/// waits, outside the manager, until a live proxy is connected (see
+/// `ProxyLink::wait_live`); a missing one shows up as the ADD's own "try
+/// again" error.
+fn answer(state: &Handle, peer: &crate::peer::Peer, req: Request, fd: Option<std::os::fd::OwnedFd>) -> Response {
+    let snap = state.snapshot();
+    let caller = snap.caller(peer);
+    if let Err(why) = crate::peer::authorize(&caller, &req) {
+        warn!(pid = peer.pid, uid = peer.uid, ?caller, request = req.name(), why, "request refused");
+        return Response::err(ErrorKind::Forbidden, why);
     }
-    Ok(())
+    match req {
+        Request::Status => Response::ok(&snap.status),
+        Request::Pods => Response::ok(&*snap.pods),
+        req => {
+            if let Request::Add { pod } = &req
+                && let Some((link, deadline)) = state.proxy_to_wait_for(pod)
+            {
+                link.wait_live(deadline);
+            }
+            state.ask(|reply| Event::Request { req, fd, reply }).unwrap_or_else(|e| e.response())
+        }
+    }
 }
 
-fn dispatch(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Response {
-    let command = req.name();
-    let r = dispatch_inner(c, req, fd);
-    count(command, if r.ok { "ok" } else { "error" });
-    r
+fn result_label(r: &Response) -> &'static str {
+    match &r.error {
+        None => "ok",
+        Some(e) if e.kind == ErrorKind::Forbidden => "forbidden",
+        Some(_) => "error",
+    }
 }
 
 fn count(command: &str, result: &str) {
@@ -157,20 +164,8 @@ fn count(command: &str, result: &str) {
         .inc();
 }
 
-fn dispatch_inner(c: &mut Controller, req: Request, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Response {
-    match req {
-        Request::Add { pod } => c.add(pod),
-        Request::Del { uid } => c.del(&uid),
-        Request::Check { uid } => c.check(&uid),
-        Request::Status => Response::ok(c.status()),
-        Request::Pods => Response::ok(c.pods()),
-        Request::RegisterListener { uid, family } => c.register_listener(&uid, family, fd),
-        Request::Gc { keep } => c.gc(&keep),
-    }
-}
-
-/// Accepts proxies on the control socket; each is replayed under the controller lock.
-pub fn serve_proxies(listener: std::os::fd::OwnedFd, ctl: &Mutex<Controller>, identity: crate::peer::ProxyIdentity) {
+/// Accepts proxies on the control socket; the state manager replays each.
+pub fn serve_proxies(listener: std::os::fd::OwnedFd, state: &Handle, identity: crate::peer::ProxyIdentity) {
     use crate::proxy_link::{self, ProxyConn, REPLY_TIMEOUT};
     loop {
         let fd = match proxy_link::accept(listener.as_fd()) {
@@ -181,10 +176,11 @@ pub fn serve_proxies(listener: std::os::fd::OwnedFd, ctl: &Mutex<Controller>, id
             }
         };
         match ProxyConn::handshake(fd, REPLY_TIMEOUT, &identity) {
-            Ok(conn) => match ctl.lock() {
-                Ok(mut c) => c.on_proxy(conn),
-                Err(_) => warn!("agent state poisoned; proxy not replayed"),
-            },
+            Ok(conn) => {
+                if let Err(e) = state.tell(Event::ProxyConnected(conn)) {
+                    warn!(error = %e, "proxy not replayed");
+                }
+            }
             Err(e) => warn!(error = %crate::controller::error_chain(&e), "proxy handshake refused"),
         }
     }

@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::budget::Budget;
 use crate::conns::ConnState;
@@ -115,6 +115,10 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
 async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: &Settings, m: &Metrics) {
     let labels = ConnLabels { pod: pod.label.clone(), direction: dir };
     m.opened.get_or_create(&labels).inc();
+    // With `RUST_LOG=access=debug`, a line as each connection is taken, before
+    // any upstream work: a proxy killed mid-connection still leaves a trace of
+    // every connection it took (the completion line below comes at the end).
+    debug!(target: "access", pod = %pod.label, direction = dir.as_str(), client = %client.peer_addr().map(|a| a.to_string()).unwrap_or_default(), "opened");
     m.active.get_or_create(&labels).inc();
     let started = Instant::now();
     let mut dst = None;

@@ -225,6 +225,11 @@ impl Agent {
         self.process.as_ref().context("agent is not running")?.signal(sig)
     }
 
+    /// How the agent ended, if it did (the lab did not kill it).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.as_mut()?.child_mut().try_wait().ok()?
+    }
+
     /// Waits for the agent to exit on its own (after SIGTERM or SIGUSR1).
     pub fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let st = self.process.as_mut().context("agent is not running")?.wait_exit(deadline)?;

@@ -160,6 +160,59 @@ impl Containerd {
         Ok(std::fs::read_to_string(logs.join("app.log")).unwrap_or_default())
     }
 
+    /// RunPodSandbox for every name at once, as a kubelet starting a burst of
+    /// pods does; each name's sandbox id, or the runtime's error.
+    pub fn run_pods(&mut self, namespace: &str, names: &[String]) -> Vec<(String, anyhow::Result<String>)> {
+        let mut set = tokio::task::JoinSet::new();
+        for name in names {
+            let uid = format!("{}-{name}", self.node.id());
+            let logs = self.dir.join("logs").join(name);
+            if let Err(e) = std::fs::create_dir_all(&logs) {
+                return vec![(name.clone(), Err(e.into()))];
+            }
+            let config = self.sandbox_config(namespace, name, &uid, &logs, &[]);
+            let mut client = self.client.clone();
+            let name = name.clone();
+            set.spawn_on(
+                async move {
+                    let r =
+                        client.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() }).await;
+                    (name, r.map(|r| r.into_inner().pod_sandbox_id).map_err(anyhow::Error::from))
+                },
+                self.rt.handle(),
+            );
+        }
+        self.rt.block_on(set.join_all())
+    }
+
+    /// StopPodSandbox + RemovePodSandbox for every id at once.
+    pub fn stop_and_remove_all(&mut self, ids: &[String]) -> Vec<anyhow::Result<()>> {
+        let mut set = tokio::task::JoinSet::new();
+        for id in ids {
+            let mut client = self.client.clone();
+            let id = id.clone();
+            set.spawn_on(
+                async move {
+                    client.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await?;
+                    client.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.clone() }).await?;
+                    anyhow::Ok(())
+                },
+                self.rt.handle(),
+            );
+        }
+        self.rt.block_on(set.join_all())
+    }
+
+    /// The pod names of every ready sandbox.
+    pub fn ready_pods(&mut self) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        let list = self.cri(async |c| Ok(c.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }).await?.into_inner().items))?;
+        Ok(list
+            .into_iter()
+            .filter(|sb| sb.state == cri::PodSandboxState::SandboxReady as i32)
+            .filter_map(|sb| sb.metadata.map(|m| m.name))
+            .collect())
+    }
+
     pub fn stop_and_remove(&mut self, sandbox: &str) -> anyhow::Result<()> {
         let id = sandbox.to_owned();
         self.cri(async |c| {

@@ -28,6 +28,24 @@ impl Proxy {
 
     /// As [`Proxy::start_shared`], run under `wrapper` (with only some capabilities, say).
     pub fn start_shared_under(node: &Node, control: &Path, admin_port: u16, extra: &[&str], wrapper: &[String]) -> anyhow::Result<Proxy> {
+        Proxy::start_shared_with(node, control, admin_port, extra, wrapper, &[])
+    }
+
+    /// As [`Proxy::start_shared`], logging a line as each connection is taken
+    /// (`access=debug`), so a test can account for every connection even of a
+    /// proxy it kills.
+    pub fn start_shared_logging_opens(node: &Node, control: &Path, admin_port: u16) -> anyhow::Result<Proxy> {
+        Proxy::start_shared_with(node, control, admin_port, &[], &[], &[("RUST_LOG", "info,access=debug")])
+    }
+
+    fn start_shared_with(
+        node: &Node,
+        control: &Path,
+        admin_port: u16,
+        extra: &[&str],
+        wrapper: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proxy> {
         let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
         let log = node.state_dir().join(format!("proxy-{admin_port}.log"));
         let mut cmd = match wrapper.split_first() {
@@ -40,6 +58,7 @@ impl Proxy {
         };
         cmd.args(["--control", &control.display().to_string(), "--admin", &admin.to_string()])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?);
         let process = node.spawn_owned("podsteer-proxy", cmd)?;

@@ -53,3 +53,20 @@ pub fn run_client(pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
 pub fn addr(ip: std::net::IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
+
+/// Runs `podsteer-lab-tool ARGS` in the network namespace at `netns` (a CRI
+/// sandbox's, say), in a cgroup of its own under the node's pods, with stdout
+/// going to `out`. The cgroup is removed once the process is gone.
+pub fn start_in_netns(
+    node: &crate::Node,
+    netns: &Path,
+    name: &str,
+    args: &[&str],
+    out: &Path,
+) -> anyhow::Result<(LabProcess, crate::cgroup::CgroupDir)> {
+    let cgroup = crate::cgroup::CgroupDir::create(node.pods_cgroup().join(format!("tool-{name}")))?;
+    let mut cmd = crate::process::command_in(crate::agent::bin(TOOL), netns, cgroup.path())?;
+    cmd.args(args).stdout(std::fs::File::create(out)?).stderr(Stdio::null());
+    let p = node.spawn_owned(name, cmd)?;
+    Ok((p, cgroup))
+}

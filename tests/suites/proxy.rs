@@ -553,9 +553,9 @@ fn a_blocking_reader_sees_no_spurious_eagain(mode: &str) -> anyhow::Result<()> {
 }
 both_modes!(a_blocking_reader_sees_no_spurious_eagain);
 
-/// /healthz tells the truth: while the agent's state is held (here the shared
-/// proxy is stopped, so an ADD waits under the lock for its reply) it fails,
-/// and once the state moves again it passes, with the ADD done.
+/// /healthz tells the truth: while the state manager is stuck (here the shared
+/// proxy is stopped, so an ADD waits for its reply) it fails, and once the
+/// state moves again it passes, with the ADD done.
 #[test]
 fn healthz_fails_while_the_agents_state_is_stuck_and_recovers() -> anyhow::Result<()> {
     use nix::sys::signal::Signal;
@@ -580,11 +580,38 @@ fn healthz_fails_while_the_agents_state_is_stuck_and_recovers() -> anyhow::Resul
         });
         m.proxy.process_mut().signal(Signal::SIGCONT)?;
         let stuck = stuck?;
-        assert!(stuck.contains("agent state held for over"), "{stuck}");
+        assert!(stuck.contains("the state manager has made no progress"), "{stuck}");
         add.join().map_err(|_| anyhow::anyhow!("add panicked"))?
     })?;
     let rec = added.map_err(|e| anyhow::anyhow!("the ADD once the proxy went on: {e}"))?;
     assert_eq!(rec["proxy_ready"], true, "{rec}");
     wait::until("/healthz to pass again", Duration::from_secs(5), || healthy(&m).then_some(()))?;
+    Ok(())
+}
+
+/// /readyz says what is in place (mode, pinned links, proxy) and fails, naming
+/// it, when a piece goes missing: the proxy's connection, then a pinned link.
+#[test]
+fn readyz_reports_mode_pins_and_proxy_and_names_what_is_missing() -> anyhow::Result<()> {
+    let mut m = Mesh::new("ebpf", &[])?;
+    let ready = m.agent.admin_get("/readyz")?;
+    let want = format!("mode=ebpf cgroup_links=4 pod_links=2 proxy_pid={} pods=2", m.proxy.pid());
+    assert!(ready.starts_with("HTTP/1.1 200") && ready.contains(&want), "{ready}");
+    m.proxy.process_mut().signal(nix::sys::signal::Signal::SIGKILL)?;
+    m.proxy.process_mut().wait_exit(Duration::from_secs(5))?;
+    let not = wait::until("/readyz to see the proxy gone", Duration::from_secs(3), || {
+        m.agent.admin_get("/readyz").ok().filter(|r| r.starts_with("HTTP/1.1 503"))
+    })?;
+    assert!(not.contains("no proxy connected"), "{not}");
+    let control = m.agent.proxy_socket.clone().expect("proxy socket");
+    let again = Proxy::start_shared(&m.node, &control, 15023, &[])?;
+    wait::until("/readyz to see the new proxy", Duration::from_secs(5), || {
+        m.agent.admin_get("/readyz").ok().filter(|r| r.contains(&format!("proxy_pid={}", again.pid())))
+    })?;
+    std::fs::remove_file(m.agent.bpffs.join("podsteer/links/podsteer_connect4"))?;
+    let not = wait::until("/readyz to see the pin gone", Duration::from_secs(3), || {
+        m.agent.admin_get("/readyz").ok().filter(|r| r.starts_with("HTTP/1.1 503"))
+    })?;
+    assert!(not.contains("link podsteer_connect4 is not pinned"), "{not}");
     Ok(())
 }

@@ -273,6 +273,23 @@ fn agent_restart_keeps_interception_and_adopts_pins() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An ADD is answered only once its pod is in the saved registry: a registry
+/// written behind the answer let an agent killed just after it find the pod's
+/// map entries unexplained at start and remove them, unmeshing a running pod.
+#[test]
+fn an_answered_add_is_already_saved_for_the_next_agent() -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let agent = Agent::start(&node, "ebpf", &[])?;
+    let saved = agent.state_dir.join("pods.json");
+    for i in 0..10 {
+        let pod = node.add_pod(PodSpec::new("default", &format!("p{i}")))?;
+        agent.add_pod(&pod, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let on_disk: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved)?)?;
+        assert!(on_disk.get(pod.uid()).is_some(), "pod {i} was answered before it was saved");
+    }
+    Ok(())
+}
+
 #[test]
 fn forced_ebpf_on_a_kernel_without_a_feature_fails_naming_it() -> anyhow::Result<()> {
     let node = Node::new(NodeOptions::default())?;

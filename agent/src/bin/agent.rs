@@ -1,12 +1,11 @@
 //! podsteer-agent: the DaemonSet process.
 
-use std::sync::{Arc, Mutex};
-
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use podsteer_agent::cli::{Cli, Cmd};
 use podsteer_agent::controller::Controller;
 use podsteer_agent::ebpf::EbpfDataPath;
+use podsteer_agent::state::Event;
 use podsteer_agent::{proxy_link, server};
 use tracing::info;
 
@@ -52,37 +51,38 @@ fn main() -> anyhow::Result<()> {
             }
             let proxy_listener = cli.config.proxy_socket.as_deref().map(proxy_link::bind).transpose()?;
             let cfg_for_uninstall = cli.config.clone();
-            let ctl = Arc::new(Mutex::new(Controller::start(cli.config)?));
+            let state = podsteer_agent::state::spawn(Controller::start(cli.config)?)?;
             if let Some(l) = proxy_listener {
-                let ctl = ctl.clone();
+                let state = state.clone();
                 let identity = podsteer_agent::peer::ProxyIdentity {
                     uid: cfg_for_uninstall.proxy_peer_uid,
                     netns: podsteer_agent::peer::NetnsId::own()?,
                 };
-                std::thread::Builder::new().name("proxy-link".into()).spawn(move || server::serve_proxies(l, &ctl, identity))?;
+                std::thread::Builder::new().name("proxy-link".into()).spawn(move || server::serve_proxies(l, &state, identity))?;
             }
             if let Some(cri) = cfg_for_uninstall.cri_socket.clone() {
-                let ctl = ctl.clone();
+                let state = state.clone();
                 let every = std::time::Duration::from_secs(cfg_for_uninstall.repair_interval_secs.max(1));
-                std::thread::Builder::new().name("repair".into()).spawn(move || podsteer_agent::repair::run_forever(&ctl, &cri, every))?;
+                std::thread::Builder::new()
+                    .name("repair".into())
+                    .spawn(move || podsteer_agent::repair::run_forever(&state, &cri, every))?;
             }
-            let admin = podsteer_agent::admin::spawn(cfg_for_uninstall.admin_addr, ctl.clone())?;
+            let admin = podsteer_agent::admin::spawn(cfg_for_uninstall.admin_addr, state.clone())?;
             info!(%admin, "ready");
             std::thread::Builder::new().name("api".into()).spawn({
-                let ctl = ctl.clone();
-                move || server::serve(listener, ctl)
+                let state = state.clone();
+                move || server::serve(listener, state)
             })?;
             let sig = signals.wait()?;
             if sig == Signal::SIGUSR1 || cfg_for_uninstall.uninstall_on_exit {
                 // The explicit uninstall signal; a plain SIGTERM is an upgrade and leaves everything in place.
                 info!(signal = ?sig, "uninstalling podsteer from this node");
-                let mut c = ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
-                c.remove_all()?;
+                state.ask(|reply| Event::RemoveAll { reply })?.map_err(anyhow::Error::msg)?;
                 cfg_for_uninstall.installer().uninstall()?;
             } else {
                 info!(signal = ?sig, "exiting; interception, pins and the CNI entry stay for the next agent");
             }
-            ctl.lock().map_err(|_| anyhow::anyhow!("agent state poisoned"))?.persist();
+            state.ask(|reply| Event::Persist { reply })?;
             Ok(())
         }
     }

@@ -1,9 +1,9 @@
-//! Writes the registry behind the caller's back. A file replaced by rename on
-//! ext4 is flushed to the disk on the spot (auto_da_alloc), which put a disk
-//! write, and every stall of a busy disk, on each CNI ADD and DEL. Nothing on
-//! that path needs the file: interception lives in the kernel, and a restarted
-//! agent rebuilds what a lost write missed from the pinned maps and the CRI.
-//! So the answer goes out at once and this thread writes the newest snapshot.
+//! Writes the registry off the caller's thread, newest snapshot first. A file
+//! replaced by rename on ext4 is flushed to the disk on the spot
+//! (auto_da_alloc), so a burst of changes costs one write, not one each. A DEL
+//! or a replay needs no wait: a record a lost write kept is removed at start
+//! once its netns is gone. An ADD does wait (`flush`): a pod's map entries with
+//! no record are an orphan to the next agent, which removes them.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};

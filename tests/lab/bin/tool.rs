@@ -22,6 +22,9 @@
 //! `expect-dropped ADDR MILLIS`    connect; print "dropped" if no answer came within MILLIS.
 //! `concurrent ADDR N`             N connections open at once, each echoing a message.
 //! `loop ADDR MILLIS`              connect/echo/close in a loop; print "ok n=.. failures=..".
+//! `loop-ports ADDR`               connect/echo/close until killed, a line per connection:
+//!                                 "ok <local port>" or "failed <error>".
+//! `echo-peers ADDR`               as echo, printing "peer <address>" as each connection comes.
 //! `chat ADDR`                     one long-lived connection to an echo server: each stdin
 //!                                 line is sent and its echo printed.
 //! `agent-call SOCKET JSON [FD]`   send one request to the agent from wherever this runs
@@ -59,6 +62,8 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
         ["echo", addr] => echo(addr),
+        ["echo-peers", addr] => echo_peers(addr),
+        ["loop-ports", addr] => loop_ports(addr),
         ["request", addr, bytes] => request(addr, bytes.parse()?),
         ["whoami", addr, name, rest @ ..] => whoami(addr, name, rest),
         ["hello", addr, rest @ ..] => hello(addr.parse()?, rest),
@@ -100,6 +105,50 @@ fn echo(addr: &str) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+fn echo_peers(addr: &str) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr)?;
+    println!("listening {}", l.local_addr()?);
+    for conn in l.incoming() {
+        let mut c = conn?;
+        println!("peer {}", c.peer_addr()?);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 || c.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Each line is printed once the echo is back, so a line "ok P" means the
+/// proxy had already taken the connection from port P, if it went through one.
+fn loop_ports(addr: &str) -> anyhow::Result<()> {
+    loop {
+        let r = (|| -> std::io::Result<u16> {
+            let mut c = TcpStream::connect(addr)?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(b"ping")?;
+            let mut back = [0u8; 4];
+            c.read_exact(&mut back)?;
+            if &back != b"ping" {
+                return Err(std::io::Error::other("bad echo"));
+            }
+            Ok(c.local_addr()?.port())
+        })();
+        match r {
+            Ok(port) => println!("ok {port}"),
+            Err(e) => {
+                println!("failed {e}");
+                // A refusal comes back at once: do not spin.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
 }
 
 fn request(addr: &str, n: usize) -> anyhow::Result<()> {
