@@ -75,6 +75,7 @@ impl Controller {
             }
         };
         std::fs::create_dir_all(&config.state_dir)?;
+        sys::set_procfs_dir(config.state_dir.join("procfs"));
         // For `podsteer status` while the agent is down.
         let saved = serde_json::json!({"mode": choice.mode, "reason": choice.reason, "features": choice.features, "pins_origin": origin, "cgroup": config.cgroup});
         std::fs::write(config.state_dir.join(STATUS_FILE), serde_json::to_vec_pretty(&saved)?)?;
@@ -271,11 +272,20 @@ impl Controller {
             let _ = self.redirector.unenroll(Some(&net), cookie, &policy);
             return Response::err(ErrorKind::Internal, error_chain(&e));
         }
-        let proxy_ready = match self.hand_to_proxy(&pod.uid, &pod.name, &pod.namespace, &policy, &net) {
+        // Both modes: the way back for connections that keep the client's address.
+        let keeps_client_address = match crate::return_path::install(net.netns.as_fd()) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "no return path: the app will see the proxy's address, not its clients'");
+                false
+            }
+        };
+        let proxy_ready = match self.hand_to_proxy(&pod.uid, &pod.name, &pod.namespace, &policy, keeps_client_address, &net) {
             Ok(ready) => ready,
             Err(e) => {
                 warn!(error = %error_chain(&e), "proxy did not take the pod; rolling back");
                 let _ = self.redirector.unenroll(Some(&net), cookie, &policy);
+                let _ = crate::return_path::remove(net.netns.as_fd());
                 return Response::err(ErrorKind::NotReady, error_chain(&e));
             }
         };
@@ -290,6 +300,7 @@ impl Controller {
             mode: self.redirector.mode(),
             policy,
             proxy_ready,
+            keeps_client_address,
             last_error: None,
         };
         self.registry.insert(rec.clone());
@@ -323,6 +334,11 @@ impl Controller {
         let net = reopen(&rec);
         if let Err(e) = self.redirector.unenroll(net.as_ref(), rec.netns_cookie, &rec.policy) {
             return Response::err(ErrorKind::Internal, error_chain(&e));
+        }
+        if let Some(net) = &net
+            && let Err(e) = crate::return_path::remove(net.netns.as_fd())
+        {
+            warn!(error = %error_chain(&e), "removing the return path");
         }
         self.registry.remove(uid);
         self.kept.forget(uid);
@@ -391,12 +407,20 @@ impl Controller {
 
     /// Hands a pod to the shared proxy and, in eBPF mode, points sk_lookup at
     /// the inbound listeners it opened. Ok(false): no shared proxy for this pod.
-    fn hand_to_proxy(&mut self, uid: &str, name: &str, namespace: &str, policy: &Policy, net: &PodNet) -> Result<bool, LinkError> {
+    fn hand_to_proxy(
+        &mut self,
+        uid: &str,
+        name: &str,
+        namespace: &str,
+        policy: &Policy,
+        keep_client_address: bool,
+        net: &PodNet,
+    ) -> Result<bool, LinkError> {
         let Some(link) = self.proxy.clone() else { return Ok(false) };
         if policy.proxy_mode != ProxyMode::Shared {
             return Ok(false);
         }
-        let spec = self.proxy_spec(uid, name, namespace, policy);
+        let spec = self.proxy_spec(uid, name, namespace, policy, keep_client_address);
         // No waiting here, under the controller's lock: the caller waited for a
         // live proxy before taking it (`proxy_to_wait_for`). One that died since
         // makes this ADD fail with "try again", and the runtime retries.
@@ -408,7 +432,7 @@ impl Controller {
         Ok(true)
     }
 
-    fn proxy_spec(&self, uid: &str, name: &str, namespace: &str, policy: &Policy) -> PodSpec {
+    fn proxy_spec(&self, uid: &str, name: &str, namespace: &str, policy: &Policy, keep_client_address: bool) -> PodSpec {
         PodSpec {
             uid: uid.into(),
             name: name.into(),
@@ -417,6 +441,7 @@ impl Controller {
             inbound_port: policy.inbound_port,
             listeners: Vec::new(),
             sk_msg: self.sk_msg_feeds(policy),
+            keep_client_address,
         }
     }
 
@@ -452,7 +477,7 @@ impl Controller {
                 warn!("netns gone; the pod will be removed by repair");
                 continue;
             };
-            let spec = self.proxy_spec(&rec.uid, &rec.name, &rec.namespace, &rec.policy);
+            let spec = self.proxy_spec(&rec.uid, &rec.name, &rec.namespace, &rec.policy, rec.keeps_client_address);
             let kept = self.kept.of(&rec.uid);
             let added = conn.add_pod(&spec, netns.as_fd(), &kept);
             drop(kept);

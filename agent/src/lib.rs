@@ -19,6 +19,7 @@ pub mod proxy_link;
 pub mod redirect;
 pub mod registry;
 pub mod repair;
+pub mod return_path;
 pub mod server;
 pub mod state;
 pub mod sys;

@@ -27,6 +27,10 @@ pub struct PodRecord {
     /// Set once the proxy confirmed this pod's listeners.
     #[serde(default)]
     pub proxy_ready: bool,
+    /// The pod's return path is installed, so the proxy connects to the app
+    /// from the client's address (see [`crate::return_path`]).
+    #[serde(default)]
+    pub keeps_client_address: bool,
     #[serde(default)]
     pub last_error: Option<String>,
 }

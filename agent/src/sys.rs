@@ -83,6 +83,40 @@ pub fn in_netns<T: Send>(netns: BorrowedFd<'_>, f: impl FnOnce() -> T + Send) ->
     })
 }
 
+/// Where a procfs of the agent's own is mounted when the container's
+/// `/proc/sys` is read-only (as runtimes mount it for unprivileged containers).
+static OWN_PROCFS: std::sync::OnceLock<Result<std::path::PathBuf, String>> = std::sync::OnceLock::new();
+/// Set once at start: the directory [`write_sysctl`] may mount a procfs on.
+static PROCFS_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+pub fn set_procfs_dir(dir: std::path::PathBuf) {
+    let _ = PROCFS_DIR.set(dir);
+}
+
+/// Writes `/proc/sys/<name>` for the calling thread's netns (net sysctls are
+/// looked up in the opener's netns, whichever procfs the path is on). Where
+/// `/proc/sys` is read-only, a fresh procfs (whose `sys` is writable, with
+/// CAP_SYS_ADMIN and CAP_NET_ADMIN) is mounted once in the agent's own mount
+/// namespace and used instead.
+pub fn write_sysctl(name: &str, value: &str) -> std::io::Result<()> {
+    match std::fs::write(Path::new("/proc/sys").join(name), value) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            let root = OWN_PROCFS.get_or_init(mount_own_procfs).clone().map_err(std::io::Error::other)?;
+            std::fs::write(root.join("sys").join(name), value)
+        }
+        other => other,
+    }
+}
+
+fn mount_own_procfs() -> Result<std::path::PathBuf, String> {
+    use nix::mount::{MsFlags, mount};
+    let dir = PROCFS_DIR.get().ok_or("/proc/sys is read-only and no directory was set for a procfs of the agent's own")?.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), &dir, Some("proc"), flags, None::<&str>).map_err(|e| format!("mounting a procfs on {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
 /// What one trip into a new pod's netns finds.
 pub struct PodNetnsInfo {
     /// SO_NETNS_COOKIE (Linux 5.14): the key every program looks the pod up by.
@@ -96,7 +130,9 @@ pub struct PodNetnsInfo {
 /// during a handover (tcp_migrate_req; best effort, older kernels lack it).
 pub fn enter_pod(netns: BorrowedFd<'_>) -> Result<PodNetnsInfo, SysError> {
     in_netns(netns, || {
-        let _ = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1");
+        if let Err(e) = write_sysctl("net/ipv4/tcp_migrate_req", "1") {
+            tracing::warn!(error = %e, "net.ipv4.tcp_migrate_req: a proxy handover may reset connections queued on the old listener");
+        }
         let addresses = nix::ifaddrs::getifaddrs()
             .map_err(|e| SysError::Syscall { call: "getifaddrs", source: e.into() })?
             .filter_map(|a| {

@@ -96,6 +96,7 @@ fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd, kept: Vec<OwnedFd
         outbound_port: spec.outbound_port,
         inbound_port: spec.inbound_port,
         splice_allowed: !spec.sk_msg,
+        keep_client_address: spec.keep_client_address,
         kept: spec.listeners.iter().copied().zip(kept).collect(),
     };
     state.with_pods(|p| p.add(req, netns)).map_err(|e| format!("{e}: {}", e.source))

@@ -45,6 +45,8 @@ pub struct PodRequest {
     pub inbound_port: u16,
     /// See [`PodCtx::splice_allowed`].
     pub splice_allowed: bool,
+    /// See [`PodCtx::keep_client_address`].
+    pub keep_client_address: bool,
     /// Listening sockets the agent kept open for the pod, to accept on.
     pub kept: Vec<(ListenerId, OwnedFd)>,
 }
@@ -88,6 +90,7 @@ impl Pods {
             outbound_stopping: self.outbound_stop.subscribe(),
             conns,
             splice_allowed: req.splice_allowed.into(),
+            keep_client_address: req.keep_client_address,
             serving: 0.into(),
             budget,
         });

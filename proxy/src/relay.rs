@@ -69,6 +69,9 @@ pub struct PodCtx {
     /// False while the pod's sockets may be fed by sk_msg, which splice(2)
     /// cannot read (see [`crate::splice`]).
     pub splice_allowed: std::sync::atomic::AtomicBool,
+    /// The agent installed the pod's return path: inbound connections reach
+    /// the app from the client's address (see [`crate::socket::set_transparent`]).
+    pub keep_client_address: bool,
     /// Connections being served, metrics included; the last one to end after
     /// the pod was removed drops the pod's metric series.
     pub serving: std::sync::atomic::AtomicUsize,
@@ -134,7 +137,7 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
         }
         Ok(d) => {
             dst = Some(d);
-            match connect(d, pod, s, m, dir).await {
+            match connect(d, &client, pod, s, m, dir).await {
                 Err(_) => {
                     reset(&client);
                     (Outcome::ConnectFailed, 0, 0)
@@ -183,17 +186,35 @@ fn is_own_listener(dst: SocketAddr, client: &TcpStream, pod: &PodCtx) -> bool {
     ip.is_loopback() || ip.is_unspecified() || client.local_addr().is_ok_and(|l| l.ip().to_canonical() == ip)
 }
 
-async fn connect(dst: SocketAddr, pod: &PodCtx, s: &Settings, m: &Metrics, dir: Direction) -> io::Result<TcpStream> {
+async fn connect(dst: SocketAddr, client: &TcpStream, pod: &PodCtx, s: &Settings, m: &Metrics, dir: Direction) -> io::Result<TcpStream> {
     let started = Instant::now();
+    // Inbound, the app sees the client's own address where the agent put the
+    // way back in place (see the agent's `return_path`).
+    let from = match dir {
+        Direction::Inbound if pod.keep_client_address => client.peer_addr().ok().and_then(|c| same_family(c, dst)),
+        _ => None,
+    };
     let sock = pod.netns.run(|| -> io::Result<TcpSocket> {
-        let sock = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        if let Some(mark) = s.mark {
-            socket::set_mark(sock.as_fd(), mark)?;
-        }
+        let new = || if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+        let sock = match from {
+            Some(src) => match transparent(new, src) {
+                Ok(sock) => sock,
+                Err(e) => {
+                    transparent_failed(&e);
+                    plain(new()?, s)?
+                }
+            },
+            None => plain(new()?, s)?,
+        };
         sock.set_nodelay(true)?;
         Ok(sock)
     });
     let sock = sock.map_err(io::Error::other)??;
+    if from.is_some() {
+        // Before the SYN, so even a proxy killed mid-connect leaves the trace:
+        // the address the app will see this connection come from.
+        debug!(target: "access", from = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), "connecting");
+    }
     let result = match tokio::time::timeout(s.connect_timeout, sock.connect(dst)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
@@ -205,6 +226,49 @@ async fn connect(dst: SocketAddr, pod: &PodCtx, s: &Settings, m: &Metrics, dir: 
         }
     }
     result
+}
+
+/// The proxy's own address, marked so the pod's interception passes it by.
+fn plain(sock: TcpSocket, s: &Settings) -> io::Result<TcpSocket> {
+    if let Some(mark) = s.mark {
+        socket::set_mark(sock.as_fd(), mark)?;
+    }
+    Ok(sock)
+}
+
+/// A socket on the client's address, marked so the app's answers come back
+/// here. Its port is any but the client's own: with that one, the SYN would
+/// carry the very 4-tuple of the connection the proxy accepted from the client
+/// in this netns (sk_lookup steering keeps the app's port), and land on it.
+fn transparent(new: impl Fn() -> io::Result<TcpSocket>, src: SocketAddr) -> io::Result<TcpSocket> {
+    for _ in 0..3 {
+        let sock = new()?;
+        socket::set_transparent(sock.as_fd(), src.is_ipv6())?;
+        socket::set_mark(sock.as_fd(), podsteer_proto::control::CLIENT_ADDRESS_MARK)?;
+        sock.bind(SocketAddr::new(src.ip(), 0))?;
+        if sock.local_addr()?.port() != src.port() {
+            return Ok(sock);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, "no port but the client's own on its address"))
+}
+
+/// Without CAP_NET_ADMIN (a proxy run without it), the app sees the proxy's
+/// address as before; said once, not per connection.
+fn transparent_failed(e: &io::Error) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| tracing::warn!(error = %e, "cannot connect to apps from their clients' addresses; they see the proxy's"));
+}
+
+/// `client` in `dst`'s family (an IPv4 client may arrive v4-mapped), if it has one.
+fn same_family(client: SocketAddr, dst: SocketAddr) -> Option<SocketAddr> {
+    let ip = client.ip().to_canonical();
+    match (ip, dst) {
+        (std::net::IpAddr::V4(_), SocketAddr::V4(_)) | (std::net::IpAddr::V6(_), SocketAddr::V6(_)) => {
+            Some(SocketAddr::new(ip, client.port()))
+        }
+        _ => None,
+    }
 }
 
 fn reset(s: &TcpStream) {

@@ -39,6 +39,15 @@ pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
 }
 
+/// IP_TRANSPARENT (IPV6_TRANSPARENT): the socket may bind an address that is
+/// not the netns's own (the client's). Needs CAP_NET_ADMIN.
+pub fn set_transparent(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
+    match v6 {
+        false => set_int(fd, libc::SOL_IP, libc::IP_TRANSPARENT, 1),
+        true => set_int(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1),
+    }
+}
+
 /// SO_LINGER {on, 0}: the next close sends RST, which is how a refused or
 /// reset upstream is passed on to the client.
 pub fn set_reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {

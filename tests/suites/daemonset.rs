@@ -267,25 +267,43 @@ const RUNTIME_DEFAULT_CAPS: &[&str] = &[
 /// sidecar's listener from a pod process with the runtime's default
 /// capabilities, and relay traffic. The agent reads each caller's netns from
 /// /proc, which for a caller with capabilities the agent lacks takes SYS_PTRACE.
+/// It runs with `/proc/sys` read-only, as a runtime mounts it for an
+/// unprivileged container, and still sets each pod's sysctls.
 fn serve_with_the_manifests_capabilities(mode: &str) -> anyhow::Result<()> {
     use podsteer_lab::workload::{addr, run_client, start_server};
     let m = manifest()?;
     let spec = pod(&m);
     let node = podsteer_lab::Node::new(podsteer_lab::NodeOptions::default())?;
     let control = node.state_dir().join("agent").join("proxy.sock");
-    let agent = podsteer_lab::agent::Agent::start_under(
-        &node,
-        mode,
-        &["--proxy-socket", &control.display().to_string()],
-        &only_capabilities(container(spec, "agent")),
-    )?;
+    let mut wrapper: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        // Host mounts (the pods' netns) reach it, as HostToContainer gives the agent.
+        "slave",
+        "--",
+        "sh",
+        "-c",
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec \"$@\"",
+        "sh",
+    ]
+    .map(String::from)
+    .into();
+    wrapper.extend(only_capabilities(container(spec, "agent")));
+    let agent = podsteer_lab::agent::Agent::start_under(&node, mode, &["--proxy-socket", &control.display().to_string()], &wrapper)?;
     let _proxy =
         podsteer_lab::proxy::Proxy::start_shared_under(&node, &control, 15020, &[], &only_capabilities(container(proxy_pod(&m), "proxy")))?;
     let [a, b, c] = ["a", "b", "c"].map(|n| node.add_pod(podsteer_lab::PodSpec::new("default", n)));
     let (a, b, c) = (a?, b?, c?);
     for p in [&a, &b, &c] {
-        agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("ADD of {}: {e}\n{}", p.name(), agent.log_text()))?;
+        let rec = agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("ADD of {}: {e}\n{}", p.name(), agent.log_text()))?;
+        assert_eq!(rec["keeps_client_address"], true, "{rec}\n{}", agent.log_text());
+        for sysctl in ["tcp_fwmark_accept", "tcp_migrate_req"] {
+            let v = p.run(|| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{sysctl}")))??;
+            assert_eq!(v.trim(), "1", "{sysctl} in pod {}", p.name());
+        }
     }
+    assert!(!agent.log_text().contains("read-only"), "{}", agent.log_text());
     let _echo = start_server(&b, None, &["echo", "[::]:8080"])?;
     let out = run_client(&a, &["request", &addr(b.ipv4().expect("v4"), 8080), "1000"])?;
     assert!(out.starts_with("ok 1000"), "{out}");

@@ -376,6 +376,7 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
             inbound_port: 15006,
             listeners: vec![],
             sk_msg: true,
+            keep_client_address: false,
         };
         wire::send(conn.as_fd(), &ToProxy::AddPod(spec.clone()), &[])?;
         assert!(matches!(reply(&conn)?, FromProxy::Nack { .. }), "AddPod without its netns fd");

@@ -115,3 +115,38 @@ fn a_minute_of_bulk_everywhere_at_once_stays_below_tcp_memory_pressure() -> anyh
     assert!(peak < pressure, "TCP memory reached {peak} pages, past tcp_mem's pressure threshold {pressure}");
     Ok(())
 }
+
+/// The app sees its client: through the shared proxy, in both modes and both
+/// families, an inbound connection reaches the app from the client's own
+/// address (the proxy connects from it, and the pod's return path brings the
+/// app's answers back), exactly as it does unmeshed.
+fn the_app_sees_its_clients_address(mode: &str) -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let agent = Agent::start_with_proxy(&node, mode, &[])?;
+    let _proxy = Proxy::start_shared(&node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?;
+    let client = node.add_pod(PodSpec::new("default", "client"))?;
+    let server = node.add_pod(PodSpec::new("default", "server"))?;
+    let _app = start_server(&server, None, &["whoami", "[::]:8082", "server"])?;
+    let unmeshed: Vec<String> = [server.ipv4(), server.ipv6()]
+        .into_iter()
+        .flatten()
+        .map(|ip| run_client(&client, &["hello", &addr(ip, 8082)]))
+        .collect::<anyhow::Result<_>>()?;
+    for p in [&client, &server] {
+        let rec = agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(rec["keeps_client_address"], true, "{mode}: {rec}");
+    }
+    let peer_ip = |line: &str| -> Option<std::net::IpAddr> {
+        let peer: std::net::SocketAddr = line.split_whitespace().find_map(|w| w.strip_prefix("peer="))?.parse().ok()?;
+        Some(peer.ip().to_canonical())
+    };
+    for (ip, before) in [client.ipv4(), client.ipv6()].into_iter().flatten().zip(&unmeshed) {
+        let dst = if ip.is_ipv4() { server.ipv4() } else { server.ipv6() }.expect("server address");
+        let line = run_client(&client, &["hello", &addr(dst, 8082)])
+            .map_err(|e| e.context(std::fs::read_to_string(&_proxy.log).unwrap_or_default()))?;
+        assert_eq!(peer_ip(before), Some(ip), "{mode}: unmeshed, the server sees the client: {before}");
+        assert_eq!(peer_ip(&line), Some(ip), "{mode}: meshed, the server sees the client too: {line}");
+    }
+    Ok(())
+}
+podsteer_lab::both_modes!(the_app_sees_its_clients_address);

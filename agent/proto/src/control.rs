@@ -41,7 +41,25 @@ pub struct PodSpec {
     /// with recvmsg and never splice(2). Absent means yes: the safe answer.
     #[serde(default = "yes")]
     pub sk_msg: bool,
+    /// The agent installed the pod's return path (see [`CLIENT_ADDRESS_MARK`]),
+    /// so the proxy connects to the app from the client's own address. Absent
+    /// means no: without the return path such a connection would hang.
+    #[serde(default)]
+    pub keep_client_address: bool,
 }
+
+/// The mark on the proxy's connections to an app that carry the client's
+/// address (IP_TRANSPARENT). With `tcp_fwmark_accept` the app's accepted
+/// socket takes the mark over, and a rule in the pod's netns sends packets
+/// with it to the `lo` route table [`CLIENT_ADDRESS_TABLE`]: the app's answers
+/// come back to the proxy instead of leaving for a client that never saw
+/// this connection. Any mark but the proxy's own (0x539), which exempts the
+/// proxy's outbound connections and must keep routing normally.
+pub const CLIENT_ADDRESS_MARK: u32 = 0x53a;
+/// The route table, in each meshed pod's netns, that delivers everything to `lo`.
+pub const CLIENT_ADDRESS_TABLE: u32 = 1338;
+/// The priority of the rule that selects it (before `main`, at 32766).
+pub const CLIENT_ADDRESS_RULE_PRIORITY: u32 = 1338;
 
 fn yes() -> bool {
     true

@@ -1,6 +1,6 @@
 //! Rules as data. Every podsteer rule carries a `podsteer/<why>` comment, and
-//! podsteer owns only its chains (two in `nat`, one in `filter`) plus one jump
-//! into each.
+//! podsteer owns only its chains (two in `nat`, one in `filter`, one in `raw`)
+//! plus the jumps into them.
 
 use std::net::IpAddr;
 
@@ -16,13 +16,26 @@ pub const INPUT_CHAIN: &str = "PODSTEER_INPUT";
 const JUMP_OUTPUT: &str = "OUTPUT -p tcp -m comment --comment podsteer/outbound -j PODSTEER_OUTPUT";
 const JUMP_INBOUND: &str = "PREROUTING -p tcp -m comment --comment podsteer/inbound -j PODSTEER_INBOUND";
 const JUMP_INPUT: &str = "INPUT -p tcp -m comment --comment podsteer/input -j PODSTEER_INPUT";
+/// In `raw`: the proxy's legs to the app that carry a client's address (and
+/// the app's answers on them, which take their mark) are never tracked.
+/// Tracked, such a leg shares conntrack with the pod's real inbound
+/// connections from that client: a new one that reuses its tuple while it
+/// closes is taken for part of it, and passes `PREROUTING` without its REDIRECT.
+pub const UNTRACKED_CHAIN: &str = "PODSTEER_UNTRACKED";
+/// `0x53a` is `podsteer_proto::control::CLIENT_ADDRESS_MARK` (a test checks it).
+const JUMP_UNTRACKED_OUT: &str = "OUTPUT -p tcp -m mark --mark 0x53a -m comment --comment podsteer/client-address -j PODSTEER_UNTRACKED";
+const JUMP_UNTRACKED_IN: &str =
+    "PREROUTING -i lo -p tcp -m mark --mark 0x53a -m comment --comment podsteer/client-address -j PODSTEER_UNTRACKED";
 
 /// What podsteer owns in each table it touches.
-const TABLES: [(&str, &[&str], &[&str]); 2] =
-    [("nat", &[OUTPUT_CHAIN, INBOUND_CHAIN], &[JUMP_OUTPUT, JUMP_INBOUND]), ("filter", &[INPUT_CHAIN], &[JUMP_INPUT])];
+const TABLES: [(&str, &[&str], &[&str]); 3] = [
+    ("nat", &[OUTPUT_CHAIN, INBOUND_CHAIN], &[JUMP_OUTPUT, JUMP_INBOUND]),
+    ("filter", &[INPUT_CHAIN], &[JUMP_INPUT]),
+    ("raw", &[UNTRACKED_CHAIN], &[JUMP_UNTRACKED_OUT, JUMP_UNTRACKED_IN]),
+];
 
 /// The tables [`crate::iptables::Backend::save`] must read for these plans.
-pub const TABLE_NAMES: [&str; 2] = [TABLES[0].0, TABLES[1].0];
+pub const TABLE_NAMES: [&str; 3] = [TABLES[0].0, TABLES[1].0, TABLES[2].0];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -90,6 +103,11 @@ pub fn install_plan(policy: &Policy, family: Family, current_save: &str) -> Stri
     let direct = format!("-p tcp --dport {} -m conntrack ! --ctstate DNAT", policy.inbound_port);
     out.push(rule(INPUT_CHAIN, &direct, "direct-to-inbound-port", "DROP"));
     jumps(&mut out, current_save, &[JUMP_INPUT]);
+    out.push("COMMIT".into());
+
+    out.extend(["*raw".to_owned(), format!(":{UNTRACKED_CHAIN} - [0:0]")]);
+    out.push(rule(UNTRACKED_CHAIN, "", "client-address-untracked", "CT --notrack"));
+    jumps(&mut out, current_save, &[JUMP_UNTRACKED_OUT, JUMP_UNTRACKED_IN]);
     out.push("COMMIT".into());
     out.join("\n") + "\n"
 }
@@ -250,6 +268,12 @@ mod tests {
     }
 
     #[test]
+    fn the_untracked_jumps_match_the_proxys_client_address_mark() {
+        let mark = format!("--mark {:#x} ", podsteer_proto::control::CLIENT_ADDRESS_MARK);
+        assert!(JUMP_UNTRACKED_OUT.contains(&mark) && JUMP_UNTRACKED_IN.contains(&mark));
+    }
+
+    #[test]
     fn remove_plan_undoes_exactly_the_install() {
         let plan = remove_plan(INSTALLED_SAVE).expect("something to remove");
         assert_eq!(
@@ -258,7 +282,10 @@ mod tests {
              -D PREROUTING -p tcp -m comment --comment podsteer/inbound -j PODSTEER_INBOUND\n\
              :PODSTEER_OUTPUT - [0:0]\n-X PODSTEER_OUTPUT\n:PODSTEER_INBOUND - [0:0]\n-X PODSTEER_INBOUND\nCOMMIT\n\
              *filter\n-D INPUT -p tcp -m comment --comment podsteer/input -j PODSTEER_INPUT\n\
-             :PODSTEER_INPUT - [0:0]\n-X PODSTEER_INPUT\nCOMMIT\n"
+             :PODSTEER_INPUT - [0:0]\n-X PODSTEER_INPUT\nCOMMIT\n\
+             *raw\n-D OUTPUT -p tcp -m mark --mark 0x53a -m comment --comment podsteer/client-address -j PODSTEER_UNTRACKED\n\
+             -D PREROUTING -i lo -p tcp -m mark --mark 0x53a -m comment --comment podsteer/client-address -j PODSTEER_UNTRACKED\n\
+             :PODSTEER_UNTRACKED - [0:0]\n-X PODSTEER_UNTRACKED\nCOMMIT\n"
         );
         assert_eq!(remove_plan(EMPTY_SAVE), None);
     }

@@ -29,6 +29,14 @@ pub static SOCK_PAIRS: SockHash<SockPairKey> = SockHash::pinned(65536, 0);
 #[map(name = "NO_BYPASS")]
 pub static NO_BYPASS: LruHashMap<SockPairKey, u8> = LruHashMap::pinned(65536, 0);
 
+/// The proxy's connections to an app that carry the client's address, by
+/// 4-tuple: sk_lookup leaves their SYN to the app instead of steering it back
+/// to the proxy. Written as the proxy connects (sockops TCP_CONNECT_CB), removed
+/// when the socket closes; an entry is needed only until the SYN has arrived,
+/// so an LRU eviction of an old one costs nothing.
+#[map(name = "PASSTHROUGH")]
+pub static PASSTHROUGH: LruHashMap<SockPairKey, u8> = LruHashMap::pinned(65536, 0);
+
 /// (netns, family) -> the proxy's inbound listener in that pod.
 #[map(name = "INBOUND_LISTENERS")]
 pub static INBOUND_LISTENERS: SockHash<SockKey> = SockHash::pinned(8192, 0);

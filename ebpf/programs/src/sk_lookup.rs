@@ -5,10 +5,10 @@ use aya_ebpf::bindings::{bpf_sk_lookup, sk_action};
 use aya_ebpf::macros::sk_lookup;
 use aya_ebpf::programs::SkLookupContext;
 use podsteer_common::policy::flags;
-use podsteer_common::{Addr, Counter, SockKey};
+use podsteer_common::{Addr, Counter, SockKey, SockPairKey};
 
 use crate::ctx::{addr, field, rd};
-use crate::maps::{INBOUND_LISTENERS, POD_BY_IP, count, policy};
+use crate::maps::{INBOUND_LISTENERS, PASSTHROUGH, POD_BY_IP, count, policy};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -57,6 +57,14 @@ fn steer(ctx: &SkLookupContext) -> Steer {
     }
     // The pod talking to itself, including the proxy's passthrough to the app, stays put.
     if local.is_loopback() || remote.is_loopback() || remote.same_ip(&local) {
+        return Steer::Untouched;
+    }
+    // The proxy's own connection to the app from the client's address (see
+    // PASSTHROUGH), by its 4-tuple: ports in network order, as sockops keys it.
+    let remote_port = rd(field!((*lk).remote_port));
+    let tuple = SockPairKey::new(0, Addr { port: remote_port, ..remote }, Addr { port: port.to_be(), ..local });
+    // SAFETY: presence check only.
+    if unsafe { PASSTHROUGH.get(&tuple) }.is_some() {
         return Steer::Untouched;
     }
     if port == pol.inbound_port || port == pol.outbound_port || pol.excludes_inbound_port(port) {

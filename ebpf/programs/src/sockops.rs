@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::{
     BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-    bpf_sock_ops,
+    BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops,
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::sock_ops;
@@ -12,7 +12,7 @@ use podsteer_common::policy::flags;
 use podsteer_common::{Addr, SockKey, SockPairKey};
 
 use crate::ctx::{addr, field, rd};
-use crate::maps::{NO_BYPASS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, POD_BY_IP, SOCK_PAIRS, policy};
+use crate::maps::{NO_BYPASS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, PASSTHROUGH, POD_BY_IP, SOCK_PAIRS, policy};
 
 const TCP_CLOSE: u32 = 7;
 
@@ -26,7 +26,11 @@ pub fn podsteer_sockops(ctx: SockOpsContext) -> u32 {
 fn on_event(ctx: &SockOpsContext) {
     let ops: *mut bpf_sock_ops = ctx.ops;
     let op = rd(field!((*ops).op));
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+        && op != BPF_SOCK_OPS_TCP_CONNECT_CB
+    {
         return;
     }
     // SAFETY: the helper only reads the context.
@@ -47,6 +51,21 @@ fn on_event(ctx: &SockOpsContext) {
         if new_state == TCP_CLOSE {
             let _ = ORIG_BY_TUPLE.remove(&SockKey { netns, addr: local, _pad: 0 });
             let _ = NO_BYPASS.remove(&pair);
+            let _ = PASSTHROUGH.remove(&pair);
+        }
+        return;
+    }
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The proxy connecting to this pod's app from a client's address: only
+        // IP_TRANSPARENT (CAP_NET_ADMIN) allows a source the netns does not own.
+        // Its SYN must reach the app, not be steered back to the proxy.
+        let own = |a: Addr| {
+            let ip_only = Addr { port: 0, ..a };
+            // SAFETY: copied out at once.
+            unsafe { POD_BY_IP.get(&ip_only) }.copied() == Some(netns)
+        };
+        if !local.is_loopback() && !remote.is_loopback() && own(remote) && !own(local) && PASSTHROUGH.insert(&pair, &1, 0).is_ok() {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
         return;
     }

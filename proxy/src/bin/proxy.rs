@@ -42,6 +42,8 @@ fn main() -> anyhow::Result<()> {
             outbound_port: cfg.outbound_port,
             inbound_port: cfg.inbound_port,
             splice_allowed: cfg.agent_socket.is_none(),
+            // A sidecar runs without CAP_NET_ADMIN, which IP_TRANSPARENT needs.
+            keep_client_address: false,
             kept: Vec::new(),
         };
         let listeners = state.with_pods(|p| p.add(req, PodNetns::Current)).context("opening sidecar listeners")?;
