@@ -55,6 +55,7 @@ pub struct AgentMetrics {
     pub ebpf: Family<CounterLabel, Gauge>,
     pub iptables: Family<OpResult, Counter>,
     pub repair: Family<ActionLabel, Counter>,
+    pub repair_passes: Counter,
     pub stale_removed: Family<ActionLabel, Counter>,
     pub conflist_reinsertions: Counter,
     registry: Registry,
@@ -71,6 +72,7 @@ impl AgentMetrics {
             ebpf: Family::default(),
             iptables: Family::default(),
             repair: Family::default(),
+            repair_passes: Counter::default(),
             stale_removed: Family::default(),
             conflist_reinsertions: Counter::default(),
             registry: Registry::default(),
@@ -86,6 +88,11 @@ impl AgentMetrics {
         registry.register("ebpf_events", "The eBPF programs' per-CPU counters, summed", m.ebpf.clone());
         registry.register("iptables_operations", "iptables-save and iptables-restore runs, by result", m.iptables.clone());
         registry.register("repair_actions", "Pods enrolled or removed by repair", m.repair.clone());
+        registry.register(
+            "repair_passes",
+            "Repair passes completed (the runtime listed and the registry reconciled)",
+            m.repair_passes.clone(),
+        );
         registry.register(
             "stale_state_removed",
             "State a previous agent left that matches no live pod, removed at start, by kind (stale_link, netns_gone, orphan)",

@@ -32,6 +32,11 @@ impl NetnsId {
         Ok(NetnsId { dev: m.dev(), ino: m.ino() })
     }
 
+    #[cfg(test)]
+    pub(crate) fn for_test(dev: u64, ino: u64) -> NetnsId {
+        NetnsId { dev, ino }
+    }
+
     /// The netns the agent itself runs in: the node's.
     pub fn own() -> std::io::Result<NetnsId> {
         NetnsId::of(Path::new("/proc/self/ns/net"))

@@ -20,11 +20,14 @@ pub struct RepairReport {
     pub enrolled: Vec<String>,
     pub removed: Vec<String>,
     pub failed: Vec<String>,
+    /// Registered pods the runtime did not list this time (by UID): gone if
+    /// the next pass does not list them either.
+    pub missing: BTreeSet<String>,
 }
 
 /// One pass: the runtime is asked outside the state manager (a hung runtime
 /// stalls only repair), then the manager applies what it said.
-pub fn run_once(state: &Handle, socket: &Path) -> anyhow::Result<RepairReport> {
+pub fn run_once(state: &Handle, socket: &Path, missing_before: BTreeSet<String>) -> anyhow::Result<RepairReport> {
     // Only pods registered before the snapshot may be judged gone by it: one
     // the plugin adds while the runtime answers is missing from the snapshot
     // and alive.
@@ -34,15 +37,28 @@ pub fn run_once(state: &Handle, socket: &Path) -> anyhow::Result<RepairReport> {
         let mut client = tokio::time::timeout(CRI_DEADLINE, cri::connect(socket)).await??;
         anyhow::Ok(tokio::time::timeout(CRI_DEADLINE, cri::ready_pods(&mut client)).await??)
     })?;
-    Ok(state.ask(|reply| Event::Reconcile { known_before, sandboxes, reply })?)
+    let report = state.ask(|reply| Event::Reconcile { known_before, missing_before, sandboxes, reply })?;
+    crate::metrics::metrics().repair_passes.inc();
+    Ok(report)
 }
 
 /// The state manager's half of a pass: gone pods are removed, new ones enrolled.
-pub fn reconcile(c: &mut Controller, known_before: &BTreeSet<String>, sandboxes: cri::Sandboxes) -> RepairReport {
+///
+/// A pod is gone only when two passes in a row did not list it. The runtime
+/// lists a sandbox only once RunPodSandbox is done, which is after the plugin's
+/// ADD, so one pass can miss a pod that is still starting; the next one sees it.
+pub fn reconcile(
+    c: &mut Controller,
+    known_before: &BTreeSet<String>,
+    missing_before: &BTreeSet<String>,
+    sandboxes: cri::Sandboxes,
+) -> RepairReport {
     let mut report = RepairReport::default();
     // A sandbox whose status could not be read is still running: never gone.
-    let gone = c.pods().into_iter().filter(|p| known_before.contains(&p.uid) && !sandboxes.running.contains(&p.uid));
-    for stale in gone.collect::<Vec<_>>() {
+    let unlisted: Vec<_> = c.pods().into_iter().filter(|p| known_before.contains(&p.uid) && !sandboxes.running.contains(&p.uid)).collect();
+    let (gone, once): (Vec<_>, Vec<_>) = unlisted.into_iter().partition(|p| missing_before.contains(&p.uid));
+    report.missing = once.into_iter().map(|p| p.uid).collect();
+    for stale in gone {
         let label = format!("{}/{}", stale.namespace, stale.name);
         match c.del(&stale.uid).into_result() {
             Ok(_) => report.removed.push(label),
@@ -74,9 +90,11 @@ pub fn reconcile(c: &mut Controller, known_before: &BTreeSet<String>, sandboxes:
 
 /// First pass now, then every `interval`.
 pub fn run_forever(state: &Handle, socket: &Path, interval: Duration) {
+    let mut missing = BTreeSet::new();
     loop {
-        if let Err(e) = run_once(state, socket) {
-            warn!(error = %format!("{e:#}"), "repair pass failed");
+        match run_once(state, socket, std::mem::take(&mut missing)) {
+            Ok(report) => missing = report.missing,
+            Err(e) => warn!(error = %format!("{e:#}"), "repair pass failed"),
         }
         std::thread::sleep(interval);
     }

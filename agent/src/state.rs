@@ -43,8 +43,14 @@ pub enum Event {
     /// A proxy finished its handshake: replay the pods to it, then promote it.
     ProxyConnected(ProxyConn),
     /// Repair's view of the runtime: `known_before` were registered before it
-    /// was taken, so only they may be judged gone by it.
-    Reconcile { known_before: BTreeSet<String>, sandboxes: crate::cri::Sandboxes, reply: SyncSender<RepairReport> },
+    /// was taken, so only they may be judged gone by it, and only once they
+    /// were also `missing_before` (from the last pass).
+    Reconcile {
+        known_before: BTreeSet<String>,
+        missing_before: BTreeSet<String>,
+        sandboxes: crate::cri::Sandboxes,
+        reply: SyncSender<RepairReport>,
+    },
     /// Remove every pod's interception and the pins (the uninstall signal).
     RemoveAll { reply: SyncSender<Result<(), String>> },
     /// Flush the registry to disk (before exit).
@@ -232,8 +238,8 @@ impl Manager {
                 self.ctl.on_proxy(conn);
                 None
             }
-            Event::Reconcile { known_before, sandboxes, reply } => {
-                let report = crate::repair::reconcile(&mut self.ctl, &known_before, sandboxes);
+            Event::Reconcile { known_before, missing_before, sandboxes, reply } => {
+                let report = crate::repair::reconcile(&mut self.ctl, &known_before, &missing_before, sandboxes);
                 Some(Box::new(move || {
                     let _ = reply.send(report);
                 }))
@@ -292,5 +298,70 @@ impl Manager {
             pod_netns: self.pod_netns.clone(),
             node_netns: self.ctl.node_netns_ids(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn netns(ino: u64) -> NetnsId {
+        NetnsId::for_test(1, ino)
+    }
+
+    fn snapshot(pods: &[(u64, &str)]) -> Snapshot {
+        Snapshot {
+            pods: Arc::default(),
+            status: serde_json::Value::Null,
+            ready: Err("test".into()),
+            counters: None,
+            pod_netns: Arc::new(pods.iter().map(|(ino, uid)| (netns(*ino), uid.to_string())).collect()),
+            node_netns: vec![netns(1)],
+        }
+    }
+
+    fn defaults() -> crate::policy::NodeDefaults {
+        use clap::Parser as _;
+        crate::cli::Cli::try_parse_from(["podsteer-agent"]).expect("defaults parse").config.node_defaults()
+    }
+
+    /// A handle on a queue the test holds, with nothing running behind it.
+    fn handle(queue: usize, beat: Beat) -> (Handle, Receiver<Event>) {
+        let (tx, rx) = mpsc::sync_channel(queue);
+        let proxy_wait = ProxyWait { link: None, defaults: defaults(), wait: Duration::ZERO };
+        let h = Handle { tx, snapshot: Arc::new(RwLock::new(Arc::new(snapshot(&[])))), beat: Arc::new(beat), proxy_wait };
+        (h, rx)
+    }
+
+    #[test]
+    fn callers_are_told_apart_by_the_snapshot() {
+        let s = snapshot(&[(7, "uid-a")]);
+        let peer = |uid, ino| Peer { pid: 42, uid, netns: netns(ino) };
+        assert!(matches!(s.caller(&peer(0, 1)), Caller::Node));
+        assert!(matches!(s.caller(&peer(0, 7)), Caller::Pod(ref u) if u == "uid-a"));
+        assert!(matches!(s.caller(&peer(0, 9)), Caller::Elsewhere { pid: 42 }));
+        assert!(matches!(s.caller(&peer(1000, 1)), Caller::Unprivileged { uid: 1000 }));
+    }
+
+    #[test]
+    fn health_is_the_heartbeat() {
+        let (fresh, _rx) = handle(1, Beat::default());
+        assert!(fresh.health().is_ok());
+        let stale = Beat { origin: Instant::now() - STALL * 2, last_ms: AtomicU64::new(0) };
+        let (stuck, _rx) = handle(1, stale);
+        let why = stuck.health().expect_err("no beat for twice the stall bound");
+        assert!(why.contains("no progress"), "{why}");
+    }
+
+    #[test]
+    fn a_full_queue_is_busy_and_a_gone_manager_is_stopped_never_a_hang() {
+        let (h, rx) = handle(1, Beat::default());
+        h.tx.try_send(Event::Persist { reply: mpsc::sync_channel(1).0 }).expect("room for one");
+        let busy = h.ask(|reply| Event::Persist { reply });
+        assert!(matches!(busy, Err(Unanswered::Busy)), "{busy:?}");
+        assert_eq!(busy.map_err(|e| e.response().error.map(|e| e.kind)).err().flatten(), Some(ErrorKind::NotReady));
+        drop(rx);
+        assert!(matches!(h.ask(|reply| Event::Persist { reply }), Err(Unanswered::Stopped)));
+        assert!(matches!(h.tell(Event::Persist { reply: mpsc::sync_channel(1).0 }), Err(Unanswered::Stopped)));
     }
 }

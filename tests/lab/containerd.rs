@@ -203,6 +203,20 @@ impl Containerd {
         self.rt.block_on(set.join_all())
     }
 
+    /// Waits until the CRI plugin has loaded a CNI config that mentions
+    /// `plugin`: containerd reloads its conf dir on change, asynchronously, so
+    /// a sandbox run just after an install may still get the old chain.
+    pub fn wait_cni_config_with(&mut self, plugin: &str) -> anyhow::Result<()> {
+        let rt = &self.rt;
+        let client = &mut self.client;
+        crate::wait::until(&format!("containerd to load a CNI config with {plugin}"), Duration::from_secs(20), || {
+            rt.block_on(async {
+                let info = client.status(cri::StatusRequest { verbose: true }).await.ok()?.into_inner().info;
+                info.get("cniconfig").filter(|c| c.contains(plugin)).map(drop)
+            })
+        })
+    }
+
     /// The pod names of every ready sandbox.
     pub fn ready_pods(&mut self) -> anyhow::Result<std::collections::BTreeSet<String>> {
         let list = self.cri(async |c| Ok(c.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None }).await?.into_inner().items))?;

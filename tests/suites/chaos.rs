@@ -63,12 +63,15 @@ fn chaos(mode: &str) -> anyhow::Result<()> {
         timeline: Timeline(client_out.clone(), Vec::new()),
     };
 
-    // The long-lived pair, meshed through CRI like every other pod.
+    // The long-lived pair, meshed through CRI like every other pod, once the
+    // runtime runs the chain with podsteer-cni in it.
+    ctrd.wait_cni_config_with("podsteer-cni")?;
     for (name, r) in ctrd.run_pods("default", &["server".into(), "client".into()]) {
         r.with_context(|| format!("RunPodSandbox {name}"))?;
     }
-    let server = record(&monkey.agent, "server")?;
-    let client = record(&monkey.agent, "client")?;
+    let logs = || format!("{mode}\nCNI log:\n{}\nagent log:\n{}", read(&node.state_dir().join("cni.log")), monkey.agent.log_text());
+    let server = record(&monkey.agent, "server").with_context(logs)?;
+    let client = record(&monkey.agent, "client").with_context(logs)?;
     let (_server_app, _server_cg) = start_in_netns(&node, &server.netns, "server", &["echo-peers", "[::]:8080"], &server_out)?;
     wait::until("the server to listen", Duration::from_secs(5), || read(&server_out).contains("listening").then_some(()))?;
     let target = addr(server.ip, 8080);
@@ -180,7 +183,8 @@ fn chaos(mode: &str) -> anyhow::Result<()> {
         monkey.starts
     );
     assert!(total >= 200, "{mode}: the client looped only {total} times");
-    assert!(adds.ok >= WAVES * PER_WAVE / 2, "{mode}: only {} ADDs succeeded", adds.ok);
+    // The invariant is per ADD (above); this only says the churn did mesh pods.
+    assert!(adds.ok >= WAVES * PER_WAVE / 5, "{mode}: only {} ADDs succeeded", adds.ok);
     Ok(())
 }
 both_modes!(chaos);
