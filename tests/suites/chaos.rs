@@ -359,7 +359,7 @@ fn read(path: &Path) -> String {
 /// Local ports of the client's connections that got their echo, with how often.
 fn oks(client_out: &Path) -> BTreeMap<u16, usize> {
     let mut m = BTreeMap::new();
-    for port in read(client_out).lines().filter_map(|l| l.strip_prefix("ok ")?.trim().parse::<u16>().ok()) {
+    for port in read(client_out).lines().filter_map(|l| l.strip_prefix("ok ")?.split_whitespace().next()?.parse::<u16>().ok()) {
         *m.entry(port).or_default() += 1;
     }
     m
@@ -395,7 +395,8 @@ fn no_bypass(mode: &str, client_out: &Path, server_out: &Path, proxy_logs: &[Pat
     let explained = |missing: usize, spare: usize| missing == 0 || (remaps && missing <= spare);
     if !explained(missing.len(), spare) {
         let text = read(client_out);
-        let at: Vec<usize> = missing.iter().filter_map(|p| text.lines().position(|l| l == format!("ok {p}"))).collect();
+        let at: Vec<(usize, &str)> =
+            missing.iter().filter_map(|p| text.lines().enumerate().find(|(_, l)| l.starts_with(&format!("ok {p} ")))).collect();
         anyhow::bail!(
             "connections no proxy took, by port: {missing:?}, at lines {at:?} of {}; logged ports no connection had: {spare}",
             text.lines().count()

@@ -23,7 +23,7 @@
 //! `concurrent ADDR N`             N connections open at once, each echoing a message.
 //! `loop ADDR MILLIS`              connect/echo/close in a loop; print "ok n=.. failures=..".
 //! `loop-ports ADDR`               connect/echo/close until killed, a line per connection:
-//!                                 "ok <local port>" or "failed <error>".
+//!                                 "ok <local port> <peer address>" or "failed <error>".
 //! `echo-peers ADDR`               as echo, printing "peer <address>" as each connection comes.
 //! `chat ADDR`                     one long-lived connection to an echo server: each stdin
 //!                                 line is sent and its echo printed.
@@ -129,7 +129,7 @@ fn echo_peers(addr: &str) -> anyhow::Result<()> {
 /// proxy had already taken the connection from port P, if it went through one.
 fn loop_ports(addr: &str) -> anyhow::Result<()> {
     loop {
-        let r = (|| -> std::io::Result<u16> {
+        let r = (|| -> std::io::Result<(u16, SocketAddr)> {
             let mut c = TcpStream::connect(addr)?;
             c.set_read_timeout(Some(Duration::from_secs(5)))?;
             c.write_all(b"ping")?;
@@ -138,10 +138,10 @@ fn loop_ports(addr: &str) -> anyhow::Result<()> {
             if &back != b"ping" {
                 return Err(std::io::Error::other("bad echo"));
             }
-            Ok(c.local_addr()?.port())
+            Ok((c.local_addr()?.port(), c.peer_addr()?))
         })();
         match r {
-            Ok(port) => println!("ok {port}"),
+            Ok((port, peer)) => println!("ok {port} {peer}"),
             Err(e) => {
                 println!("failed {e}");
                 // A refusal comes back at once: do not spin.
