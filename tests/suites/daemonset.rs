@@ -275,12 +275,16 @@ fn serve_with_the_manifests_capabilities(mode: &str) -> anyhow::Result<()> {
     let spec = pod(&m);
     let node = podsteer_lab::Node::new(podsteer_lab::NodeOptions::default())?;
     let control = node.state_dir().join("agent").join("proxy.sock");
+    // The pods' netns exist before the agent's mount namespace is made, so it
+    // has their mounts whatever the host's propagation (HostToContainer gives
+    // the real agent later ones too).
+    let [a, b, c] = ["a", "b", "c"].map(|n| node.add_pod(podsteer_lab::PodSpec::new("default", n)));
+    let (a, b, c) = (a?, b?, c?);
     let mut wrapper: Vec<String> = [
         "unshare",
         "--mount",
         "--propagation",
-        // Host mounts (the pods' netns) reach it, as HostToContainer gives the agent.
-        "slave",
+        "private",
         "--",
         "sh",
         "-c",
@@ -293,8 +297,6 @@ fn serve_with_the_manifests_capabilities(mode: &str) -> anyhow::Result<()> {
     let agent = podsteer_lab::agent::Agent::start_under(&node, mode, &["--proxy-socket", &control.display().to_string()], &wrapper)?;
     let _proxy =
         podsteer_lab::proxy::Proxy::start_shared_under(&node, &control, 15020, &[], &only_capabilities(container(proxy_pod(&m), "proxy")))?;
-    let [a, b, c] = ["a", "b", "c"].map(|n| node.add_pod(podsteer_lab::PodSpec::new("default", n)));
-    let (a, b, c) = (a?, b?, c?);
     for p in [&a, &b, &c] {
         let rec = agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("ADD of {}: {e}\n{}", p.name(), agent.log_text()))?;
         assert_eq!(rec["keeps_client_address"], true, "{rec}\n{}", agent.log_text());
