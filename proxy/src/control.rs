@@ -17,8 +17,10 @@ use crate::inpod::netns::PodNetns;
 use crate::pods::PodRequest;
 use crate::state::State;
 
-/// Pause between attempts to reach the agent, so a restarting agent is not hammered.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+/// Pause between attempts to reach the agent: a failed connect to a unix
+/// socket costs microseconds, and a restarted agent is ready only once this
+/// proxy is back, so it is short.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Runs until the agent tells the proxy to drain.
 pub fn run(socket: &Path, state: &State) {
