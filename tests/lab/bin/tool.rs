@@ -129,17 +129,7 @@ fn echo_peers(addr: &str) -> anyhow::Result<()> {
 /// proxy had already taken the connection from port P, if it went through one.
 fn loop_ports(addr: &str) -> anyhow::Result<()> {
     loop {
-        let r = (|| -> std::io::Result<(u16, SocketAddr)> {
-            let mut c = TcpStream::connect(addr)?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))?;
-            c.write_all(b"ping")?;
-            let mut back = [0u8; 4];
-            c.read_exact(&mut back)?;
-            if &back != b"ping" {
-                return Err(std::io::Error::other("bad echo"));
-            }
-            Ok((c.local_addr()?.port(), c.peer_addr()?))
-        })();
+        let r = ping(addr).and_then(|c| Ok((c.local_addr()?.port(), c.peer_addr()?)));
         match r {
             Ok((port, peer)) => println!("ok {port} {peer}"),
             Err(e) => {
@@ -699,23 +689,26 @@ fn concurrent(addr: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One connection that echoes "ping" back, still open.
+fn ping(addr: &str) -> std::io::Result<TcpStream> {
+    let mut c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(b"ping")?;
+    let mut back = [0u8; 4];
+    c.read_exact(&mut back)?;
+    if &back != b"ping" {
+        return Err(std::io::Error::other("bad echo"));
+    }
+    Ok(c)
+}
+
 fn connect_loop(addr: &str, millis: u64) -> anyhow::Result<()> {
     let end = std::time::Instant::now() + Duration::from_millis(millis);
     let (mut n, mut failures) = (0u64, 0u64);
     let mut first_error = String::new();
     while std::time::Instant::now() < end {
         n += 1;
-        let r = (|| -> std::io::Result<()> {
-            let mut c = TcpStream::connect(addr)?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))?;
-            c.write_all(b"ping")?;
-            let mut back = [0u8; 4];
-            c.read_exact(&mut back)?;
-            if &back != b"ping" {
-                return Err(std::io::Error::other("bad echo"));
-            }
-            Ok(())
-        })();
+        let r = ping(addr);
         if let Err(e) = r {
             failures += 1;
             if first_error.is_empty() {
