@@ -43,11 +43,11 @@ pub enum Event {
     /// A proxy finished its handshake: replay the pods to it, then promote it.
     ProxyConnected(ProxyConn),
     /// Repair's view of the runtime: `known_before` were registered before it
-    /// was taken, so only they may be judged gone by it, and only once they
-    /// were also `missing_before` (from the last pass).
+    /// was taken, so only they may be judged gone by it, and `missing_before`
+    /// (from the last passes) says for how long each has been unlisted.
     Reconcile {
         known_before: BTreeSet<String>,
-        missing_before: BTreeSet<String>,
+        missing_before: std::collections::BTreeMap<String, crate::repair::Unlisted>,
         sandboxes: crate::cri::Sandboxes,
         reply: SyncSender<RepairReport>,
     },
