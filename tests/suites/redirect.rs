@@ -8,7 +8,7 @@ use podsteer_agent::ebpf::maps::Maps;
 use podsteer_lab::agent::Agent;
 use podsteer_lab::process::LabProcess;
 use podsteer_lab::workload::{addr, run_client, start_server};
-use podsteer_lab::{Node, NodeOptions, Pod, PodSpec, both_modes};
+use podsteer_lab::{Node, NodeOptions, Pod, PodSpec, both_modes, wait};
 
 /// A node with an agent, a meshed client pod `a` with its proxy's outbound
 /// listener, and an unmeshed server pod `b` that names itself.
@@ -351,6 +351,37 @@ fn sk_msg_never_reorders_a_first_message_sent_before_the_peer_was_enrolled() -> 
     let counters: std::collections::BTreeMap<&str, u64> = maps.counters()?.into_iter().map(|(c, v)| (c.name(), v)).collect();
     eprintln!("counters after 100 racing connections: {counters:?}");
     assert!(counters["sk_msg_redirects"] + counters["sk_msg_fallbacks"] > 0, "{counters:?}");
+    Ok(())
+}
+
+/// What SO_ORIGINAL_DST answers is keyed by the whole connection (app socket
+/// and the proxy listener it reached, in its netns), lives exactly as long as
+/// the app's socket, and the state from connect() to establishment is socket
+/// storage: held connections each have their entry, and closing them leaves
+/// none behind (no LRU that could evict a live one, nothing to leak).
+#[test]
+fn the_original_destination_lives_exactly_as_long_as_the_connection() -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let agent = Agent::start(&node, "ebpf", &[])?;
+    let a = node.add_pod(PodSpec::new("default", "a"))?;
+    let rec = agent.add_pod(&a, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cookie = rec["netns_cookie"].as_u64().ok_or_else(|| anyhow::anyhow!("no cookie in {rec}"))?;
+    let _echo = start_server(&a, Some(node.proxy_cgroup()), &["echo", "127.0.0.1:15001"])?;
+    let entries = || -> anyhow::Result<Vec<(podsteer_common::SockPairKey, podsteer_common::Addr)>> {
+        Ok(Maps::open_pinned(&agent.bpffs)?.orig_by_pair.iter().filter_map(Result::ok).filter(|(k, _)| k.netns == cookie).collect())
+    };
+    let mut held = start_server(&a, None, &["hold", "10.99.0.1:80", "5"])?;
+    let live = entries()?;
+    assert_eq!(live.len(), 5, "one entry per held connection: {live:?}");
+    let proxy = podsteer_common::Addr::v4(u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(), 15001u16.to_be());
+    let dst = podsteer_common::Addr::v4(u32::from(std::net::Ipv4Addr::new(10, 99, 0, 1)).to_be(), 80u16.to_be());
+    for (k, orig) in &live {
+        assert_eq!(k.remote, proxy, "keyed by the proxy listener the app reached too: {k:?}");
+        assert!(k.local.is_loopback() && k.local.port != 0, "and by the app's socket: {k:?}");
+        assert_eq!(*orig, dst, "{k:?}");
+    }
+    held.kill();
+    wait::until("the closed connections' entries to go", std::time::Duration::from_secs(5), || entries().ok().filter(Vec::is_empty))?;
     Ok(())
 }
 

@@ -33,7 +33,7 @@ struct Cli {
 enum Cmd {
     /// Dump the redirect maps from their pins.
     Maps {
-        /// Only this map: pods, pod_ips, original_destinations, pending_connects, sock_pairs, no_bypass, inbound_listeners, counters.
+        /// Only this map: pods, pod_ips, original_destinations, sock_pairs, passthrough, inbound_listeners, counters.
         #[arg(long)]
         map: Option<String>,
         /// Only entries of this pod (NAMESPACE/NAME).

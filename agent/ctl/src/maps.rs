@@ -12,8 +12,7 @@ use super::{CtlError, Paths, exit};
 use podsteer_agent::ebpf::maps::Maps;
 
 /// Names accepted by `--map`.
-pub const MAP_NAMES: &[&str] =
-    &["pods", "pod_ips", "original_destinations", "pending_connects", "sock_pairs", "no_bypass", "inbound_listeners", "counters"];
+pub const MAP_NAMES: &[&str] = &["pods", "pod_ips", "original_destinations", "sock_pairs", "passthrough", "inbound_listeners", "counters"];
 
 #[derive(Debug, Default, Serialize)]
 pub struct Dump {
@@ -25,11 +24,9 @@ pub struct Dump {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub original_destinations: Option<Vec<OrigEntry>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pending_connects: Option<Vec<PendingConnect>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub sock_pairs: Option<Vec<Pair>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub no_bypass: Option<Vec<Pair>>,
+    pub passthrough: Option<Vec<Pair>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inbound_listeners: Option<Vec<Listener>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,12 +62,8 @@ pub struct OrigEntry {
     pub pod: Option<String>,
     /// The app's socket, as the proxy sees its peer.
     pub app: SocketAddr,
-    pub original_dst: SocketAddr,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PendingConnect {
-    pub socket_cookie: u64,
+    /// The proxy listener the app's connect was sent to.
+    pub proxy: SocketAddr,
     pub original_dst: SocketAddr,
 }
 
@@ -168,20 +161,17 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
     }
     if wants("original_destinations") {
         d.original_destinations = Some(
-            maps.orig_by_tuple
+            maps.orig_by_pair
                 .iter()
                 .filter_map(Result::ok)
                 .filter(|(k, _)| keep(k.netns))
-                .map(|(k, v)| OrigEntry { netns_cookie: k.netns, pod: name(k.netns), app: sock(&k.addr), original_dst: sock(&v) })
-                .collect(),
-        );
-    }
-    if wants("pending_connects") && want_cookie.is_none() {
-        d.pending_connects = Some(
-            maps.orig_by_cookie
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(c, v)| PendingConnect { socket_cookie: c, original_dst: sock(&v) })
+                .map(|(k, v)| OrigEntry {
+                    netns_cookie: k.netns,
+                    pod: name(k.netns),
+                    app: sock(&k.local),
+                    proxy: sock(&k.remote),
+                    original_dst: sock(&v),
+                })
                 .collect(),
         );
     }
@@ -194,8 +184,8 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
     if wants("sock_pairs") {
         d.sock_pairs = Some(pairs(maps.sock_pairs.keys().filter_map(Result::ok).collect()));
     }
-    if wants("no_bypass") {
-        d.no_bypass = Some(pairs(maps.no_bypass.keys().filter_map(Result::ok).collect()));
+    if wants("passthrough") {
+        d.passthrough = Some(pairs(maps.passthrough.keys().filter_map(Result::ok).collect()));
     }
     if wants("inbound_listeners") {
         d.inbound_listeners = Some(
@@ -250,22 +240,20 @@ pub fn render(d: &Dump) -> String {
         );
     }
     if let Some(o) = &d.original_destinations {
-        out += "\nORIG_BY_TUPLE (what SO_ORIGINAL_DST answers)\n";
+        out += "\nORIG_BY_PAIR (what SO_ORIGINAL_DST answers)\n";
         out += &table(
-            &["COOKIE", "POD", "APP SOCKET", "ORIGINAL DST"],
+            &["COOKIE", "POD", "APP SOCKET", "PROXY", "ORIGINAL DST"],
             &o.iter()
-                .map(|e| vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.app.to_string(), e.original_dst.to_string()])
+                .map(|e| {
+                    vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.app.to_string(), e.proxy.to_string(), e.original_dst.to_string()]
+                })
                 .collect::<Vec<_>>(),
         );
     }
-    if let Some(p) = &d.pending_connects {
-        out += "\nORIG_BY_COOKIE (connects not yet established)\n";
-        out += &table(
-            &["SOCKET COOKIE", "ORIGINAL DST"],
-            &p.iter().map(|e| vec![e.socket_cookie.to_string(), e.original_dst.to_string()]).collect::<Vec<_>>(),
-        );
-    }
-    for (title, pairs) in [("SOCK_PAIRS (spliced by sk_msg)", &d.sock_pairs), ("NO_BYPASS (kept on TCP)", &d.no_bypass)] {
+    for (title, pairs) in [
+        ("SOCK_PAIRS (spliced by sk_msg)", &d.sock_pairs),
+        ("PASSTHROUGH (the proxy's legs to an app from a client's address)", &d.passthrough),
+    ] {
         if let Some(p) = pairs {
             out += &format!("\n{title}\n");
             out += &table(

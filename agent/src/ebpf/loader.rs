@@ -101,6 +101,10 @@ impl EbpfDataPath {
         for dir in [pins.maps(), pins.links()] {
             std::fs::create_dir_all(&dir).map_err(|source| EbpfError::PinDir { path: dir.display().to_string(), source })?;
         }
+        for retired in podsteer_common::map_names::RETIRED {
+            // Nothing reads them any more; a missing pin is the usual case.
+            let _ = std::fs::remove_file(pins.map(retired));
+        }
         let mut bpf =
             EbpfLoader::new().default_map_pin_directory(pins.maps()).load(super::OBJECT).map_err(|e| EbpfError::Load(Box::new(e)))?;
         let cg = File::open(cgroup).map_err(|source| EbpfError::Cgroup { path: cgroup.display().to_string(), source })?;

@@ -15,10 +15,11 @@ use crate::policy::ip6_words;
 pub struct Maps {
     pub pods: HashMap<MapData, u64, PodPolicy>,
     pub pod_by_ip: HashMap<MapData, Addr, u64>,
-    pub orig_by_cookie: HashMap<MapData, u64, Addr>,
-    pub orig_by_tuple: HashMap<MapData, SockKey, Addr>,
+    /// What SO_ORIGINAL_DST answers; the per-socket state (`SOCK_ORIG_DST`,
+    /// `SOCK_NO_BYPASS`) is socket storage, which only a socket can look up.
+    pub orig_by_pair: HashMap<MapData, SockPairKey, Addr>,
     pub sock_pairs: SockHash<MapData, SockPairKey>,
-    pub no_bypass: HashMap<MapData, SockPairKey, u8>,
+    pub passthrough: aya::maps::HashMap<MapData, SockPairKey, u8>,
     pub inbound_listeners: SockHash<MapData, SockKey>,
     pub counters: PerCpuArray<MapData, u64>,
 }
@@ -56,10 +57,9 @@ impl Maps {
         Ok(Maps {
             pods: typed!(src, names::PODS),
             pod_by_ip: typed!(src, names::POD_BY_IP),
-            orig_by_cookie: typed!(src, names::ORIG_BY_COOKIE),
-            orig_by_tuple: typed!(src, names::ORIG_BY_TUPLE),
+            orig_by_pair: typed!(src, names::ORIG_BY_PAIR),
             sock_pairs: typed!(src, names::SOCK_PAIRS),
-            no_bypass: typed!(src, names::NO_BYPASS),
+            passthrough: typed!(src, names::PASSTHROUGH),
             inbound_listeners: typed!(src, names::INBOUND_LISTENERS),
             counters: typed!(src, names::COUNTERS),
         })

@@ -26,13 +26,21 @@ pub const AF_INET6: u16 = 10;
 pub mod map_names {
     pub const PODS: &str = "PODS";
     pub const POD_BY_IP: &str = "POD_BY_IP";
-    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
-    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// Socket storage: a redirected socket's original destination until it is established.
+    pub const SOCK_ORIG_DST: &str = "SOCK_ORIG_DST";
+    pub const ORIG_BY_PAIR: &str = "ORIG_BY_PAIR";
     pub const SOCK_PAIRS: &str = "SOCK_PAIRS";
-    pub const NO_BYPASS: &str = "NO_BYPASS";
+    /// Socket storage: sockets kept on TCP by sk_msg.
+    pub const SOCK_NO_BYPASS: &str = "SOCK_NO_BYPASS";
+    pub const PASSTHROUGH: &str = "PASSTHROUGH";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: &[&str] = &[PODS, POD_BY_IP, ORIG_BY_COOKIE, ORIG_BY_TUPLE, SOCK_PAIRS, NO_BYPASS, INBOUND_LISTENERS, COUNTERS];
+    pub const ALL: &[&str] =
+        &[PODS, POD_BY_IP, SOCK_ORIG_DST, ORIG_BY_PAIR, SOCK_PAIRS, SOCK_NO_BYPASS, PASSTHROUGH, INBOUND_LISTENERS, COUNTERS];
+    /// Maps earlier versions pinned that this one no longer has (LRU maps that
+    /// became socket storage or took a wider key): their pins are removed at
+    /// start, so an upgraded node does not keep them.
+    pub const RETIRED: &[&str] = &["ORIG_BY_COOKIE", "ORIG_BY_TUPLE", "NO_BYPASS"];
 }
 
 /// Names of the programs, which are also their pin and link names.

@@ -1,14 +1,14 @@
 //! cgroup connect4/connect6: a meshed app's TCP connect() goes to its proxy.
 
 use aya_ebpf::bindings::bpf_sock_addr;
-use aya_ebpf::helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie};
 use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use podsteer_common::policy::flags;
 use podsteer_common::{Addr, Counter, Verdict};
 
 use crate::ctx::{field, rd, rd6};
-use crate::maps::{ORIG_BY_COOKIE, count, policy};
+use crate::maps::{SOCK_ORIG_DST, count, policy};
 
 const SOCK_STREAM: u32 = 1;
 /// Tells the kernel to go on with the (possibly rewritten) connect.
@@ -55,11 +55,12 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
         }
         Verdict::OutboundOff | Verdict::Local | Verdict::LinkLocal => return,
     }
-    // SAFETY: the helper only reads the context.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    if let Err(e) = ORIG_BY_COOKIE.insert(&cookie, &dst, 0) {
+    // SAFETY: `sk` is a valid socket pointer in connect hooks.
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    // SAFETY: a live socket from the context.
+    if sk.is_null() || !unsafe { SOCK_ORIG_DST.set(sk, &dst) } {
         // Rare: no record, no redirect, since the proxy could not tell where to go.
-        aya_log_ebpf::warn!(ctx, "ORIG_BY_COOKIE insert failed ({}); connect not redirected", e);
+        aya_log_ebpf::warn!(ctx, "SOCK_ORIG_DST not stored; connect not redirected");
         return;
     }
     let proxy_port = (pol.outbound_port.to_be()) as u32;

@@ -5,10 +5,10 @@ use aya_ebpf::bindings::bpf_sockopt;
 use aya_ebpf::helpers::bpf_get_netns_cookie;
 use aya_ebpf::macros::cgroup_sockopt;
 use aya_ebpf::programs::SockoptContext;
-use podsteer_common::{AF_INET, AF_INET6, Counter, SockKey};
+use podsteer_common::{AF_INET, AF_INET6, Counter, SockPairKey};
 
 use crate::ctx::{addr, field, rd};
-use crate::maps::{ORIG_BY_TUPLE, count};
+use crate::maps::{ORIG_BY_PAIR, count};
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
@@ -57,7 +57,7 @@ fn answer(ctx: &SockoptContext) {
     }
 }
 
-/// Answers SO_ORIGINAL_DST from ORIG_BY_TUPLE; false when the call is not one
+/// Answers SO_ORIGINAL_DST from ORIG_BY_PAIR; false when the call is not one
 /// this program answers.
 #[inline(always)]
 fn answer_original_dst(so: *mut bpf_sockopt) -> bool {
@@ -70,17 +70,23 @@ fn answer_original_dst(so: *mut bpf_sockopt) -> bool {
     if sk.is_null() {
         return false;
     }
-    // The accepted socket's peer is the app's socket: the key sockops stored.
+    // The accepted socket's peer is the app's socket, and its local address the
+    // listener the app was sent to: the pair sockops keyed from the app's side.
     // SAFETY: reading fields of the socket the kernel handed us.
-    let peer = unsafe {
+    let (peer, local) = unsafe {
         let family = rd(field!((*sk).family));
-        let port = rd(field!((*sk).dst_port));
-        addr(family, field!((*sk).dst_ip4), field!((*sk).dst_ip6), port)
+        let dst_port = rd(field!((*sk).dst_port));
+        // src_port is host order, dst_port network order.
+        let src_port = (rd(field!((*sk).src_port)) as u16).to_be();
+        (
+            addr(family, field!((*sk).dst_ip4), field!((*sk).dst_ip6), dst_port),
+            addr(family, field!((*sk).src_ip4), field!((*sk).src_ip6), src_port),
+        )
     };
     // SAFETY: the helper only reads the context.
     let netns = unsafe { bpf_get_netns_cookie(so.cast()) };
     // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&SockKey { netns, addr: peer, _pad: 0 }) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_BY_PAIR.get(&SockPairKey::new(netns, peer, local)) }).copied() else {
         count(Counter::OrigDstMisses);
         return false;
     };

@@ -1,6 +1,8 @@
 //! Every map, pinned by name so a restarted agent (and the debug CLI) finds them.
 
-use aya_ebpf::macros::map;
+use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock};
+use aya_ebpf::helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get};
+use aya_ebpf::macros::{btf_map, map};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, SockHash};
 use podsteer_common::{Addr, Counter, PodPolicy, SockKey, SockPairKey};
 
@@ -12,22 +14,28 @@ pub static PODS: HashMap<u64, PodPolicy> = HashMap::pinned(4096, 0);
 #[map(name = "POD_BY_IP")]
 pub static POD_BY_IP: HashMap<Addr, u64> = HashMap::pinned(8192, 0);
 
-/// Socket cookie -> original destination, from connect() until establishment.
-#[map(name = "ORIG_BY_COOKIE")]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, Addr> = LruHashMap::pinned(65536, 0);
+/// A redirected socket's original destination, from connect() until it is
+/// established. It lives with the socket: nothing to evict, nothing to leak.
+#[btf_map(name = "SOCK_ORIG_DST")]
+pub static SOCK_ORIG_DST: SkStorage<Addr> = SkStorage::new();
 
-/// (netns, app's local address) -> original destination; what the proxy's peer is.
-#[map(name = "ORIG_BY_TUPLE")]
-pub static ORIG_BY_TUPLE: LruHashMap<SockKey, Addr> = LruHashMap::pinned(65536, 0);
+/// (netns, app socket, proxy listener) -> original destination: what
+/// SO_ORIGINAL_DST answers the proxy for the socket it accepted. Keyed by the
+/// whole 4-tuple, written at establishment, removed when the app's socket
+/// closes; not LRU, so a live entry is never evicted (a full map leaves the
+/// connection unanswered, and the proxy resets it: counted, never misrouted).
+#[map(name = "ORIG_BY_PAIR")]
+pub static ORIG_BY_PAIR: HashMap<SockPairKey, Addr> = HashMap::pinned(65536, 0);
 
 /// Established local sockets, keyed from their own side, for sk_msg.
 #[map(name = "SOCK_PAIRS")]
 pub static SOCK_PAIRS: SockHash<SockPairKey> = SockHash::pinned(65536, 0);
 
-/// Sockets whose first message went over TCP because the peer was not yet in
-/// SOCK_PAIRS; they stay on TCP so no later message can overtake it.
-#[map(name = "NO_BYPASS")]
-pub static NO_BYPASS: LruHashMap<SockPairKey, u8> = LruHashMap::pinned(65536, 0);
+/// Set on a socket whose first message went over TCP because its peer was not
+/// yet in SOCK_PAIRS: it stays on TCP so no later message can overtake that
+/// one. Socket storage, so the mark lasts exactly as long as the socket.
+#[btf_map(name = "SOCK_NO_BYPASS")]
+pub static SOCK_NO_BYPASS: SkStorage<u8> = SkStorage::new();
 
 /// The proxy's connections to an app that carry the client's address, by
 /// 4-tuple: sk_lookup leaves their SYN to the app instead of steering it back
@@ -56,4 +64,79 @@ pub fn count(c: Counter) {
 pub fn policy(netns: u64) -> Option<&'static PodPolicy> {
     // SAFETY: the value is read-only here and copied field by field by callers.
     unsafe { PODS.get(&netns) }
+}
+
+/// `BPF_MAP_TYPE_SK_STORAGE` in BTF form, pinned by name like every other map
+/// (so a restarted agent's programs see the storage its predecessor's wrote).
+/// aya-ebpf's own `SkStorage` has no pinning field and takes only a sock_addr
+/// context; sockops and sk_msg hand us the socket directly.
+#[repr(C)]
+pub struct SkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the fields are BTF placeholders the loader reads; never dereferenced.
+unsafe impl<T> Sync for SkStorage<T> {}
+
+impl<T> SkStorage<T> {
+    pub const fn new() -> Self {
+        SkStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn ptr(&self) -> *mut core::ffi::c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+
+    /// The socket's value, if it has one.
+    ///
+    /// # Safety
+    /// `sk` must be a non-null socket pointer from the program's context.
+    #[inline(always)]
+    pub unsafe fn get(&self, sk: *mut bpf_sock) -> Option<*mut T> {
+        // SAFETY: the caller passes a live socket.
+        let p = unsafe { bpf_sk_storage_get(self.ptr(), sk.cast(), core::ptr::null_mut(), 0) };
+        (!p.is_null()).then_some(p.cast())
+    }
+
+    /// Sets the socket's value (creating its storage); false if the kernel
+    /// could not allocate it.
+    ///
+    /// # Safety
+    /// `sk` must be a non-null socket pointer from the program's context.
+    #[inline(always)]
+    pub unsafe fn set(&self, sk: *mut bpf_sock, value: &T) -> bool
+    where
+        T: Copy,
+    {
+        let mut init = *value;
+        // SAFETY: the caller passes a live socket; `init` outlives the call.
+        let p =
+            unsafe { bpf_sk_storage_get(self.ptr(), sk.cast(), core::ptr::from_mut(&mut init).cast(), BPF_SK_STORAGE_GET_F_CREATE.into()) };
+        if p.is_null() {
+            return false;
+        }
+        // An existing value (a socket that connects again) is overwritten.
+        // SAFETY: the kernel returned this socket's value, sized T.
+        unsafe { core::ptr::write_volatile(p.cast::<T>(), *value) };
+        true
+    }
+
+    /// # Safety
+    /// `sk` must be a non-null socket pointer from the program's context.
+    #[inline(always)]
+    pub unsafe fn delete(&self, sk: *mut bpf_sock) {
+        // SAFETY: the caller passes a live socket.
+        let _ = unsafe { bpf_sk_storage_delete(self.ptr(), sk.cast()) };
+    }
 }

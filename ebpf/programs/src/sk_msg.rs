@@ -8,7 +8,7 @@ use aya_ebpf::programs::SkMsgContext;
 use podsteer_common::{Counter, SockPairKey};
 
 use crate::ctx::{addr, field, rd};
-use crate::maps::{NO_BYPASS, SOCK_PAIRS, count};
+use crate::maps::{SOCK_NO_BYPASS, SOCK_PAIRS, count};
 
 #[sk_msg]
 pub fn podsteer_sk_msg(ctx: SkMsgContext) -> u32 {
@@ -23,8 +23,13 @@ pub fn podsteer_sk_msg(ctx: SkMsgContext) -> u32 {
         addr(family, field!((*md).local_ip4), field!((*md).local_ip6), local_port),
         addr(family, field!((*md).remote_ip4), field!((*md).remote_ip6), remote_port),
     );
-    // SAFETY: presence check only.
-    if unsafe { NO_BYPASS.get(&me) }.is_some() {
+    // SAFETY: `sk` is the sending socket, always set for sk_msg.
+    let sk = unsafe { (*md).__bindgen_anon_3.sk };
+    if sk.is_null() {
+        return sk_action::SK_PASS;
+    }
+    // SAFETY: a live socket from the context; presence check only.
+    if unsafe { SOCK_NO_BYPASS.get(sk) }.is_some() {
         return sk_action::SK_PASS;
     }
     let mut peer = me.peer();
@@ -34,7 +39,10 @@ pub fn podsteer_sk_msg(ctx: SkMsgContext) -> u32 {
     }
     // The peer is not enrolled yet: this message goes over TCP, and so must every
     // later one, or a redirected message could overtake it in the peer's queue.
-    let _ = NO_BYPASS.insert(&me, &1, 0);
+    // SAFETY: as above. Should the kernel not allocate the mark, the next
+    // message tries the redirect again; the peer is still not enrolled then
+    // unless it just was, the one case this mark exists for.
+    let _ = unsafe { SOCK_NO_BYPASS.set(sk, &1) };
     count(Counter::SkMsgFallbacks);
     sk_action::SK_PASS
 }

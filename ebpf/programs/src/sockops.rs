@@ -5,14 +5,14 @@ use aya_ebpf::bindings::{
     BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops,
 };
-use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::helpers::bpf_get_netns_cookie;
 use aya_ebpf::macros::sock_ops;
 use aya_ebpf::programs::SockOpsContext;
 use podsteer_common::policy::flags;
-use podsteer_common::{Addr, SockKey, SockPairKey};
+use podsteer_common::{Addr, SockPairKey};
 
 use crate::ctx::{addr, field, rd};
-use crate::maps::{NO_BYPASS, ORIG_BY_COOKIE, ORIG_BY_TUPLE, PASSTHROUGH, POD_BY_IP, SOCK_PAIRS, policy};
+use crate::maps::{ORIG_BY_PAIR, PASSTHROUGH, POD_BY_IP, SOCK_ORIG_DST, SOCK_PAIRS, policy};
 
 const TCP_CLOSE: u32 = 7;
 
@@ -45,12 +45,12 @@ fn on_event(ctx: &SockOpsContext) {
     let pair = SockPairKey::new(netns, local, remote);
 
     if op == BPF_SOCK_OPS_STATE_CB {
-        // args[1] is the new state; the sockets leave SOCK_PAIRS by themselves.
+        // args[1] is the new state; the sockets leave SOCK_PAIRS, and their
+        // socket storage goes, by themselves.
         // SAFETY: reading the args array of the context.
         let new_state = unsafe { rd(field!((*ops).__bindgen_anon_1.args[1])) };
         if new_state == TCP_CLOSE {
-            let _ = ORIG_BY_TUPLE.remove(&SockKey { netns, addr: local, _pad: 0 });
-            let _ = NO_BYPASS.remove(&pair);
+            let _ = ORIG_BY_PAIR.remove(&pair);
             let _ = PASSTHROUGH.remove(&pair);
         }
         return;
@@ -70,14 +70,21 @@ fn on_event(ctx: &SockOpsContext) {
         return;
     }
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        // SAFETY: the helper only reads the context.
-        let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-        // SAFETY: copied out at once.
-        if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
-            let orig = *orig;
-            let _ = ORIG_BY_TUPLE.insert(&SockKey { netns, addr: local, _pad: 0 }, &orig, 0);
-            let _ = ORIG_BY_COOKIE.remove(&cookie);
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        // SAFETY: `sk` is a valid (or null) socket pointer in sock_ops.
+        let sk = unsafe { (*ops).__bindgen_anon_2.sk };
+        // SAFETY: a live socket from the context, checked non-null.
+        if !sk.is_null()
+            && let Some(orig) = unsafe { SOCK_ORIG_DST.get(sk) }
+        {
+            // SAFETY: this socket's value, sized Addr.
+            let orig = unsafe { *orig };
+            // SAFETY: as above.
+            unsafe { SOCK_ORIG_DST.delete(sk) };
+            if ORIG_BY_PAIR.insert(&pair, &orig, 0).is_ok() {
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            } else {
+                aya_log_ebpf::warn!(ctx, "ORIG_BY_PAIR is full; the proxy cannot answer this connection");
+            }
         }
     }
     // Only pairs whose both ends are meshed sockets on this node can be spliced:
@@ -92,10 +99,7 @@ fn on_event(ctx: &SockOpsContext) {
         let mut key = pair;
         // SAFETY: `ops` is the live context the helper expects.
         match SOCK_PAIRS.update(&mut key, unsafe { &mut *ops }, BPF_ANY as u64) {
-            // So the close callback can drop a NO_BYPASS mark this socket may get.
-            Ok(()) => {
-                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-            }
+            Ok(()) => {}
             // Rare (the map is full): this pair stays on TCP, which is correct, only slower.
             Err(e) => aya_log_ebpf::warn!(ctx, "SOCK_PAIRS update failed ({}); pair stays on TCP", e),
         }
