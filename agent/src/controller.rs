@@ -45,6 +45,8 @@ pub struct Status<'a> {
     pub mode: Mode,
     pub reason: &'a str,
     pub features: &'a [mode::Feature],
+    /// Known kernel bugs on this kernel that podsteer works around.
+    pub kernel_notes: &'a [String],
     pub pins: Option<String>,
     pub pins_origin: Option<crate::ebpf::loader::Origin>,
     pub cgroup: String,
@@ -62,6 +64,9 @@ impl Controller {
         let features = mode::probe(cgroup_ok.then_some(config.cgroup.as_path()), &config.mask_features);
         let choice = mode::choose(config.mode, features)?;
         info!(mode = ?choice.mode, reason = %choice.reason, "interception mode chosen");
+        for note in &choice.kernel_notes {
+            info!(note = %note, "known kernel bug");
+        }
         let (redirector, origin) = match choice.mode {
             Mode::Ebpf => {
                 let dp = EbpfDataPath::start(&config.bpffs, &config.cgroup)?;
@@ -184,6 +189,7 @@ impl Controller {
             mode: self.choice.mode,
             reason: &self.choice.reason,
             features: &self.choice.features,
+            kernel_notes: &self.choice.kernel_notes,
             pins: matches!(self.redirector, Redirector::Ebpf(_))
                 .then(|| crate::ebpf::pins::PinDir::new(&self.config.bpffs).root().display().to_string()),
             pins_origin: self.origin,

@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod install;
 pub mod iptables;
 pub mod kept;
+pub mod kernel_bugs;
 pub mod metrics;
 pub mod mode;
 pub mod peer;

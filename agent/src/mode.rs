@@ -52,6 +52,10 @@ pub struct ModeChoice {
     pub mode: Mode,
     pub reason: String,
     pub features: Vec<Feature>,
+    /// Known kernel bugs on this kernel that podsteer works around (see
+    /// [`crate::kernel_bugs`]); one it cannot work around is a missing feature.
+    #[serde(default)]
+    pub kernel_notes: Vec<String>,
 }
 
 /// Probes everything eBPF mode needs. `masked` names features to report as
@@ -89,6 +93,8 @@ pub fn probe(cgroup_root: Option<&Path>, masked: &[String]) -> Vec<Feature> {
     .into_iter()
     .map(|(name, present)| Feature { name: name.to_owned(), present })
     .collect::<Vec<_>>();
+    let (buggy, _) = crate::kernel_bugs::assess(crate::kernel_bugs::Release::running(), crate::kernel_bugs::KNOWN);
+    f.extend(buggy.into_iter().map(|name| Feature { name, present: false }));
     for feat in &mut f {
         if masked.iter().any(|m| m == &feat.name) {
             feat.present = false;
@@ -107,7 +113,8 @@ pub fn choose(request: ModeRequest, features: Vec<Feature>) -> Result<ModeChoice
         (ModeRequest::Auto, true) => (Mode::Ebpf, "auto: the kernel has every eBPF feature".to_owned()),
         (ModeRequest::Auto, false) => (Mode::Iptables, format!("auto: falling back to iptables, the kernel lacks {}", missing.join(", "))),
     };
-    Ok(ModeChoice { mode, reason, features })
+    let (_, kernel_notes) = crate::kernel_bugs::assess(crate::kernel_bugs::Release::running(), crate::kernel_bugs::KNOWN);
+    Ok(ModeChoice { mode, reason, features, kernel_notes })
 }
 
 #[cfg(test)]
