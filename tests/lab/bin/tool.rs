@@ -17,7 +17,12 @@
 //! `halfclose-server ADDR`         "A": read to EOF, answer "got N", close.
 //!                                 "B": say "bye", shut writes, read to EOF, remember N.
 //!                                 "C": answer the N remembered from the last "B".
+//!                                 "S": reset the connection at once (SO_LINGER 0).
+//!                                 "D": say "ready", then remember how the connection ended.
+//!                                 "R": answer how the last "D" connection ended.
 //! `halfclose ADDR client|server`  exercise one direction of half-close, print "ok ...".
+//! `reset ADDR client|server`      one side resets (against halfclose-server); print what
+//!                                 the other side saw: "... reset" or "... eof".
 //! `expect-reset ADDR [--quiet]`   connect, send (or stay quiet), report how the proxy ended it.
 //! `expect-dropped ADDR MILLIS`    connect; print "dropped" if no answer came within MILLIS.
 //! `concurrent ADDR N`             N connections open at once, each echoing a message.
@@ -71,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         ["bulk-for", addr, streams, millis] => bulk_for(addr, streams.parse()?, Duration::from_millis(millis.parse()?)),
         ["halfclose-server", addr] => halfclose_server(addr),
         ["halfclose", addr, side] => halfclose(addr, side),
+        ["reset", addr, side] => reset(addr, side),
         ["expect-reset", addr] => expect_reset(addr, false),
         ["expect-reset", addr, "--quiet"] => expect_reset(addr, true),
         ["expect-dropped", addr, millis] => expect_dropped(addr, Duration::from_millis(millis.parse()?)),
@@ -568,13 +574,25 @@ fn halfclose_server(addr: &str) -> anyhow::Result<()> {
     let l = TcpListener::bind(addr)?;
     println!("listening {}", l.local_addr()?);
     let remembered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let ended: std::sync::Arc<std::sync::Mutex<String>> = std::sync::Arc::default();
     for conn in l.incoming() {
         let mut c = conn?;
         let remembered = remembered.clone();
+        let ended = ended.clone();
         std::thread::spawn(move || -> std::io::Result<()> {
             let mut kind = [0u8; 1];
             c.read_exact(&mut kind)?;
             match &kind {
+                b"S" => reset_on_close(&c)?,
+                b"D" => {
+                    c.write_all(b"ready\n")?;
+                    let how = how_it_ended(&c);
+                    *ended.lock().unwrap_or_else(|p| p.into_inner()) = how;
+                }
+                b"R" => {
+                    let how = ended.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    writeln!(c, "{how}")?;
+                }
                 b"A" => {
                     let n = read_to_end_retrying(&c)?.len();
                     writeln!(c, "got {n}")?;
@@ -589,6 +607,65 @@ fn halfclose_server(addr: &str) -> anyhow::Result<()> {
             }
             Ok(())
         });
+    }
+    Ok(())
+}
+
+/// SO_LINGER {on, 0}: when the socket is closed (dropped), the peer gets RST, not FIN.
+fn reset_on_close(c: &TcpStream) -> std::io::Result<()> {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: `l` outlives the call and its size is passed.
+    let r = unsafe {
+        libc::setsockopt(c.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const l).cast(), std::mem::size_of::<libc::linger>() as _)
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads until the connection ends: "reset" for RST, "eof" for FIN.
+fn how_it_ended(c: &TcpStream) -> String {
+    let mut buf = [0u8; 4096];
+    loop {
+        match read_retrying(c, &mut buf) {
+            Ok(0) => return "eof".into(),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return "reset".into(),
+            Err(e) => return format!("error {e}"),
+        }
+    }
+}
+
+fn reset(addr: &str, side: &str) -> anyhow::Result<()> {
+    let mut c = TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    match side {
+        "server" => {
+            c.write_all(b"S")?;
+            println!("ok server reset: the client saw {}", how_it_ended(&c));
+        }
+        "client" => {
+            c.write_all(b"D")?;
+            let mut ready = [0u8; 6];
+            c.read_exact(&mut ready)?;
+            anyhow::ensure!(&ready == b"ready\n", "{ready:?}");
+            reset_on_close(&c)?;
+            drop(c);
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            let how = loop {
+                let mut q = TcpStream::connect(addr)?;
+                q.set_read_timeout(Some(Duration::from_secs(5)))?;
+                q.write_all(b"R")?;
+                let how = read_to_end_retrying(&q)?.trim().to_owned();
+                if !how.is_empty() || std::time::Instant::now() > end {
+                    break how;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            println!("ok client reset: the server saw {how}");
+        }
+        _ => anyhow::bail!("side is client or server"),
     }
     Ok(())
 }
