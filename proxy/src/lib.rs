@@ -12,6 +12,7 @@ pub mod listeners;
 pub use podsteer_proto::logs;
 pub mod metrics;
 pub mod pods;
+pub mod privileges;
 pub mod relay;
 pub mod socket;
 pub mod splice;

@@ -90,7 +90,7 @@ impl Pods {
             outbound_stopping: self.outbound_stop.subscribe(),
             conns,
             splice_allowed: req.splice_allowed.into(),
-            keep_client_address: req.keep_client_address,
+            keep_client_address: req.keep_client_address.into(),
             serving: 0.into(),
             budget,
         });
@@ -127,6 +127,14 @@ impl Pods {
         self.metrics.pods.set(self.pods.len() as i64);
         info!(uid, "listeners closed, draining");
         true
+    }
+
+    /// Whether the pod's inbound legs connect from their clients' addresses
+    /// (a sidecar learns it may only once it has settled its privileges).
+    pub fn keep_client_address(&self, uid: &str, keep: bool) {
+        if let Some(p) = self.pods.get(uid) {
+            p.ctx.keep_client_address.store(keep, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Lets a pod's new bulk connections splice(2), once it is known that sk_msg does not feed its sockets.

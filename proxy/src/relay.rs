@@ -71,7 +71,7 @@ pub struct PodCtx {
     pub splice_allowed: std::sync::atomic::AtomicBool,
     /// The agent installed the pod's return path: inbound connections reach
     /// the app from the client's address (see [`crate::socket::set_transparent`]).
-    pub keep_client_address: bool,
+    pub keep_client_address: std::sync::atomic::AtomicBool,
     /// Connections being served, metrics included; the last one to end after
     /// the pod was removed drops the pod's metric series.
     pub serving: std::sync::atomic::AtomicUsize,
@@ -191,7 +191,9 @@ async fn connect(dst: SocketAddr, client: &TcpStream, pod: &PodCtx, s: &Settings
     // Inbound, the app sees the client's own address where the agent put the
     // way back in place (see the agent's `return_path`).
     let from = match dir {
-        Direction::Inbound if pod.keep_client_address => client.peer_addr().ok().and_then(|c| same_family(c, dst)),
+        Direction::Inbound if pod.keep_client_address.load(std::sync::atomic::Ordering::Relaxed) => {
+            client.peer_addr().ok().and_then(|c| same_family(c, dst))
+        }
         _ => None,
     };
     let sock = pod.netns.run(|| -> io::Result<TcpSocket> {

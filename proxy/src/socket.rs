@@ -39,6 +39,23 @@ pub fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
 }
 
+/// Whether this netns has the agent's return path for legs that keep the
+/// client's address (a rule for the mark, to a table holding `local default`),
+/// and this process may make such legs (mark and IP_TRANSPARENT, as the legs
+/// themselves need): a transparent datagram socket with the mark, connected to
+/// a far address (TEST-NET-1; no packet is sent), is then routed locally and
+/// takes that address as its source. Without the path the app's answers to such
+/// a leg would leave the pod, so the proxy must not make one.
+pub fn return_path_ready() -> bool {
+    let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") else { return false };
+    let fd = std::os::fd::AsFd::as_fd(&s);
+    let far = std::net::Ipv4Addr::new(192, 0, 2, 1);
+    set_mark(fd, podsteer_proto::control::CLIENT_ADDRESS_MARK).is_ok()
+        && set_transparent(fd, false).is_ok()
+        && s.connect((far, 9)).is_ok()
+        && s.local_addr().is_ok_and(|a| a.ip() == std::net::IpAddr::V4(far))
+}
+
 /// IP_TRANSPARENT (IPV6_TRANSPARENT): the socket may bind an address that is
 /// not the netns's own (the client's). Needs CAP_NET_ADMIN.
 pub fn set_transparent(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {

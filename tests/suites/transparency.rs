@@ -209,14 +209,13 @@ fn observe(client: &Pod, server: &Pod) -> anyhow::Result<Vec<String>> {
 /// FIN (end of stream), half-close and a reset from either side, a megabyte
 /// echoed exactly, and a getsockopt longer than a page.
 ///
-/// The server side is always a pod meshed with the shared proxy: a sidecar
-/// *server* cannot yet keep its clients' addresses (IP_TRANSPARENT needs a
-/// capability the sidecar drops), the one known difference.
+/// Sidecar setups come both ways: the client's pod meshed with a sidecar, and
+/// the server's. A sidecar keeps its clients' addresses when it may (here it
+/// starts as root and keeps CAP_NET_ADMIN across the switch to UID 1337).
 #[test]
 fn every_probe_observes_the_same_in_every_setup() -> anyhow::Result<()> {
     let mut apps = Vec::new();
     let mut sidecars = Vec::new();
-    let mut setups: Vec<(&str, Pod, &str)> = Vec::new();
 
     let ebpf = Node::new(NodeOptions::default())?;
     let agent = Agent::start_with_proxy(&ebpf, "ebpf", &[])?;
@@ -234,33 +233,42 @@ fn every_probe_observes_the_same_in_every_setup() -> anyhow::Result<()> {
     probe_servers(&ipt_server, &mut apps)?;
     meshed(&ipt_agent, &ipt_server, &[])?;
 
-    setups.push(("unmeshed", ebpf.add_pod(PodSpec::new("default", "plain"))?, "plain"));
+    let plain = ebpf.add_pod(PodSpec::new("default", "plain"))?;
     let client = ebpf.add_pod(PodSpec::new("default", "client"))?;
     meshed(&agent, &client, &[])?;
-    setups.push(("ebpf, shared proxy", client, "ebpf"));
     let side = ebpf.add_pod(PodSpec::new("default", "side"))?;
     meshed(&agent, &side, &[("podsteer.io/proxy-mode", "sidecar")])?;
     let sock = agent.socket.display().to_string();
     sidecars.push(Proxy::start_sidecar(&ebpf, &side, 15031, &["--agent-socket", &sock, "--pod-uid", side.uid()])?);
-    setups.push(("ebpf, sidecar", side, "ebpf"));
+    // A server behind a sidecar: its app must see its clients' addresses too.
+    let side_server = ebpf.add_pod(PodSpec::new("default", "side-server"))?;
+    probe_servers(&side_server, &mut apps)?;
+    meshed(&agent, &side_server, &[("podsteer.io/proxy-mode", "sidecar")])?;
+    sidecars.push(Proxy::start_sidecar(&ebpf, &side_server, 15032, &["--agent-socket", &sock, "--pod-uid", side_server.uid()])?);
     let ipt_client = ipt.add_pod(PodSpec::new("default", "client"))?;
     meshed(&ipt_agent, &ipt_client, &[])?;
-    setups.push(("iptables, shared proxy", ipt_client, "iptables"));
     let ipt_side = ipt.add_pod(PodSpec::new("default", "side"))?;
     meshed(&ipt_agent, &ipt_side, &[("podsteer.io/proxy-mode", "sidecar")])?;
     sidecars.push(Proxy::start_sidecar(&ipt, &ipt_side, 15031, &[])?);
-    setups.push(("iptables, sidecar", ipt_side, "iptables"));
+    let ipt_side_server = ipt.add_pod(PodSpec::new("default", "side-server"))?;
+    probe_servers(&ipt_side_server, &mut apps)?;
+    meshed(&ipt_agent, &ipt_side_server, &[("podsteer.io/proxy-mode", "sidecar")])?;
+    sidecars.push(Proxy::start_sidecar(&ipt, &ipt_side_server, 15032, &[])?);
 
+    let setups: [(&str, &Pod, &Pod); 7] = [
+        ("unmeshed", &plain, &plain_server),
+        ("ebpf, shared proxy", &client, &server),
+        ("ebpf, sidecar client", &side, &server),
+        ("ebpf, sidecar server", &client, &side_server),
+        ("iptables, shared proxy", &ipt_client, &ipt_server),
+        ("iptables, sidecar client", &ipt_side, &ipt_server),
+        ("iptables, sidecar server", &ipt_client, &ipt_side_server),
+    ];
     let mut results = Vec::new();
-    for (name, client, node) in &setups {
-        let to = match *node {
-            "plain" => &plain_server,
-            "ebpf" => &server,
-            _ => &ipt_server,
-        };
-        let seen = observe(client, to).map_err(|e| e.context(*name))?;
+    for (name, client, to) in setups {
+        let seen = observe(client, to).map_err(|e| e.context(name))?;
         eprintln!("{name}:\n  {}", seen.join("\n  "));
-        results.push((*name, seen));
+        results.push((name, seen));
     }
     let (_, unmeshed) = &results[0];
     // The baseline itself is what TCP promises, so equality below means something.
@@ -274,13 +282,14 @@ fn every_probe_observes_the_same_in_every_setup() -> anyhow::Result<()> {
     ] {
         assert!(unmeshed.iter().any(|l| l == want), "unmeshed baseline lacks {want:?}: {unmeshed:?}");
     }
+    let logs = || sidecars.iter().map(|s| std::fs::read_to_string(&s.log).unwrap_or_default()).collect::<Vec<_>>().join("\n");
     for (name, seen) in &results[1..] {
-        assert_eq!(seen, unmeshed, "{name} observes something the unmeshed app does not");
+        assert_eq!(seen, unmeshed, "{name} observes something the unmeshed app does not; the sidecars' logs:\n{}", logs());
     }
     // The meshed setups really were meshed: each proxy took connections.
     assert!(_proxy.metric("podsteer_proxy_connections_opened_total{pod=\"default/server\",direction=\"inbound\"}")? > 0.0);
-    for s in &sidecars {
-        assert!(s.metric("podsteer_proxy_connections_opened_total{pod=\"self\",direction=\"outbound\"}")? > 0.0);
+    for (s, dir) in sidecars.iter().zip(["outbound", "inbound", "outbound", "inbound"]) {
+        assert!(s.metric(&format!("podsteer_proxy_connections_opened_total{{pod=\"self\",direction=\"{dir}\"}}"))? > 0.0, "{dir}");
     }
     Ok(())
 }

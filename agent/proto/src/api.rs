@@ -136,7 +136,19 @@ pub enum ClientError {
 
 /// Sends one request and waits up to `deadline` for the answer.
 pub fn call(socket: &Path, req: &Request, deadline: Duration, fd: Option<BorrowedFd<'_>>) -> Result<Response, ClientError> {
-    let stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+    call_on(connect(socket)?, req, deadline, fd)
+}
+
+/// Connects to the agent socket. The agent knows a caller by the credentials it
+/// had when it connected, so a process that is about to drop privileges can
+/// connect first and send its request on this stream afterwards (soon: the
+/// agent cuts off a connection silent for 2 s).
+pub fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(socket).map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })
+}
+
+/// [`call`] on a stream from [`connect`].
+pub fn call_on(stream: UnixStream, req: &Request, deadline: Duration, fd: Option<BorrowedFd<'_>>) -> Result<Response, ClientError> {
     stream.set_read_timeout(Some(deadline))?;
     stream.set_write_timeout(Some(deadline))?;
     let mut line = serde_json::to_vec(req)?;

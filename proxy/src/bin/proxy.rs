@@ -18,6 +18,22 @@ fn main() -> anyhow::Result<()> {
     podsteer_proxy::logs::init(cfg.log_json);
     anyhow::ensure!(cfg.control.is_some() || cfg.sidecar, "give --control SOCKET (shared mode) or --sidecar");
     raise_fd_limit()?;
+    // A sidecar drops to its UID first, while it is the only thread: the
+    // capabilities it keeps (see `privileges`) are then every thread's. Its
+    // registrations with the agent go on streams it connected as root, one
+    // per inbound listener.
+    let mut agent_streams = Vec::new();
+    if cfg.sidecar
+        && let Some(uid) = cfg.run_as_uid
+    {
+        if let (Some(sock), Some(_)) = (&cfg.agent_socket, &cfg.pod_uid) {
+            for _ in 0..2 {
+                agent_streams.push(podsteer_proto::api::connect(sock).context("connecting to the agent socket")?);
+            }
+        }
+        let kept = podsteer_proxy::privileges::drop_to(uid).context("dropping to the proxy UID")?;
+        info!(uid, kept_network_capabilities = kept, "dropped to the proxy UID");
+    }
     // One worker means a current-thread runtime: no work-stealing handoffs, and
     // the thread that runs main drives every connection (the sidecar shape).
     let mut rt = if cfg.workers == 1 { tokio::runtime::Builder::new_current_thread() } else { tokio::runtime::Builder::new_multi_thread() };
@@ -42,7 +58,7 @@ fn main() -> anyhow::Result<()> {
             outbound_port: cfg.outbound_port,
             inbound_port: cfg.inbound_port,
             splice_allowed: cfg.agent_socket.is_none(),
-            // A sidecar runs without CAP_NET_ADMIN, which IP_TRANSPARENT needs.
+            // Decided below, once the sidecar's privileges are settled.
             keep_client_address: false,
             kept: Vec::new(),
         };
@@ -51,17 +67,23 @@ fn main() -> anyhow::Result<()> {
             let mut sk_msg = false;
             for (id, fd) in listeners.iter().filter(|(id, _)| id.inbound) {
                 let family = id.family;
-                sk_msg |= register_listener(sock, uid, family, fd)
+                let stream = match agent_streams.pop() {
+                    Some(s) => s,
+                    None => podsteer_proto::api::connect(sock)?,
+                };
+                sk_msg |= register_listener(stream, uid, family, fd)
                     .with_context(|| format!("registering the inbound listener (family {family}) with the agent"))?;
             }
             if !sk_msg {
                 state.with_pods(|p| p.allow_splice("self"));
             }
         }
-        if let Some(uid) = cfg.run_as_uid {
-            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)).context("dropping to the proxy UID")?;
-        }
-        info!("sidecar listeners open");
+        // The app sees its clients' addresses when this sidecar may connect
+        // from them (CAP_NET_ADMIN or CAP_NET_RAW, kept across the UID switch)
+        // and the agent gave the pod the way back.
+        let keep = podsteer_proxy::socket::return_path_ready();
+        state.with_pods(|p| p.keep_client_address("self", keep));
+        info!(keep_client_address = keep, "sidecar listeners open");
     }
     if let Some(socket) = cfg.control.clone() {
         let st = state.clone();
@@ -100,12 +122,13 @@ fn main() -> anyhow::Result<()> {
 /// Hands one inbound listener to the agent: one JSON request line on its
 /// socket with the fd attached (SCM_RIGHTS), one JSON answer line back, which
 /// says whether sk_msg feeds the pod's sockets.
-fn register_listener(socket: &std::path::Path, uid: &str, family: u16, fd: &std::os::fd::OwnedFd) -> anyhow::Result<bool> {
-    use podsteer_proto::api::{Request, call};
+fn register_listener(stream: std::os::unix::net::UnixStream, uid: &str, family: u16, fd: &std::os::fd::OwnedFd) -> anyhow::Result<bool> {
+    use podsteer_proto::api::{Request, call_on};
     use std::os::fd::AsFd as _;
     let req = Request::RegisterListener { uid: uid.into(), family };
-    let data =
-        call(socket, &req, Duration::from_secs(5), Some(fd.as_fd()))?.into_result().map_err(|e| anyhow::anyhow!("agent refused: {e}"))?;
+    let data = call_on(stream, &req, Duration::from_secs(5), Some(fd.as_fd()))?
+        .into_result()
+        .map_err(|e| anyhow::anyhow!("agent refused: {e}"))?;
     // An agent that does not say is treated as feeding them: copying is always correct.
     Ok(data["sk_msg"].as_bool().unwrap_or(true))
 }
