@@ -61,8 +61,8 @@ impl Controller {
     /// kernel that lacks a feature fails here, naming it.
     pub fn start(config: AgentConfig) -> anyhow::Result<Controller> {
         let cgroup_ok = config.cgroup.join("cgroup.procs").exists();
-        let features = mode::probe(cgroup_ok.then_some(config.cgroup.as_path()), &config.mask_features);
-        let choice = mode::choose(config.mode, features)?;
+        let (features, kernel_notes) = mode::probe(cgroup_ok.then_some(config.cgroup.as_path()), &config.mask_features);
+        let choice = mode::ModeChoice { kernel_notes, ..mode::choose(config.mode, features)? };
         info!(mode = ?choice.mode, reason = %choice.reason, "interception mode chosen");
         for note in &choice.kernel_notes {
             info!(note = %note, "known kernel bug");

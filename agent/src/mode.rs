@@ -60,7 +60,9 @@ pub struct ModeChoice {
 
 /// Probes everything eBPF mode needs. `masked` names features to report as
 /// absent, so operators can rehearse the fallback on a kernel that has it all.
-pub fn probe(cgroup_root: Option<&Path>, masked: &[String]) -> Vec<Feature> {
+/// Also returns the notes on known kernel bugs podsteer works around, from the
+/// same one look at the running kernel's release.
+pub fn probe(cgroup_root: Option<&Path>, masked: &[String]) -> (Vec<Feature>, Vec<String>) {
     let prog = |t: ProgramType| is_program_supported(t).unwrap_or(false);
     let helper = |t: ProgramType, h: BpfHelper| is_helper_supported(t, h).unwrap_or(false);
     let map = |t: MapType| is_map_supported(t).unwrap_or(false);
@@ -93,14 +95,14 @@ pub fn probe(cgroup_root: Option<&Path>, masked: &[String]) -> Vec<Feature> {
     .into_iter()
     .map(|(name, present)| Feature { name: name.to_owned(), present })
     .collect::<Vec<_>>();
-    let (buggy, _) = crate::kernel_bugs::assess(crate::kernel_bugs::Release::running(), crate::kernel_bugs::KNOWN);
+    let (buggy, kernel_notes) = crate::kernel_bugs::assess(crate::kernel_bugs::Release::running(), crate::kernel_bugs::KNOWN);
     f.extend(buggy.into_iter().map(|name| Feature { name, present: false }));
     for feat in &mut f {
         if masked.iter().any(|m| m == &feat.name) {
             feat.present = false;
         }
     }
-    f
+    (f, kernel_notes)
 }
 
 /// Decides the mode from the request and the probe; pure, so it is table-tested.
@@ -113,8 +115,7 @@ pub fn choose(request: ModeRequest, features: Vec<Feature>) -> Result<ModeChoice
         (ModeRequest::Auto, true) => (Mode::Ebpf, "auto: the kernel has every eBPF feature".to_owned()),
         (ModeRequest::Auto, false) => (Mode::Iptables, format!("auto: falling back to iptables, the kernel lacks {}", missing.join(", "))),
     };
-    let (_, kernel_notes) = crate::kernel_bugs::assess(crate::kernel_bugs::Release::running(), crate::kernel_bugs::KNOWN);
-    Ok(ModeChoice { mode, reason, features, kernel_notes })
+    Ok(ModeChoice { mode, reason, features, kernel_notes: Vec::new() })
 }
 
 #[cfg(test)]

@@ -16,10 +16,10 @@
 //!                                 print "ok streams=<n> bytes=<echoed>", or fail on any error.
 //! `halfclose-server ADDR`         "A": read to EOF, answer "got N", close.
 //!                                 "B": say "bye", shut writes, read to EOF, remember N.
-//!                                 "C": answer the N remembered from the last "B".
 //!                                 "S": reset the connection at once (SO_LINGER 0).
 //!                                 "D": say "ready", then remember how the connection ended.
-//!                                 "R": answer how the last "D" connection ended.
+//!                                 anything else: answer what the last "B" or "D" remembered
+//!                                 (empty while that connection is still open).
 //! `halfclose ADDR client|server`  exercise one direction of half-close, print "ok ...".
 //! `reset ADDR client|server`      one side resets (against halfclose-server); print what
 //!                                 the other side saw: "... reset" or "... eof".
@@ -573,37 +573,37 @@ fn bulk(addr: &str, total: u64) -> anyhow::Result<()> {
 fn halfclose_server(addr: &str) -> anyhow::Result<()> {
     let l = TcpListener::bind(addr)?;
     println!("listening {}", l.local_addr()?);
-    let remembered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-    let ended: std::sync::Arc<std::sync::Mutex<String>> = std::sync::Arc::default();
+    // What the last "B" or "D" connection ended with; empty while one is in
+    // progress, so a query never reads an earlier connection's answer.
+    let remembered: std::sync::Arc<std::sync::Mutex<String>> = std::sync::Arc::default();
     for conn in l.incoming() {
         let mut c = conn?;
         let remembered = remembered.clone();
-        let ended = ended.clone();
         std::thread::spawn(move || -> std::io::Result<()> {
+            let remember = |what: String| *remembered.lock().unwrap_or_else(|p| p.into_inner()) = what;
             let mut kind = [0u8; 1];
             c.read_exact(&mut kind)?;
             match &kind {
                 b"S" => reset_on_close(&c)?,
                 b"D" => {
+                    remember(String::new());
                     c.write_all(b"ready\n")?;
-                    let how = how_it_ended(&c);
-                    *ended.lock().unwrap_or_else(|p| p.into_inner()) = how;
-                }
-                b"R" => {
-                    let how = ended.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    writeln!(c, "{how}")?;
+                    remember(how_it_ended(&c));
                 }
                 b"A" => {
                     let n = read_to_end_retrying(&c)?.len();
                     writeln!(c, "got {n}")?;
                 }
                 b"B" => {
+                    remember(String::new());
                     c.write_all(b"bye\n")?;
                     c.shutdown(std::net::Shutdown::Write)?;
-                    let n = read_to_end_retrying(&c)?.len() as u64;
-                    remembered.store(n, std::sync::atomic::Ordering::SeqCst);
+                    remember(read_to_end_retrying(&c)?.len().to_string());
                 }
-                _ => writeln!(c, "{}", remembered.load(std::sync::atomic::Ordering::SeqCst))?,
+                _ => {
+                    let what = remembered.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    writeln!(c, "{what}")?;
+                }
             }
             Ok(())
         });
@@ -652,18 +652,7 @@ fn reset(addr: &str, side: &str) -> anyhow::Result<()> {
             anyhow::ensure!(&ready == b"ready\n", "{ready:?}");
             reset_on_close(&c)?;
             drop(c);
-            let end = std::time::Instant::now() + Duration::from_secs(5);
-            let how = loop {
-                let mut q = TcpStream::connect(addr)?;
-                q.set_read_timeout(Some(Duration::from_secs(5)))?;
-                q.write_all(b"R")?;
-                let how = read_to_end_retrying(&q)?.trim().to_owned();
-                if !how.is_empty() || std::time::Instant::now() > end {
-                    break how;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            };
-            println!("ok client reset: the server saw {how}");
+            println!("ok client reset: the server saw {}", poll_remembered(addr)?);
         }
         _ => anyhow::bail!("side is client or server"),
     }
@@ -689,7 +678,7 @@ fn halfclose(addr: &str, side: &str) -> anyhow::Result<()> {
             // The server has shut its side; ours must still carry data.
             c.write_all(&[9u8; 777])?;
             drop(c);
-            let n = poll_remembered(addr)?;
+            let n: u64 = poll_remembered(addr)?.parse()?;
             anyhow::ensure!(n == 777, "server got {n} bytes after its FIN, want 777");
             println!("ok server half-close: server read {n} after its FIN");
         }
@@ -698,16 +687,18 @@ fn halfclose(addr: &str, side: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn poll_remembered(addr: &str) -> anyhow::Result<u64> {
+/// What halfclose-server remembered of the last "B" or "D" connection, once it has it.
+fn poll_remembered(addr: &str) -> anyhow::Result<String> {
     let end = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let mut c = TcpStream::connect(addr)?;
-        c.write_all(b"C")?;
-        let s = read_to_end_retrying(&c)?;
-        let n: u64 = s.trim().parse()?;
-        if n != u64::MAX || std::time::Instant::now() > end {
-            return Ok(n);
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"?")?;
+        let s = read_to_end_retrying(&c)?.trim().to_owned();
+        if !s.is_empty() {
+            return Ok(s);
         }
+        anyhow::ensure!(std::time::Instant::now() < end, "halfclose-server remembered nothing within 5 s");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
