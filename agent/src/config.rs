@@ -34,6 +34,13 @@ pub struct AgentConfig {
     /// The socket the CNI plugin, the proxy and the CLI talk to (mode 0600).
     #[arg(global = true, long, env = "PODSTEER_SOCKET", default_value = defaults::SOCKET)]
     pub socket: PathBuf,
+    /// A socket for sidecars that run as the proxy UID from their start (the
+    /// injector's): anyone may connect (mode 0666, in a directory of its own
+    /// that pods mount), and it answers only `RegisterListener`, from a
+    /// process with the proxy UID or root inside a registered pod's netns,
+    /// for that pod. See SECURITY.md.
+    #[arg(global = true, long, env = "PODSTEER_SIDECAR_SOCKET")]
+    pub sidecar_socket: Option<PathBuf>,
     /// The shared proxy's control socket (SOCK_SEQPACKET). With it, a pod is
     /// ready only once the proxy has opened its listeners.
     #[arg(global = true, long, env = "PODSTEER_PROXY_SOCKET")]

@@ -527,6 +527,13 @@ impl Controller {
         }
         match self.redirector.set_inbound_listener(rec.netns_cookie, family, fd) {
             Ok(()) => Response::ok(serde_json::json!({"registered": true, "sk_msg": self.sk_msg_feeds(&rec.policy)})),
+            // A sidecar does not know the node's mode, and in iptables mode it
+            // needs nothing from the agent: a refusal would stop it starting.
+            Err(crate::redirect::RedirectError::NotEbpf) => Response::ok(serde_json::json!({
+                "registered": false,
+                "sk_msg": false,
+                "why": "iptables mode: REDIRECT in the pod's netns brings inbound connections to the listener",
+            })),
             Err(e) => Response::err(ErrorKind::BadRequest, error_chain(&e)),
         }
     }

@@ -8,15 +8,7 @@ use podsteer_common::policy::{MAX_CIDRS, MAX_PORTS, flags};
 use podsteer_common::{Cidr, PodPolicy};
 use serde::{Deserialize, Serialize};
 
-/// Annotation keys, in the style of Istio's `traffic.sidecar.istio.io/*`.
-pub mod annotations {
-    pub use podsteer_proto::inject::INJECT;
-    pub const EXCLUDE_OUTBOUND_PORTS: &str = "podsteer.io/exclude-outbound-ports";
-    pub const EXCLUDE_INBOUND_PORTS: &str = "podsteer.io/exclude-inbound-ports";
-    pub const EXCLUDE_OUTBOUND_CIDRS: &str = "podsteer.io/exclude-outbound-cidrs";
-    pub const PROXY_MODE: &str = "podsteer.io/proxy-mode";
-    pub const SK_MSG: &str = "podsteer.io/sk-msg";
-}
+pub use podsteer_proto::annotations;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {

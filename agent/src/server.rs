@@ -14,8 +14,31 @@ use tracing::warn;
 use crate::api::{self, ErrorKind, Request, Response};
 use crate::state::{Event, Handle};
 
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    Ok(UnixListener::from(crate::sys::bind_owner_only(path, nix::sys::socket::SockType::Stream)?))
+/// Which socket a connection came in on, which decides who its peer can be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Socket {
+    /// The agent socket: owner-only, for the plugin, the CLI and root sidecars.
+    Agent,
+    /// The sidecar socket: world-connectable, for sidecars running as `proxy_uid`.
+    Sidecars { proxy_uid: u32 },
+}
+
+impl Socket {
+    fn name(self) -> &'static str {
+        match self {
+            Socket::Agent => "agent",
+            Socket::Sidecars { .. } => "sidecar",
+        }
+    }
+}
+
+pub fn bind(path: &Path, socket: Socket) -> anyhow::Result<UnixListener> {
+    let mode = match socket {
+        Socket::Agent => 0o600,
+        // Who may use it is decided per connection, by netns and uid.
+        Socket::Sidecars { .. } => 0o666,
+    };
+    Ok(UnixListener::from(crate::sys::bind_unix(path, nix::sys::socket::SockType::Stream, mode)?))
 }
 
 /// Connections served at once from the node's own netns (the CNI plugin runs
@@ -27,14 +50,14 @@ const OTHER_CONNECTIONS: usize = 4;
 /// long is cut off so it does not hold its thread.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-pub fn serve(listener: UnixListener, state: Handle) {
+pub fn serve(listener: UnixListener, state: Handle, socket: Socket) {
     let own = crate::peer::NetnsId::own().ok();
     let open: Arc<Mutex<HashMap<crate::peer::NetnsId, usize>>> = Arc::default();
     for conn in listener.incoming() {
         let stream = match conn {
             Ok(s) => s,
             Err(e) => {
-                accept_failed("agent", &e);
+                accept_failed(socket.name(), &e);
                 continue;
             }
         };
@@ -56,7 +79,7 @@ pub fn serve(listener: UnixListener, state: Handle) {
         let state = state.clone();
         let spawned = std::thread::Builder::new().name("agent-conn".into()).spawn(move || {
             let _slot = slot;
-            handle(stream, peer, &state)
+            handle(stream, peer, &state, socket)
         });
         if let Err(e) = spawned {
             warn!(error = %e, "no thread for an agent connection");
@@ -107,14 +130,14 @@ fn accept_failed(socket: &str, e: &dyn std::fmt::Display) {
     std::thread::sleep(std::time::Duration::from_millis(50));
 }
 
-fn handle(stream: UnixStream, peer: crate::peer::Peer, state: &Handle) {
+fn handle(stream: UnixStream, peer: crate::peer::Peer, state: &Handle, socket: Socket) {
     let resp = match api::read_request(&stream) {
         Err(e) => Response::err(ErrorKind::BadRequest, format!("reading request: {e}")),
         Ok((line, fds)) => match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::err(ErrorKind::BadRequest, format!("malformed request: {e}")),
             Ok(req) => {
                 let command = req.name();
-                let r = answer(state, &peer, req, fds.into_iter().next());
+                let r = answer(state, &peer, socket, req, fds.into_iter().next());
                 count(command, result_label(&r));
                 r
             }
@@ -128,9 +151,12 @@ fn handle(stream: UnixStream, peer: crate::peer::Peer, state: &Handle) {
 /// waits, outside the manager, until a live proxy is connected (see
 /// `ProxyLink::wait_live`); a missing one shows up as the ADD's own "try
 /// again" error.
-fn answer(state: &Handle, peer: &crate::peer::Peer, req: Request, fd: Option<std::os::fd::OwnedFd>) -> Response {
+fn answer(state: &Handle, peer: &crate::peer::Peer, socket: Socket, req: Request, fd: Option<std::os::fd::OwnedFd>) -> Response {
     let snap = state.snapshot();
-    let caller = snap.caller(peer);
+    let caller = match socket {
+        Socket::Agent => snap.caller(peer),
+        Socket::Sidecars { proxy_uid } => snap.sidecar_caller(peer, proxy_uid),
+    };
     if let Err(why) = crate::peer::authorize(&caller, &req) {
         warn!(pid = peer.pid, uid = peer.uid, ?caller, request = req.name(), why, "request refused");
         return Response::err(ErrorKind::Forbidden, why);

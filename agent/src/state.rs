@@ -81,6 +81,20 @@ impl Snapshot {
         if self.node_netns.contains(&peer.netns) {
             return Caller::Node;
         }
+        self.pod_caller(peer)
+    }
+
+    /// Classifies a peer of the sidecar socket: only a process in a registered
+    /// pod's netns, with the proxy UID or root, acts (for that pod); the node
+    /// has the agent socket and is nobody here.
+    pub fn sidecar_caller(&self, peer: &Peer, proxy_uid: u32) -> Caller {
+        if peer.uid != 0 && peer.uid != proxy_uid {
+            return Caller::Unprivileged { uid: peer.uid };
+        }
+        self.pod_caller(peer)
+    }
+
+    fn pod_caller(&self, peer: &Peer) -> Caller {
         match self.pod_netns.iter().find(|(n, _)| *n == peer.netns) {
             Some((_, uid)) => Caller::Pod(uid.clone()),
             None => Caller::Elsewhere { pid: peer.pid },
@@ -341,6 +355,13 @@ mod tests {
         assert!(matches!(s.caller(&peer(0, 7)), Caller::Pod(ref u) if u == "uid-a"));
         assert!(matches!(s.caller(&peer(0, 9)), Caller::Elsewhere { pid: 42 }));
         assert!(matches!(s.caller(&peer(1000, 1)), Caller::Unprivileged { uid: 1000 }));
+        assert!(matches!(s.caller(&peer(1337, 7)), Caller::Unprivileged { uid: 1337 }), "the agent socket is root's");
+        // The sidecar socket: the proxy UID (or root) in a registered pod, and nobody else, the node included.
+        assert!(matches!(s.sidecar_caller(&peer(1337, 7), 1337), Caller::Pod(ref u) if u == "uid-a"));
+        assert!(matches!(s.sidecar_caller(&peer(0, 7), 1337), Caller::Pod(ref u) if u == "uid-a"));
+        assert!(matches!(s.sidecar_caller(&peer(1000, 7), 1337), Caller::Unprivileged { uid: 1000 }));
+        assert!(matches!(s.sidecar_caller(&peer(1337, 9), 1337), Caller::Elsewhere { pid: 42 }));
+        assert!(matches!(s.sidecar_caller(&peer(0, 1), 1337), Caller::Elsewhere { pid: 42 }), "the node uses the agent socket");
     }
 
     #[test]

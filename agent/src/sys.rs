@@ -34,6 +34,12 @@ fn syscall(call: &'static str) -> SysError {
 /// A listening Unix socket at `path` that only root can connect to. A stale
 /// socket file from an earlier run is replaced.
 pub fn bind_owner_only(path: &Path, kind: nix::sys::socket::SockType) -> std::io::Result<OwnedFd> {
+    bind_unix(path, kind, 0o600)
+}
+
+/// A listening Unix socket at `path` with file mode `mode` (which decides who
+/// may connect), replacing a stale one.
+pub fn bind_unix(path: &Path, kind: nix::sys::socket::SockType, mode: u32) -> std::io::Result<OwnedFd> {
     use nix::sys::socket::{AddressFamily, Backlog, SockFlag, UnixAddr, bind, listen, socket};
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
@@ -42,7 +48,7 @@ pub fn bind_owner_only(path: &Path, kind: nix::sys::socket::SockType) -> std::io
     let _ = std::fs::remove_file(path);
     let fd = socket(AddressFamily::Unix, kind, SockFlag::SOCK_CLOEXEC, None)?;
     bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     listen(&fd, Backlog::new(128).map_err(std::io::Error::from)?)?;
     Ok(fd)
 }

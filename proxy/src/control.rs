@@ -32,7 +32,7 @@ pub fn run(socket: &Path, state: &State) {
                     Ok(()) => return,
                     Err(e) => warn!(error = %e, "control session ended; reconnecting"),
                 }
-                state.connected.store(false, Ordering::Relaxed);
+                state.serving.store(false, Ordering::Relaxed);
             }
             Err(e) => tracing::debug!(error = %e, "agent not reachable yet"),
         }
@@ -43,7 +43,7 @@ pub fn run(socket: &Path, state: &State) {
 /// One connection to the agent. Returns Ok only after a Drain.
 fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
     wire::send(conn.as_fd(), &FromProxy::Hello { pid: std::process::id(), version: env!("CARGO_PKG_VERSION").into() }, &[])?;
-    state.connected.store(true, Ordering::Relaxed);
+    state.serving.store(true, Ordering::Relaxed);
     loop {
         let (bytes, mut fds) = wire::recv_raw(conn.as_fd())?;
         let msg: ToProxy = match wire::decode(&bytes) {

@@ -71,8 +71,13 @@ impl Containerd {
     }
 
     fn import(&self, name: &str, entrypoint: &[&str]) -> anyhow::Result<()> {
+        self.import_with(name, entrypoint, &[])
+    }
+
+    /// Imports an image of busybox plus `extra` files (see [`images::with_libraries`]).
+    pub fn import_with(&self, name: &str, entrypoint: &[&str], extra: &[(PathBuf, String)]) -> anyhow::Result<()> {
         let tar = self.dir.join(format!("{}.tar", name.replace(['/', ':'], "_")));
-        images::write_oci_tar(&tar, name, entrypoint)?;
+        images::write_oci_tar_with(&tar, name, entrypoint, extra)?;
         let out = std::process::Command::new("ctr")
             .args(["--address", &self.socket.display().to_string(), "-n", "k8s.io", "images", "import", "--snapshotter", "native"])
             .arg(&tar)
@@ -120,9 +125,6 @@ impl Containerd {
     /// CreateContainer + StartContainer of the app image running `script` with sh -c;
     /// waits for it to exit and returns its log.
     pub fn run_to_completion(&mut self, sandbox: &str, namespace: &str, name: &str, script: &str) -> anyhow::Result<String> {
-        let uid = format!("{}-{name}", self.node.id());
-        let logs = self.dir.join("logs").join(name);
-        let sandbox_config = self.sandbox_config(namespace, name, &uid, &logs, &[]);
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata { name: "app".into(), attempt: 0 }),
             image: Some(cri::ImageSpec { image: APP_IMAGE.into(), ..Default::default() }),
@@ -130,8 +132,30 @@ impl Containerd {
             log_path: "app.log".into(),
             ..Default::default()
         };
+        let id = self.start_container(sandbox, namespace, name, &[], config)?;
+        self.wait_exited(&id, Duration::from_secs(20))?;
+        Ok(self.container_log(name, "app.log"))
+    }
+
+    /// The uid the lab gives the pod `name` (CNI_ARGS' K8S_POD_UID).
+    pub fn pod_uid(&self, name: &str) -> String {
+        format!("{}-{name}", self.node.id())
+    }
+
+    /// CreateContainer + StartContainer of `config` in the sandbox of pod
+    /// `name` (made with `annotations`); its id.
+    pub fn start_container(
+        &mut self,
+        sandbox: &str,
+        namespace: &str,
+        name: &str,
+        annotations: &[(&str, &str)],
+        config: cri::ContainerConfig,
+    ) -> anyhow::Result<String> {
+        let logs = self.dir.join("logs").join(name);
+        let sandbox_config = self.sandbox_config(namespace, name, &self.pod_uid(name), &logs, annotations);
         let sb = sandbox.to_owned();
-        let id = self.cri(async |c| {
+        self.cri(async |c| {
             let id = c
                 .create_container(cri::CreateContainerRequest {
                     pod_sandbox_id: sb,
@@ -143,21 +167,29 @@ impl Containerd {
                 .container_id;
             c.start_container(cri::StartContainerRequest { container_id: id.clone() }).await?;
             Ok(id)
-        })?;
+        })
+    }
+
+    /// Waits for container `id` to exit.
+    pub fn wait_exited(&mut self, id: &str, deadline: Duration) -> anyhow::Result<()> {
         let rt = &self.rt;
         let client = &mut self.client;
-        crate::wait::until("the app container to exit", Duration::from_secs(20), || {
+        crate::wait::until("the container to exit", deadline, || {
             rt.block_on(async {
                 let st = client
-                    .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                    .container_status(cri::ContainerStatusRequest { container_id: id.to_owned(), verbose: false })
                     .await
                     .ok()?
                     .into_inner()
                     .status?;
                 (st.state == cri::ContainerState::ContainerExited as i32).then_some(())
             })
-        })?;
-        Ok(std::fs::read_to_string(logs.join("app.log")).unwrap_or_default())
+        })
+    }
+
+    /// A container's log (its `log_path`, under pod `name`'s log directory).
+    pub fn container_log(&self, name: &str, log_path: &str) -> String {
+        std::fs::read_to_string(self.dir.join("logs").join(name).join(log_path)).unwrap_or_default()
     }
 
     /// RunPodSandbox for every name at once, as a kubelet starting a burst of

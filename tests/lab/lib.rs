@@ -10,9 +10,12 @@
 
 pub mod admin;
 pub mod agent;
+pub mod cluster;
 pub mod cni;
 pub mod containerd;
 pub mod images;
+pub mod injector;
+pub mod kubelet;
 pub mod node;
 pub mod pod;
 pub mod proxy;

@@ -229,3 +229,68 @@ fn an_add_claiming_addresses_its_netns_lacks_is_refused() -> anyhow::Result<()> 
     assert_eq!(s.state()?, before, "no pod's state changed");
     Ok(())
 }
+
+/// The sidecar socket (`--sidecar-socket`) is world-connectable so that
+/// injected sidecars, which run as the proxy UID from their start, can reach
+/// it. Being able to connect must buy nothing else: it answers only the proxy
+/// UID (or root) in a registered pod, only RegisterListener, only for that
+/// pod; the node itself is refused there (it has the agent socket), and the
+/// agent socket stays root's.
+#[test]
+fn the_sidecar_socket_answers_only_a_pods_own_proxy_uid() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let node = Node::new(NodeOptions::default())?;
+    let sidecar_sock = node.state_dir().join("sidecar").join("agent.sock");
+    let agent = Agent::start(&node, "ebpf", &["--sidecar-socket", &sidecar_sock.display().to_string()])?;
+    let a = node.add_pod(PodSpec::new("default", "a"))?;
+    let b = node.add_pod(PodSpec::new("default", "b"))?;
+    for p in [&a, &b] {
+        agent.add_pod(p, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let stranger = node.add_pod(PodSpec::new("default", "stranger"))?;
+    assert_eq!(std::fs::metadata(&sidecar_sock)?.permissions().mode() & 0o777, 0o666);
+    assert_eq!(std::fs::metadata(&agent.socket)?.permissions().mode() & 0o777, 0o600);
+    // `agent-call` from inside `pod`, as `uid`.
+    let send = |pod: &Pod, uid: u32, socket: &std::path::Path, req: &Request, fd: Option<&str>| -> anyhow::Result<Response> {
+        let mut cmd = pod.command("setpriv")?;
+        let id = uid.to_string();
+        cmd.args(["--reuid", &id, "--regid", &id, "--clear-groups"]).arg(podsteer_lab::agent::bin("podsteer-lab-tool"));
+        cmd.args(["agent-call", &socket.display().to_string(), &serde_json::to_string(req)?]).args(fd);
+        let out = cmd.output()?;
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| anyhow::anyhow!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let own = Request::RegisterListener { uid: a.uid().into(), family: 2 };
+    let before = agent.pods()?;
+    let cases: Vec<(&str, &Pod, u32, Request, Option<&str>)> = vec![
+        (
+            "the proxy UID registering for another pod",
+            &a,
+            1337,
+            Request::RegisterListener { uid: b.uid().into(), family: 2 },
+            Some("listen4"),
+        ),
+        ("the proxy UID unmeshing the node", &a, 1337, Request::Gc { keep: vec![] }, None),
+        ("the proxy UID removing its own pod", &a, 1337, Request::Del { uid: a.uid().into() }, None),
+        ("the proxy UID listing pods", &a, 1337, Request::Pods, None),
+        ("another UID in the pod", &a, 1000, own.clone(), Some("listen4")),
+        ("the proxy UID in an unknown pod", &stranger, 1337, Request::RegisterListener { uid: a.uid().into(), family: 2 }, Some("listen4")),
+        ("root in an unknown pod", &stranger, 0, Request::Status, None),
+    ];
+    for (what, pod, uid, req, fd) in cases {
+        refused(&send(pod, uid, &sidecar_sock, &req, fd)?, ErrorKind::Forbidden, what);
+    }
+    // The node on the sidecar socket is nobody.
+    let r = podsteer_agent::api::call(&sidecar_sock, &Request::Status, podsteer_lab::agent::CALL_DEADLINE, None)?;
+    refused(&r, ErrorKind::Forbidden, "the node on the sidecar socket");
+    assert_eq!(agent.pods()?, before, "no pod's state changed");
+    // The proxy UID cannot even connect to the agent socket.
+    let mut cmd = a.command("setpriv")?;
+    cmd.args(["--reuid", "1337", "--regid", "1337", "--clear-groups"]).arg(podsteer_lab::agent::bin("podsteer-lab-tool"));
+    let out = cmd.args(["agent-call", &agent.socket.display().to_string(), &serde_json::to_string(&Request::Status)?]).output()?;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("ermission denied"), "{out:?}");
+    // What it is for: the proxy UID in its own pod registers its own listener.
+    let ok = send(&a, 1337, &sidecar_sock, &own, Some("listen4"))?;
+    assert!(ok.ok && ok.data.as_ref().is_some_and(|d| d["registered"] == true), "{ok:?}");
+    Ok(())
+}

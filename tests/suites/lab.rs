@@ -188,3 +188,39 @@ fn del_uses_the_cached_result_and_a_second_del_without_netns_succeeds() -> anyho
     node.runtime().del(&Attachment { netns: String::new(), ..att })?;
     Ok(())
 }
+
+/// Two nodes, each with its own bridge and pod CIDR, joined by an underlay:
+/// pods reach each other across it by their own addresses (no NAT), both
+/// families, and the bytes cross the switch.
+#[test]
+fn pods_on_two_nodes_talk_across_the_underlay_by_their_own_addresses() -> anyhow::Result<()> {
+    use podsteer_lab::cluster::Cluster;
+    let cluster = Cluster::new(2, NodeOptions::default())?;
+    let a = cluster.nodes[0].add_pod(PodSpec::new("default", "a"))?;
+    let b = cluster.nodes[1].add_pod(PodSpec::new("default", "b"))?;
+    let (a4, b4) = (a.ipv4().expect("v4"), b.ipv4().expect("v4"));
+    assert!(in_subnet(a4, "10.244.0.") && in_subnet(b4, "10.244.1."), "each node has its own pod CIDR: {a4} {b4}");
+    assert!(b.ipv6().is_some_and(|ip| in_subnet(ip, "fd00:10:244:1:")), "{:?}", b.ipv6());
+    let port = Cluster::switch_port(0);
+    let before = cluster.switch().if_counters(&port)?;
+    for ip in [b4, b.ipv6().expect("v6")] {
+        // The server sees the client pod's own address: host-gw routing, no masquerade.
+        let listener = b.run(|| TcpListener::bind(SocketAddr::new(ip, 0)))??;
+        let addr = listener.local_addr()?;
+        let server = std::thread::spawn(move || -> std::io::Result<(SocketAddr, Vec<u8>)> {
+            let (mut c, peer) = listener.accept()?;
+            let mut buf = vec![0u8; 6];
+            c.read_exact(&mut buf)?;
+            c.write_all(&buf)?;
+            Ok((peer, buf))
+        });
+        let back = echo_round_trip(a.netns(), addr, b"across")?;
+        assert_eq!(back, b"across");
+        let (peer, _) = server.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+        let own = if ip.is_ipv4() { a4 } else { a.ipv6().expect("v6") };
+        assert_eq!(peer.ip(), own, "the server sees the client pod's address");
+    }
+    let after = cluster.switch().if_counters(&port)?;
+    assert!(after.rx_packets >= before.rx_packets + 6, "the connections crossed node 0's underlay port: {before:?} {after:?}");
+    Ok(())
+}

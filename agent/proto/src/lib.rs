@@ -1,6 +1,7 @@
 //! podsteer-proto: what the agent, the CNI plugin, the proxy and the CLI share,
 //! so none of them depends on another's crate.
 //!
+//! - [`annotations`]: the pod annotations podsteer reads (the injector writes some);
 //! - [`api`]: the agent socket (plugin, CLI, sidecar proxies → agent);
 //! - [`control`]: the proxy control socket (agent ⇄ shared proxy);
 //! - [`inject`]: whether a pod is meshed at all, decided alike by the plugin and the agent;
@@ -8,6 +9,7 @@
 //! - [`logs`], [`admin`]: the log set-up and the admin endpoint both daemons run.
 
 pub mod admin;
+pub mod annotations;
 pub mod api;
 pub mod cni;
 pub mod control;

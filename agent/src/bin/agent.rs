@@ -33,7 +33,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run => {
             // Signals are taken by one thread with sigwait; every other thread inherits the block.
             let signals = block_signals()?;
-            let listener = server::bind(&cli.config.socket)?;
+            let listener = server::bind(&cli.config.socket, server::Socket::Agent)?;
+            let sidecars = server::Socket::Sidecars { proxy_uid: cli.config.proxy_uid };
+            let sidecar_listener = cli.config.sidecar_socket.as_deref().map(|p| server::bind(p, sidecars)).transpose()?;
             if cli.config.install_cni {
                 let installer = cli.config.installer();
                 if let Err(e) = installer.install() {
@@ -71,8 +73,12 @@ fn main() -> anyhow::Result<()> {
             info!(%admin, "ready");
             std::thread::Builder::new().name("api".into()).spawn({
                 let state = state.clone();
-                move || server::serve(listener, state)
+                move || server::serve(listener, state, server::Socket::Agent)
             })?;
+            if let Some(l) = sidecar_listener {
+                let state = state.clone();
+                std::thread::Builder::new().name("sidecar-api".into()).spawn(move || server::serve(l, state, sidecars))?;
+            }
             let sig = signals.wait()?;
             if sig == Signal::SIGUSR1 || cfg_for_uninstall.uninstall_on_exit {
                 // The explicit uninstall signal; a plain SIGTERM is an upgrade and leaves everything in place.

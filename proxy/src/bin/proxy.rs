@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let settings = Arc::new(cfg.settings());
     metrics.set_limits(&settings);
     let pods = Pods::new(rt.handle().clone(), settings, metrics.clone());
-    let state = Arc::new(State::new(pods, metrics, cfg.control.is_some()));
+    let state = Arc::new(State::new(pods, metrics));
     let admin = admin::spawn(cfg.admin, state.clone()).with_context(|| format!("admin endpoint {}", cfg.admin))?;
     info!(%admin, "admin endpoint");
 
@@ -83,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         // and the agent gave the pod the way back.
         let keep = podsteer_proxy::socket::return_path_ready();
         state.with_pods(|p| p.keep_client_address("self", keep));
+        state.serving.store(true, std::sync::atomic::Ordering::Relaxed);
         info!(keep_client_address = keep, "sidecar listeners open");
     }
     if let Some(socket) = cfg.control.clone() {
