@@ -158,3 +158,40 @@ fn errors_are_one_line_with_conventional_exit_codes() -> anyhow::Result<()> {
     one_line(&o);
     Ok(())
 }
+
+/// `podsteer ca create` makes the mesh's CA files without root, never
+/// overwrites a CA, and refuses a bad trust domain without writing a file.
+#[test]
+fn ca_create_makes_a_ca_once_and_needs_no_root() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let node = Node::new(NodeOptions::default())?;
+    let dir = node.state_dir().join("mesh-ca");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(node.state_dir(), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+    let as_user = |args: &[&str]| -> anyhow::Result<Output> {
+        Ok(std::process::Command::new("setpriv")
+            .args(["--reuid", "1000", "--regid", "1000", "--clear-groups"])
+            .arg(bin("podsteer"))
+            .args(args)
+            .output()?)
+    };
+    let out_dir = dir.join("ca").display().to_string();
+    let o = as_user(&["ca", "create", "--trust-domain", "cluster.local", "--out", &out_dir, "-o", "json"])?;
+    assert!(o.status.success(), "{o:?}");
+    let v: Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(v["files"], serde_json::json!(["ca.crt", "issuer.crt", "issuer.key"]));
+    let key = std::fs::read(dir.join("ca/issuer.key"))?;
+    assert_eq!(std::fs::metadata(dir.join("ca/issuer.key"))?.permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read_to_string(dir.join("ca/ca.crt"))?.starts_with("-----BEGIN CERTIFICATE-----"));
+    let again = as_user(&["ca", "create", "--out", &out_dir])?;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists: refusing to overwrite a CA"), "{again:?}");
+    assert_eq!(std::fs::read(dir.join("ca/issuer.key"))?, key, "the CA is untouched");
+    let bad_dir = dir.join("bad").display().to_string();
+    let bad = as_user(&["ca", "create", "--trust-domain", "Cluster Local", "--out", &bad_dir])?;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("trust domain \"Cluster Local\""), "{bad:?}");
+    assert!(!dir.join("bad").exists(), "nothing written for a bad trust domain");
+    Ok(())
+}

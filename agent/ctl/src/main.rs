@@ -46,28 +46,62 @@ enum Cmd {
     Pods,
     /// Would a connection from POD (NAMESPACE/NAME) to DEST (IP:PORT) be intercepted?
     Explain { pod: String, dest: String },
+    /// The mesh's certificate authority, for the local issuer.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Make a root CA in OUT: ca.crt (the trust bundle), issuer.crt and
+    /// issuer.key (owner-only). Never overwrites one.
+    Create {
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), CtlError> {
-    ctl::require_root()?;
-    let paths = Paths { bpffs: cli.bpffs, state_dir: cli.state_dir, socket: cli.socket, cni_conf_dir: cli.cni_conf_dir };
     let json = cli.output == Format::Json;
+    // Every command but `ca` reads this node's state, which is root's.
+    let paths = Paths { bpffs: cli.bpffs, state_dir: cli.state_dir, socket: cli.socket, cni_conf_dir: cli.cni_conf_dir };
+    let node = || ctl::require_root().map(|()| &paths);
     match cli.cmd {
         Cmd::Maps { map, pod } => {
-            let d = maps::dump(&paths, map.as_deref(), pod.as_deref())?;
+            let d = maps::dump(node()?, map.as_deref(), pod.as_deref())?;
             if json { print_json(&d) } else { print!("{}", maps::render(&d)) }
         }
         Cmd::Status => {
-            let s = status::status(&paths)?;
+            let s = status::status(node()?)?;
             if json { print_json(&s) } else { print!("{}", status::render_status(&s)) }
         }
         Cmd::Pods => {
-            let p = status::pods(&paths)?;
+            let p = status::pods(node()?)?;
             if json { print_json(&p) } else { print!("{}", status::render_pods(&p)) }
         }
         Cmd::Explain { pod, dest } => {
-            let e = explain::explain(&paths, &pod, &dest)?;
+            let e = explain::explain(node()?, &pod, &dest)?;
             if json { print_json(&e) } else { print!("{}", explain::render(&e)) }
+        }
+        Cmd::Ca { cmd: CaCmd::Create { trust_domain, out, days } } => {
+            use podsteer_identity::ca;
+            let made = ca::create(&out, &trust_domain, days).map_err(|e| CtlError::new(exit::FAILURE, e.to_string()))?;
+            let files = [ca::BUNDLE_FILE, ca::ISSUER_CERT_FILE, ca::ISSUER_KEY_FILE];
+            if json {
+                print_json(&serde_json::json!({"trust_domain": trust_domain, "dir": made.dir, "files": files}));
+            } else {
+                println!("CA for {trust_domain} in {}: {} (the key owner-only)", made.dir.display(), files.join(", "));
+                println!(
+                    "to hand it to the agents: kubectl -n podsteer-system create secret generic podsteer-ca --from-file={}",
+                    made.dir.display()
+                );
+            }
         }
     }
     Ok(())
