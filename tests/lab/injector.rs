@@ -97,6 +97,14 @@ impl Injector {
             .context("HTTPS request timed out")?
     }
 
+    /// One sample from its /metrics (over HTTPS), by full name and labels; 0 when absent.
+    pub fn metric(&self, ca: &CertificateDer<'static>, name_and_labels: &str) -> anyhow::Result<f64> {
+        let (status, body) = self.request(ca, "GET", "/metrics", Vec::new())?;
+        anyhow::ensure!(status == 200, "/metrics: HTTP {status}");
+        let text = String::from_utf8(body)?;
+        Ok(text.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0))
+    }
+
     /// Its JSON log lines so far.
     pub fn log_lines(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()

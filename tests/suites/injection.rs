@@ -242,6 +242,16 @@ fn the_webhook_injects_exactly_the_pods_it_should_and_is_idempotent() -> anyhow:
     let (status, body) = inj.post(&ca.cert, "/inject/namespace", serde_json::to_vec(&delete)?)?;
     let v: Value = serde_json::from_slice(&body)?;
     assert_eq!((status, v["response"]["allowed"].as_bool(), v["response"]["uid"].as_str()), (200, Some(true), Some("uid-delete")), "{v}");
+    // /metrics counts each answer: 7 + 1 injected; skipped: the 4 + 1 left
+    // alone, the 8 second passes, the update and the delete.
+    let reviews = |result: &str, scope: &str| {
+        inj.metric(&ca.cert, &format!("podsteer_injector_reviews_total{{result=\"{result}\",scope=\"{scope}\"}}"))
+    };
+    assert_eq!(reviews("injected", "namespace")?, 7.0);
+    assert_eq!(reviews("injected", "pod")?, 1.0);
+    assert_eq!(reviews("skipped", "namespace")?, 4.0 + 7.0 + 2.0);
+    assert_eq!(reviews("skipped", "pod")?, 2.0);
+    assert_eq!(reviews("malformed", "namespace")?, 0.0);
     Ok(())
 }
 
@@ -318,6 +328,9 @@ fn malformed_reviews_get_400_and_nothing_is_injected() -> anyhow::Result<()> {
     assert!(!messages.iter().any(|m| *m == "injected" || *m == "not injected"), "nothing was reviewed: {messages:?}");
     // And the injector still serves a good one.
     assert!(answer(&inj, &ca, "/inject/namespace", "uid-good", &pods["app-with-logging"])?.is_some());
+    let reviews =
+        |result: &str| inj.metric(&ca.cert, &format!("podsteer_injector_reviews_total{{result=\"{result}\",scope=\"namespace\"}}"));
+    assert_eq!((reviews("malformed")?, reviews("injected")?), (cases.len() as f64, 1.0), "each malformed review counted");
     Ok(())
 }
 

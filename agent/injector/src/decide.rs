@@ -23,6 +23,14 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Its name in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::Namespace => "namespace",
+            Scope::Pod => "pod",
+        }
+    }
+
     /// The webhook path each scope is served on.
     pub fn from_path(path: &str) -> Option<Scope> {
         match path {

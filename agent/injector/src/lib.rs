@@ -10,10 +10,11 @@
 //! - [`sidecar`]: the container and volume added (pure);
 //! - [`patch`]: the RFC 6902 patch, checked by applying it before it is sent;
 //! - [`review`]: `AdmissionReview` in, `AdmissionReview` out;
-//! - [`server`], [`tls`]: HTTPS.
+//! - [`server`], [`tls`]: HTTPS; [`metrics`]: what it did.
 
 pub mod config;
 pub mod decide;
+pub mod metrics;
 pub mod patch;
 pub mod review;
 pub mod server;

@@ -15,7 +15,8 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
         info!(listen = %listener.local_addr()?, image = cfg.sidecar.proxy_image, native_sidecars = cfg.sidecar.native_sidecars, "injector ready");
-        let serve = podsteer_injector::server::serve(listener, tls, Arc::new(cfg.sidecar));
+        let metrics = Arc::new(podsteer_injector::metrics::Metrics::default());
+        let serve = podsteer_injector::server::serve(listener, tls, Arc::new(cfg.sidecar), metrics);
         tokio::select! {
             _ = serve => Ok(()),
             _ = tokio::signal::ctrl_c() => Ok(()),
