@@ -41,6 +41,17 @@ pub struct AgentConfig {
     /// for that pod. See SECURITY.md.
     #[arg(global = true, long, env = "PODSTEER_SIDECAR_SOCKET")]
     pub sidecar_socket: Option<PathBuf>,
+    /// A directory of Pod manifests (YAML or JSON), one per pod, keyed by
+    /// `metadata.uid`: who each pod is (namespace and service account). With
+    /// it, a pod the directory does not name is not enrolled: its ADD waits
+    /// `--workload-wait-ms`, then fails and the runtime retries.
+    #[arg(global = true, long, env = "PODSTEER_WORKLOAD_DIR")]
+    pub workload_dir: Option<PathBuf>,
+    #[arg(global = true, long, env = "PODSTEER_WORKLOAD_WAIT_MS", default_value_t = 10_000)]
+    pub workload_wait_ms: u64,
+    /// The SPIFFE trust domain of the pods' identities.
+    #[arg(global = true, long, env = "PODSTEER_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// The shared proxy's control socket (SOCK_SEQPACKET). With it, a pod is
     /// ready only once the proxy has opened its listeners.
     #[arg(global = true, long, env = "PODSTEER_PROXY_SOCKET")]

@@ -38,6 +38,8 @@ pub struct Controller {
     /// The pods' listeners, kept open across proxy restarts.
     kept: crate::kept::KeptListeners,
     beat: Arc<crate::state::Beat>,
+    /// `--workload-dir`: who each pod is. Without it pods have no identity.
+    workloads: Option<Arc<dyn crate::workloads::WorkloadSource>>,
 }
 
 #[derive(Serialize)]
@@ -94,7 +96,11 @@ impl Controller {
             .collect::<anyhow::Result<_>>()?;
         let kept = crate::kept::KeptListeners::default();
         let beat = Arc::default();
-        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns, kept, beat };
+        let workloads = config
+            .workload_dir
+            .as_deref()
+            .map(|d| Arc::new(crate::workloads::DirSource::new(d)) as Arc<dyn crate::workloads::WorkloadSource>);
+        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns, kept, beat, workloads };
         c.remove_stale_state();
         Ok(c)
     }
@@ -246,6 +252,12 @@ impl Controller {
                 format!("pod {} is already registered with netns {}", pod.uid, existing.netns.display()),
             );
         }
+        // Who the pod is comes from the workload source, by UID (never from
+        // its annotations); the ADD's own names must agree with it.
+        let identity = match self.identity(&pod) {
+            Ok(id) => id,
+            Err(r) => return r,
+        };
         // Validate everything before touching the kernel.
         let policy = match Policy::from_annotations(&self.config.node_defaults(), &pod.annotations, &pod.ips) {
             Ok(p) => p,
@@ -307,6 +319,7 @@ impl Controller {
             policy,
             proxy_ready,
             keeps_client_address,
+            identity,
             last_error: None,
         };
         self.registry.insert(rec.clone());
@@ -403,6 +416,34 @@ impl Controller {
     }
 
     /// What an ADD waits on before it is queued (see [`crate::state::Handle::proxy_to_wait_for`]).
+    /// The pod's SPIFFE ID from the workload source; None without a source.
+    /// One look, as the manager must not wait: the socket thread waited
+    /// (`state::Handle::wait_for_workload`) before queueing a plugin's ADD,
+    /// and repair simply tries again on its next pass.
+    fn identity(&self, pod: &PodInfo) -> Result<Option<String>, Response> {
+        let Some(src) = &self.workloads else { return Ok(None) };
+        match src.lookup(&pod.uid) {
+            Ok(Some(w)) if (w.namespace.as_str(), w.name.as_str()) != (pod.namespace.as_str(), pod.name.as_str()) => Err(Response::err(
+                ErrorKind::BadRequest,
+                format!(
+                    "pod {} is {}/{} to the workload source but {}/{} to the runtime",
+                    pod.uid, w.namespace, w.name, pod.namespace, pod.name
+                ),
+            )),
+            Ok(Some(w)) => Ok(Some(w.spiffe_id(&self.config.trust_domain))),
+            Ok(None) => Err(Response::err(
+                ErrorKind::NotReady,
+                format!("the workload source does not know pod {} yet: no identity to give it", pod.uid),
+            )),
+            Err(e) => Err(Response::err(ErrorKind::NotReady, error_chain(&e))),
+        }
+    }
+
+    /// The workload source and how long a plugin's ADD may wait for it.
+    pub fn workload_wait(&self) -> Option<(Arc<dyn crate::workloads::WorkloadSource>, Duration)> {
+        self.workloads.clone().map(|w| (w, Duration::from_millis(self.config.workload_wait_ms)))
+    }
+
     pub fn proxy_wait(&self) -> crate::state::ProxyWait {
         crate::state::ProxyWait {
             link: self.proxy.clone(),

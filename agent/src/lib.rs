@@ -24,3 +24,4 @@ pub mod return_path;
 pub mod server;
 pub mod state;
 pub mod sys;
+pub mod workloads;

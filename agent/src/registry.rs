@@ -31,6 +31,9 @@ pub struct PodRecord {
     /// from the client's address (see [`crate::return_path`]).
     #[serde(default)]
     pub keeps_client_address: bool,
+    /// Its SPIFFE ID, from the workload source (`--workload-dir`).
+    #[serde(default)]
+    pub identity: Option<String>,
     #[serde(default)]
     pub last_error: Option<String>,
 }

@@ -166,6 +166,11 @@ fn answer(state: &Handle, peer: &crate::peer::Peer, socket: Socket, req: Request
         Request::Pods => Response::ok(&*snap.pods),
         req => {
             if let Request::Add { pod } = &req
+                && let Err(why) = state.wait_for_workload(pod)
+            {
+                return Response::err(ErrorKind::NotReady, why);
+            }
+            if let Request::Add { pod } = &req
                 && let Some((link, deadline)) = state.proxy_to_wait_for(pod)
             {
                 link.wait_live(deadline);

@@ -157,6 +157,7 @@ pub struct Handle {
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
     beat: Arc<Beat>,
     proxy_wait: ProxyWait,
+    workloads: Option<(Arc<dyn crate::workloads::WorkloadSource>, Duration)>,
 }
 
 impl Handle {
@@ -187,6 +188,17 @@ impl Handle {
         }
     }
 
+    /// For a plugin's ADD with a workload source: waits (outside the manager)
+    /// until the source knows the pod, or says why not after the bound.
+    pub fn wait_for_workload(&self, pod: &PodInfo) -> Result<(), String> {
+        match &self.workloads {
+            Some((src, wait)) if !crate::policy::inject_disabled(&pod.annotations) => {
+                crate::workloads::wait_for(src.as_ref(), &pod.uid, *wait).map(drop)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// For an ADD that the shared proxy must take: the link to wait on, and for
     /// how long, before the ADD is queued (never while the manager waits).
     pub fn proxy_to_wait_for(&self, pod: &PodInfo) -> Option<(Arc<ProxyLink>, Duration)> {
@@ -205,7 +217,13 @@ pub fn spawn(ctl: Controller) -> std::io::Result<Handle> {
     let mut manager = Manager { ctl, pods: Arc::default(), pod_netns: Arc::default(), last_ready: None };
     let snapshot = Arc::new(RwLock::new(Arc::new(manager.snapshot(true))));
     beat.touch();
-    let handle = Handle { tx, snapshot: snapshot.clone(), beat: beat.clone(), proxy_wait: manager.ctl.proxy_wait() };
+    let handle = Handle {
+        tx,
+        snapshot: snapshot.clone(),
+        beat: beat.clone(),
+        proxy_wait: manager.ctl.proxy_wait(),
+        workloads: manager.ctl.workload_wait(),
+    };
     std::thread::Builder::new().name("state".into()).spawn(move || manager.run(rx, &snapshot, &beat))?;
     Ok(handle)
 }
@@ -343,7 +361,7 @@ mod tests {
     fn handle(queue: usize, beat: Beat) -> (Handle, Receiver<Event>) {
         let (tx, rx) = mpsc::sync_channel(queue);
         let proxy_wait = ProxyWait { link: None, defaults: defaults(), wait: Duration::ZERO };
-        let h = Handle { tx, snapshot: Arc::new(RwLock::new(Arc::new(snapshot(&[])))), beat: Arc::new(beat), proxy_wait };
+        let h = Handle { tx, snapshot: Arc::new(RwLock::new(Arc::new(snapshot(&[])))), beat: Arc::new(beat), proxy_wait, workloads: None };
         (h, rx)
     }
 
