@@ -601,14 +601,4 @@ fn record(op: &str, r: &Response, started: std::time::Instant) {
     metrics().registration_seconds.get_or_create(&OpLabel { op: op.into() }).observe(started.elapsed().as_secs_f64());
 }
 
-/// An error with its causes on one line, for replies and logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use podsteer_proto::error_chain;

@@ -165,15 +165,13 @@ fn answer(state: &Handle, peer: &crate::peer::Peer, socket: Socket, req: Request
         Request::Status => Response::ok(&snap.status),
         Request::Pods => Response::ok(&*snap.pods),
         req => {
-            if let Request::Add { pod } = &req
-                && let Err(why) = state.wait_for_workload(pod)
-            {
-                return Response::err(ErrorKind::NotReady, why);
-            }
-            if let Request::Add { pod } = &req
-                && let Some((link, deadline)) = state.proxy_to_wait_for(pod)
-            {
-                link.wait_live(deadline);
+            if let Request::Add { pod } = &req {
+                if let Err(why) = state.wait_for_workload(pod) {
+                    return Response::err(ErrorKind::NotReady, why);
+                }
+                if let Some((link, deadline)) = state.proxy_to_wait_for(pod) {
+                    link.wait_live(deadline);
+                }
             }
             state.ask(|reply| Event::Request { req, fd, reply }).unwrap_or_else(|e| e.response())
         }

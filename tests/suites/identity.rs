@@ -34,8 +34,9 @@ fn a_pod_gets_the_identity_its_source_gives_and_waits_for_it_bounded() -> anyhow
     let claimed = [("podsteer.io/identity", "spiffe://cluster.local/ns/kube-system/sa/admin")];
     let rec = std::thread::scope(|s| -> anyhow::Result<serde_json::Value> {
         let add = s.spawn(|| agent.add_pod(&order, &claimed));
-        // Long enough for the ADD to be waiting on the source; its result
-        // below says whether it waited.
+        // The manifest is written after the ADD was sent: without the wait
+        // the ADD would be refused at once (NotReady), so its success is the
+        // proof that it waited.
         std::thread::sleep(Duration::from_millis(300));
         std::fs::write(dir.join("order.yaml"), manifest(&order, "order", Some("order-service")))?;
         add.join().map_err(|_| anyhow::anyhow!("ADD panicked"))??.map_err(|e| anyhow::anyhow!("{e}"))

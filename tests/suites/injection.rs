@@ -161,6 +161,16 @@ fn check_injected(name: &str, before: &Value, after: &Value, native: bool) -> an
     Ok(())
 }
 
+/// A lab node running the injector on `port` with `extra` flags, the CA its
+/// certificate is from, and the test pods. Bound in this order, the injector
+/// stops before its node goes.
+fn webhook(port: u16, extra: &[&str]) -> anyhow::Result<(Node, TestCa, Injector, BTreeMap<String, Value>)> {
+    let node = Node::new(NodeOptions::default())?;
+    let ca = TestCa::new("podsteer test webhook CA")?;
+    let inj = Injector::start(&node, &ca, port, extra)?;
+    Ok((node, ca, inj, seed_pods()?))
+}
+
 enum Expect {
     Inject,
     /// Left alone; the log's reason contains this.
@@ -170,10 +180,7 @@ enum Expect {
 #[test]
 fn the_webhook_injects_exactly_the_pods_it_should_and_is_idempotent() -> anyhow::Result<()> {
     use Expect::*;
-    let node = Node::new(NodeOptions::default())?;
-    let ca = TestCa::new("podsteer test webhook CA")?;
-    let inj = Injector::start(&node, &ca, 9443, &[])?;
-    let pods = seed_pods()?;
+    let (_node, ca, inj, pods) = webhook(9443, &[])?;
     // (pod, webhook path, expected). /inject/namespace is the webhook for
     // namespaces labelled podsteer.io/inject=enabled, /inject/pod the one for all others.
     let cases: &[(&str, &str, Expect)] = &[
@@ -257,10 +264,7 @@ fn the_webhook_injects_exactly_the_pods_it_should_and_is_idempotent() -> anyhow:
 
 #[test]
 fn older_clusters_get_a_regular_first_container() -> anyhow::Result<()> {
-    let node = Node::new(NodeOptions::default())?;
-    let ca = TestCa::new("podsteer test webhook CA")?;
-    let inj = Injector::start(&node, &ca, 9444, &["--native-sidecars=false", "--proxy-image", "registry.example/podsteer:test"])?;
-    let pods = seed_pods()?;
+    let (node, ca, inj, pods) = webhook(9444, &["--native-sidecars=false", "--proxy-image", "registry.example/podsteer:test"])?;
     for name in ["my-service", "app-with-logging", "with-init"] {
         let patch = answer(&inj, &ca, "/inject/namespace", &format!("uid-{name}"), &pods[name])?.expect("a patch");
         let after = apply(&pods[name], &patch)?;
@@ -278,10 +282,7 @@ fn older_clusters_get_a_regular_first_container() -> anyhow::Result<()> {
 
 #[test]
 fn malformed_reviews_get_400_and_nothing_is_injected() -> anyhow::Result<()> {
-    let node = Node::new(NodeOptions::default())?;
-    let ca = TestCa::new("podsteer test webhook CA")?;
-    let inj = Injector::start(&node, &ca, 9445, &[])?;
-    let pods = seed_pods()?;
+    let (_node, ca, inj, pods) = webhook(9445, &[])?;
     let good = review("uid-good", &pods["app-with-logging"], "CREATE");
     let text = serde_json::to_vec(&good)?;
     let mut wrong_kind = good.clone();

@@ -77,8 +77,9 @@ impl PolicySet {
     }
 }
 
-fn verdict<'a>(policies: impl Iterator<Item = &'a Policy>, c: &Conn) -> Verdict {
+fn verdict<'a>(policies: impl Iterator<Item = &'a Policy>, conn: &Conn) -> Verdict {
     let policies: Vec<&Policy> = policies.collect();
+    let c = &Facts::of(conn);
     let mut notes = Vec::new();
     let mut first = |action: Action| -> Option<Match> {
         let mut found = None;
@@ -121,11 +122,25 @@ fn verdict<'a>(policies: impl Iterator<Item = &'a Policy>, c: &Conn) -> Verdict 
     Verdict { decision, decided_by, reason, audited, dry_run: None, l7_notes: notes }
 }
 
+/// What the rules look at, derived from the connection once per verdict.
+struct Facts<'a> {
+    conn: &'a Conn,
+    /// `td/ns/<ns>/sa/<sa>`, as principals are written.
+    principal: Option<String>,
+    namespace: Option<&'a str>,
+}
+
+impl<'a> Facts<'a> {
+    fn of(conn: &'a Conn) -> Facts<'a> {
+        Facts { conn, principal: conn.source.as_ref().map(SpiffeId::principal), namespace: conn.source.as_ref().map(SpiffeId::namespace) }
+    }
+}
+
 /// `from`, `to` and `when` all match; an empty list matches anything. L7
 /// fields were left out when the rule was read.
-fn rule_matches(r: &Rule, c: &Conn) -> bool {
+fn rule_matches(r: &Rule, c: &Facts<'_>) -> bool {
     (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, c)))
-        && (r.to.is_empty() || r.to.iter().any(|t| port_matches(t, c.dest_port)))
+        && (r.to.is_empty() || r.to.iter().any(|t| port_matches(t, c.conn.dest_port)))
         && r.when.iter().all(|w| condition_matches(w, c))
 }
 
@@ -133,35 +148,32 @@ fn any(list: &[StrMatch], v: Option<&str>) -> bool {
     v.is_some_and(|v| list.iter().any(|m| m.matches(v)))
 }
 
-fn source_matches(s: &SourceMatch, c: &Conn) -> bool {
-    let principal = c.source.as_ref().map(SpiffeId::principal);
-    let namespace = c.source.as_ref().map(|id| id.namespace().to_owned());
-    let (p, n) = (principal.as_deref(), namespace.as_deref());
+fn source_matches(s: &SourceMatch, c: &Facts<'_>) -> bool {
+    let (p, n, ip) = (c.principal.as_deref(), c.namespace, c.conn.source_ip);
     s.principals.as_ref().is_none_or(|l| any(l, p))
         && !any(&s.not_principals, p)
         && s.namespaces.as_ref().is_none_or(|l| any(l, n))
         && !any(&s.not_namespaces, n)
-        && s.ip_blocks.as_ref().is_none_or(|l| l.iter().any(|b| b.contains(c.source_ip)))
-        && !s.not_ip_blocks.iter().any(|b| b.contains(c.source_ip))
+        && s.ip_blocks.as_ref().is_none_or(|l| l.iter().any(|b| b.contains(ip)))
+        && !s.not_ip_blocks.iter().any(|b| b.contains(ip))
 }
 
 fn port_matches(t: &PortMatch, port: u16) -> bool {
     t.ports.as_ref().is_none_or(|l| l.contains(&port)) && !t.not_ports.contains(&port)
 }
 
-fn condition_matches(w: &Condition, c: &Conn) -> bool {
-    let principal = c.source.as_ref().map(SpiffeId::principal);
-    let namespace = c.source.as_ref().map(|id| id.namespace().to_owned());
+fn condition_matches(w: &Condition, c: &Facts<'_>) -> bool {
     let strs = |values: &[StrMatch], not: &[StrMatch], v: Option<&str>| (values.is_empty() || any(values, v)) && !any(not, v);
+    let ips = |values: &[crate::policy::Cidr], not: &[crate::policy::Cidr], ip: IpAddr| {
+        (values.is_empty() || values.iter().any(|b| b.contains(ip))) && !not.iter().any(|b| b.contains(ip))
+    };
     match w {
-        Condition::SourceIp { values, not } => {
-            (values.is_empty() || values.iter().any(|b| b.contains(c.source_ip))) && !not.iter().any(|b| b.contains(c.source_ip))
+        Condition::SourceIp { values, not } => ips(values, not, c.conn.source_ip),
+        Condition::DestinationIp { values, not } => ips(values, not, c.conn.dest_ip),
+        Condition::DestinationPort { values, not } => {
+            (values.is_empty() || values.contains(&c.conn.dest_port)) && !not.contains(&c.conn.dest_port)
         }
-        Condition::DestinationIp { values, not } => {
-            (values.is_empty() || values.iter().any(|b| b.contains(c.dest_ip))) && !not.iter().any(|b| b.contains(c.dest_ip))
-        }
-        Condition::DestinationPort { values, not } => (values.is_empty() || values.contains(&c.dest_port)) && !not.contains(&c.dest_port),
-        Condition::SourceNamespace { values, not } => strs(values, not, namespace.as_deref()),
-        Condition::SourcePrincipal { values, not } => strs(values, not, principal.as_deref()),
+        Condition::SourceNamespace { values, not } => strs(values, not, c.namespace),
+        Condition::SourcePrincipal { values, not } => strs(values, not, c.principal.as_deref()),
     }
 }

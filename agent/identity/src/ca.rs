@@ -35,7 +35,6 @@ pub enum CaError {
 /// A root made by [`create`], issuing directly (no intermediate).
 pub struct Created {
     pub dir: PathBuf,
-    pub root_pem: String,
 }
 
 /// Makes a self-signed root for `trust_domain` in `dir`: the bundle holds it,
@@ -70,7 +69,7 @@ pub fn create(dir: &Path, trust_domain: &str, validity_days: u32) -> Result<Crea
     write(BUNDLE_FILE, &pem, 0o644)?;
     write(ISSUER_CERT_FILE, &pem, 0o644)?;
     write(ISSUER_KEY_FILE, &key.serialize_pem(), 0o600)?;
-    Ok(Created { dir: dir.into(), root_pem: pem })
+    Ok(Created { dir: dir.into() })
 }
 
 /// Every certificate in a PEM file.

@@ -28,8 +28,8 @@ pub enum PatchError {
     Sidecars(usize),
 }
 
-/// The patch for `pod` (as the API server sent it) and the pod it makes.
-pub fn inject(pod: &Value, cfg: &SidecarConfig) -> Result<(Patch, Pod), PatchError> {
+/// The patch for `pod` (as the API server sent it), once it is known to make a valid pod.
+pub fn inject(pod: &Value, cfg: &SidecarConfig) -> Result<Patch, PatchError> {
     let typed: Pod = serde_json::from_value(pod.clone()).map_err(PatchError::NotAPod)?;
     let spec = typed.spec.clone().unwrap_or_default();
     if spec.volumes.iter().flatten().any(|v| v.name == sidecar::SOCKET_VOLUME) {
@@ -79,7 +79,7 @@ pub fn inject(pod: &Value, cfg: &SidecarConfig) -> Result<(Patch, Pod), PatchErr
     let spec = result.spec.as_ref();
     let sidecars = spec.into_iter().flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()));
     match sidecars.filter(|c| c.name == SIDECAR_NAME).count() {
-        1 => Ok((patch, result)),
+        1 => Ok(patch),
         n => Err(PatchError::Sidecars(n)),
     }
 }

@@ -85,8 +85,8 @@ pub fn review(body: &[u8], scope: Scope, cfg: &SidecarConfig) -> Result<Reviewed
         match decide(&pod, scope) {
             Decision::Skip(why) => Verdict::Skipped(why),
             Decision::Inject => match patch::inject(&object, cfg)
-                .map_err(|e| chain(&e))
-                .and_then(|(p, _)| response.clone().with_patch(p).map_err(|e| format!("encoding the patch: {e}")))
+                .map_err(|e| podsteer_proto::error_chain(&e))
+                .and_then(|p| response.clone().with_patch(p).map_err(|e| format!("encoding the patch: {e}")))
             {
                 Ok(r) => {
                     response = r;
@@ -113,15 +113,4 @@ fn patch_as_base64(review: &mut Value) {
     if let Some(bytes) = p.as_array().map(|a| a.iter().filter_map(|b| b.as_u64().map(|b| b as u8)).collect::<Vec<u8>>()) {
         *p = Value::from(base64::engine::general_purpose::STANDARD.encode(bytes));
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -15,3 +15,15 @@ pub mod cni;
 pub mod control;
 pub mod inject;
 pub mod logs;
+
+/// An error with its causes on one line, for replies and logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
