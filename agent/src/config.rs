@@ -49,6 +49,17 @@ pub struct AgentConfig {
     pub workload_dir: Option<PathBuf>,
     #[arg(global = true, long, env = "PODSTEER_WORKLOAD_WAIT_MS", default_value_t = 10_000)]
     pub workload_wait_ms: u64,
+    /// The mesh's CA: `ca.crt` (the trust bundle, every root peers may chain
+    /// to), `issuer.crt` and `issuer.key` (see `podsteer ca create`; a
+    /// Kubernetes Secret on a cluster). With it and `--workload-dir`, every
+    /// shared-mode pod gets a certificate for its SPIFFE ID, and traffic
+    /// between meshed pods goes over HBONE (mTLS). A changed `ca.crt` is
+    /// re-read: put the new root beside the old for a rotation.
+    #[arg(global = true, long, env = "PODSTEER_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// How long a workload certificate lives; it is renewed at half-life.
+    #[arg(global = true, long, env = "PODSTEER_CERT_LIFETIME_MS", default_value_t = 24 * 3600 * 1000)]
+    pub cert_lifetime_ms: u64,
     /// The SPIFFE trust domain of the pods' identities.
     #[arg(global = true, long, env = "PODSTEER_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -159,6 +170,7 @@ impl AgentConfig {
                 ProxyModeArg::Shared => ProxyMode::Shared,
                 ProxyModeArg::Sidecar => ProxyMode::Sidecar,
             },
+            hbone: self.ca_dir.is_some(),
         }
     }
 

@@ -40,6 +40,8 @@ pub struct Controller {
     beat: Arc<crate::state::Beat>,
     /// `--workload-dir`: who each pod is. Without it pods have no identity.
     workloads: Option<Arc<dyn crate::workloads::WorkloadSource>>,
+    /// `--ca-dir`: pods' certificates and the mesh view (see [`crate::mesh`]).
+    mesh: Option<crate::mesh::Mesh>,
 }
 
 #[derive(Serialize)]
@@ -100,7 +102,19 @@ impl Controller {
             .workload_dir
             .as_deref()
             .map(|d| Arc::new(crate::workloads::DirSource::new(d)) as Arc<dyn crate::workloads::WorkloadSource>);
-        let mut c = Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns, kept, beat, workloads };
+        let mesh = match &config.ca_dir {
+            None => None,
+            Some(dir) => {
+                anyhow::ensure!(workloads.is_some(), "--ca-dir needs --workload-dir: a certificate names the identity the source gives");
+                let lifetime = Duration::from_millis(config.cert_lifetime_ms);
+                anyhow::ensure!(lifetime >= Duration::from_secs(2), "--cert-lifetime-ms {}: at least 2000", config.cert_lifetime_ms);
+                let m = crate::mesh::Mesh::open(dir, &config.trust_domain, lifetime)?;
+                info!(ca_dir = %dir.display(), trust_domain = %config.trust_domain, ?lifetime, "mesh: HBONE between meshed pods");
+                Some(m)
+            }
+        };
+        let mut c =
+            Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns, kept, beat, workloads, mesh };
         c.remove_stale_state();
         Ok(c)
     }
@@ -298,7 +312,17 @@ impl Controller {
                 false
             }
         };
-        let proxy_ready = match self.hand_to_proxy(&pod.uid, &pod.name, &pod.namespace, &policy, keeps_client_address, &net) {
+        let proxy_ready = match self.hand_to_proxy(
+            &ProxyPod {
+                uid: &pod.uid,
+                name: &pod.name,
+                namespace: &pod.namespace,
+                policy: &policy,
+                keep_client_address: keeps_client_address,
+                identity: identity.as_deref(),
+            },
+            &net,
+        ) {
             Ok(ready) => ready,
             Err(e) => {
                 warn!(error = %error_chain(&e), "proxy did not take the pod; rolling back");
@@ -361,6 +385,9 @@ impl Controller {
         }
         self.registry.remove(uid);
         self.kept.forget(uid);
+        if let Some(m) = &mut self.mesh {
+            m.forget(uid);
+        }
         info!("pod removed");
         Response::ok(serde_json::json!({"removed": true}))
     }
@@ -454,20 +481,13 @@ impl Controller {
 
     /// Hands a pod to the shared proxy and, in eBPF mode, points sk_lookup at
     /// the inbound listeners it opened. Ok(false): no shared proxy for this pod.
-    fn hand_to_proxy(
-        &mut self,
-        uid: &str,
-        name: &str,
-        namespace: &str,
-        policy: &Policy,
-        keep_client_address: bool,
-        net: &PodNet,
-    ) -> Result<bool, LinkError> {
+    fn hand_to_proxy(&mut self, pod: &ProxyPod<'_>, net: &PodNet) -> Result<bool, LinkError> {
         let Some(link) = self.proxy.clone() else { return Ok(false) };
-        if policy.proxy_mode != ProxyMode::Shared {
+        if pod.policy.proxy_mode != ProxyMode::Shared {
             return Ok(false);
         }
-        let spec = self.proxy_spec(uid, name, namespace, policy, keep_client_address);
+        let uid = pod.uid;
+        let spec = self.proxy_spec(pod).map_err(|e| LinkError::Nack { uid: uid.into(), error: error_chain(&e) })?;
         // No waiting here, under the controller's lock: the caller waited for a
         // live proxy before taking it (`proxy_to_wait_for`). One that died since
         // makes this ADD fail with "try again", and the runtime retries.
@@ -479,17 +499,80 @@ impl Controller {
         Ok(true)
     }
 
-    fn proxy_spec(&self, uid: &str, name: &str, namespace: &str, policy: &Policy, keep_client_address: bool) -> PodSpec {
-        PodSpec {
-            uid: uid.into(),
-            name: name.into(),
-            namespace: namespace.into(),
-            outbound_port: policy.outbound_port,
-            inbound_port: policy.inbound_port,
+    /// What the proxy is sent for a pod; a meshed one's certificate is the
+    /// one held for it, or issued now.
+    fn proxy_spec(&mut self, pod: &ProxyPod<'_>) -> Result<PodSpec, crate::mesh::MeshError> {
+        let cert = match (&mut self.mesh, pod.identity) {
+            (Some(m), Some(id)) => Some(m.cert_for(pod.uid, id)?),
+            _ => None,
+        };
+        Ok(PodSpec {
+            uid: pod.uid.into(),
+            name: pod.name.into(),
+            namespace: pod.namespace.into(),
+            outbound_port: pod.policy.outbound_port,
+            inbound_port: pod.policy.inbound_port,
             listeners: Vec::new(),
-            sk_msg: self.sk_msg_feeds(policy),
-            keep_client_address,
+            sk_msg: self.sk_msg_feeds(pod.policy),
+            keep_client_address: pod.keep_client_address,
+            cert,
+            peer_auth: Default::default(),
+        })
+    }
+
+    /// Once per tick of the manager: CA files that changed, certificates due
+    /// for renewal, each sent to the proxy. Failures keep what is valid.
+    pub fn mesh_tick(&mut self) {
+        let Some(mesh) = &mut self.mesh else { return };
+        let reloaded = match mesh.reload() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "the CA files changed but cannot be used; the last good ones stay");
+                false
+            }
+        };
+        let renewed = mesh.renew_due(std::time::SystemTime::now());
+        let view = reloaded.then(|| mesh.view());
+        let Some(link) = self.proxy.clone() else { return };
+        if let Some(view) = view {
+            self.send_view(&link, &view);
         }
+        for (uid, cert) in renewed {
+            match link.with_proxy(Duration::ZERO, |p| p.renew(&uid, &cert)) {
+                Ok(()) => info!(%uid, identity = %cert.identity, not_after = cert.not_after, "certificate renewed"),
+                Err(e) => warn!(%uid, error = %error_chain(&e), "the proxy did not take the renewed certificate"),
+            }
+        }
+    }
+
+    /// The mesh's peers as the workload source lists them now.
+    pub fn set_mesh_peers(&mut self, peers: Vec<podsteer_proto::control::MeshPeer>) {
+        let Some(mesh) = &mut self.mesh else { return };
+        if !mesh.set_peers(peers) {
+            return;
+        }
+        let view = mesh.view();
+        info!(peers = view.peers.len(), "mesh peers changed");
+        if let Some(link) = self.proxy.clone() {
+            self.send_view(&link, &view);
+        }
+    }
+
+    fn send_view(&self, link: &ProxyLink, view: &podsteer_proto::control::MeshView) {
+        // No proxy now: the next one gets the view before its replay.
+        if let Err(e) = link.with_proxy(Duration::ZERO, |p| p.set_mesh(view)) {
+            warn!(error = %error_chain(&e), "the proxy did not take the mesh view");
+        }
+    }
+
+    /// For the peer watcher: the source, and the config its filter reads.
+    pub fn mesh_source(&self) -> Option<(Arc<dyn crate::workloads::WorkloadSource>, AgentConfig)> {
+        self.mesh.as_ref()?;
+        Some((self.workloads.clone()?, self.config.clone()))
+    }
+
+    pub fn mesh_summary(&self) -> Option<Vec<serde_json::Value>> {
+        self.mesh.as_ref().map(|m| m.summary())
     }
 
     /// Whether sk_msg delivers to the pod's sockets, which the proxy must then
@@ -516,6 +599,12 @@ impl Controller {
     pub fn on_proxy(&mut self, conn: ProxyConn) {
         let Some(link) = self.proxy.clone() else { return };
         let pods: Vec<PodRecord> = self.registry.all().filter(|p| p.policy.proxy_mode == ProxyMode::Shared).cloned().collect();
+        // The mesh first, so the replayed pods' first connections can tunnel.
+        if let Some(m) = &self.mesh
+            && let Err(e) = conn.set_mesh(&m.view())
+        {
+            warn!(error = %error_chain(&e), "the new proxy did not take the mesh view");
+        }
         for rec in pods {
             // A replay of many pods is progress, not a stall.
             self.beat.touch();
@@ -524,7 +613,18 @@ impl Controller {
                 warn!("netns gone; the pod will be removed by repair");
                 continue;
             };
-            let spec = self.proxy_spec(&rec.uid, &rec.name, &rec.namespace, &rec.policy, rec.keeps_client_address);
+            let spec = self.proxy_spec(&ProxyPod::of(&rec));
+            let spec = match spec {
+                Ok(s) => s,
+                Err(e) => {
+                    // Never replayed without its certificate: it would go out in plaintext.
+                    warn!(error = %error_chain(&e), "no certificate; replay");
+                    if let Some(r) = self.registry.get_mut(&rec.uid) {
+                        r.last_error = Some(error_chain(&e));
+                    }
+                    continue;
+                }
+            };
             let kept = self.kept.of(&rec.uid);
             let added = conn.add_pod(&spec, netns.as_fd(), &kept);
             drop(kept);
@@ -576,6 +676,29 @@ impl Controller {
                 "why": "iptables mode: REDIRECT in the pod's netns brings inbound connections to the listener",
             })),
             Err(e) => Response::err(ErrorKind::BadRequest, error_chain(&e)),
+        }
+    }
+}
+
+/// What the shared proxy is told of one pod.
+struct ProxyPod<'a> {
+    uid: &'a str,
+    name: &'a str,
+    namespace: &'a str,
+    policy: &'a Policy,
+    keep_client_address: bool,
+    identity: Option<&'a str>,
+}
+
+impl ProxyPod<'_> {
+    fn of(rec: &PodRecord) -> ProxyPod<'_> {
+        ProxyPod {
+            uid: &rec.uid,
+            name: &rec.name,
+            namespace: &rec.namespace,
+            policy: &rec.policy,
+            keep_client_address: rec.keeps_client_address,
+            identity: rec.identity.as_deref(),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod install;
 pub mod iptables;
 pub mod kept;
 pub mod kernel_bugs;
+pub mod mesh;
 pub mod metrics;
 pub mod mode;
 pub mod peer;

@@ -44,6 +44,10 @@ pub struct NodeDefaults {
     pub proxy_uid: u32,
     pub sk_msg: bool,
     pub proxy_mode: ProxyMode,
+    /// The node takes HBONE (`--ca-dir`): inbound interception passes port
+    /// 15008 by, so tunnels reach the proxy's HBONE listener in the pod.
+    #[serde(default)]
+    pub hbone: bool,
 }
 
 impl Default for NodeDefaults {
@@ -56,6 +60,7 @@ impl Default for NodeDefaults {
             // Opt-in: an app's own sockets keep TCP semantics unless the pod asks.
             sk_msg: false,
             proxy_mode: ProxyMode::Shared,
+            hbone: false,
         }
     }
 }
@@ -153,6 +158,14 @@ impl Policy {
             "false" => false,
             v => return Err(PolicyError::BadValue { annotation: annotations::SK_MSG, value: v.into(), allowed: "true, false" }),
         };
+        let mut excluded_inbound_ports = parse_ports(annotations::EXCLUDE_INBOUND_PORTS, get(annotations::EXCLUDE_INBOUND_PORTS))?;
+        if defaults.hbone && !excluded_inbound_ports.contains(&podsteer_proto::control::HBONE_PORT) {
+            if excluded_inbound_ports.len() == MAX_PORTS {
+                // One slot is the mesh's: say so rather than leave HBONE intercepted.
+                return Err(PolicyError::TooMany { annotation: annotations::EXCLUDE_INBOUND_PORTS, max: MAX_PORTS - 1 });
+            }
+            excluded_inbound_ports.push(podsteer_proto::control::HBONE_PORT);
+        }
         Ok(Policy {
             outbound_port: defaults.outbound_port,
             inbound_port: defaults.inbound_port,
@@ -161,7 +174,7 @@ impl Policy {
             proxy_mode,
             sk_msg,
             excluded_outbound_ports: parse_ports(annotations::EXCLUDE_OUTBOUND_PORTS, get(annotations::EXCLUDE_OUTBOUND_PORTS))?,
-            excluded_inbound_ports: parse_ports(annotations::EXCLUDE_INBOUND_PORTS, get(annotations::EXCLUDE_INBOUND_PORTS))?,
+            excluded_inbound_ports,
             excluded_outbound_cidrs: parse_cidrs(annotations::EXCLUDE_OUTBOUND_CIDRS, get(annotations::EXCLUDE_OUTBOUND_CIDRS))?,
             ips: ips.to_vec(),
         })

@@ -68,6 +68,26 @@ impl ProxyConn {
         }
     }
 
+    /// The node's mesh view (see [`ToProxy::Mesh`]).
+    pub fn set_mesh(&self, view: &wire::MeshView) -> Result<(), LinkError> {
+        self.ask(&ToProxy::Mesh(view.clone()), "")
+    }
+
+    pub fn renew(&self, uid: &str, cert: &wire::WorkloadCert) -> Result<(), LinkError> {
+        self.ask(&ToProxy::Renew { uid: uid.into(), cert: cert.clone() }, uid)
+    }
+
+    /// A message answered with an Ack or a Nack for `uid`.
+    fn ask(&self, msg: &ToProxy, uid: &str) -> Result<(), LinkError> {
+        wire::send(self.fd.as_fd(), msg, &[])?;
+        let (bytes, _) = wire::recv_raw(self.fd.as_fd())?;
+        match wire::decode::<FromProxy>(&bytes)? {
+            FromProxy::Ack { uid: u, .. } if u == uid => Ok(()),
+            FromProxy::Nack { uid, error } => Err(LinkError::Nack { uid, error }),
+            other => Err(LinkError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     pub fn del_pod(&self, uid: &str) -> Result<(), LinkError> {
         wire::send(self.fd.as_fd(), &ToProxy::DelPod { uid: uid.into() }, &[])?;
         let (bytes, _) = wire::recv_raw(self.fd.as_fd())?;

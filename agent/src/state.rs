@@ -55,6 +55,8 @@ pub enum Event {
     RemoveAll { reply: SyncSender<Result<(), String>> },
     /// Flush the registry to disk (before exit).
     Persist { reply: SyncSender<()> },
+    /// The mesh's peers as the workload source lists them now.
+    MeshPeers(Vec<podsteer_proto::control::MeshPeer>),
 }
 
 /// The state as of the last event or tick.
@@ -224,8 +226,37 @@ pub fn spawn(ctl: Controller) -> std::io::Result<Handle> {
         proxy_wait: manager.ctl.proxy_wait(),
         workloads: manager.ctl.workload_wait(),
     };
+    let mesh_source = manager.ctl.mesh_source();
     std::thread::Builder::new().name("state".into()).spawn(move || manager.run(rx, &snapshot, &beat))?;
+    if let Some((source, config)) = mesh_source {
+        let tx = handle.tx.clone();
+        std::thread::Builder::new().name("mesh-peers".into()).spawn(move || watch_peers(&*source, &config, &tx))?;
+    }
     Ok(handle)
+}
+
+/// How often the workload source is listed for mesh peers.
+const PEER_POLL: Duration = Duration::from_millis(500);
+
+/// Lists the source's pods and tells the manager when the peers changed,
+/// until the manager is gone. A failed listing keeps the last peers.
+fn watch_peers(source: &dyn crate::workloads::WorkloadSource, config: &crate::config::AgentConfig, tx: &SyncSender<Event>) {
+    let mut last = None;
+    loop {
+        match source.list() {
+            Ok(pods) => {
+                let peers = crate::mesh::peers(&pods, config);
+                if last.as_ref() != Some(&peers) {
+                    last = Some(peers.clone());
+                    if tx.send(Event::MeshPeers(peers)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %crate::controller::error_chain(&e), "listing mesh peers"),
+        }
+        std::thread::sleep(PEER_POLL);
+    }
 }
 
 struct Manager {
@@ -246,6 +277,7 @@ impl Manager {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             let changed = changed.map(|event| self.apply(event));
+            self.ctl.mesh_tick();
             // Published before any answer is sent, so a caller that hears "done"
             // and then reads sees its change.
             let snap = Arc::new(self.snapshot(changed.is_some()));
@@ -287,6 +319,10 @@ impl Manager {
                 Some(Box::new(move || {
                     let _ = reply.send(());
                 }))
+            }
+            Event::MeshPeers(peers) => {
+                self.ctl.set_mesh_peers(peers);
+                None
             }
         }
     }

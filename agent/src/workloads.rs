@@ -4,6 +4,8 @@
 //! is handed its pods as files); a Kubernetes API watch of this node's pods
 //! (kube-rs) is the production one still to come.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,9 +15,15 @@ use tracing::warn;
 /// What the source says of one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
+    pub uid: String,
     pub namespace: String,
     pub name: String,
     pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// `status.podIPs` (or `status.podIP`): empty until the pod has its addresses.
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
 }
 
 impl Workload {
@@ -32,8 +40,13 @@ pub enum SourceError {
 }
 
 pub trait WorkloadSource: Send + Sync {
+    /// Every pod the source knows, on every node: the mesh's peers are among them.
+    fn list(&self) -> Result<Vec<Workload>, SourceError>;
+
     /// The pod with this UID, if the source knows it yet.
-    fn lookup(&self, uid: &str) -> Result<Option<Workload>, SourceError>;
+    fn lookup(&self, uid: &str) -> Result<Option<Workload>, SourceError> {
+        Ok(self.list()?.into_iter().find(|w| w.uid == uid))
+    }
 }
 
 /// `*.yaml`, `*.yml` and `*.json` files, each one Pod. A file that is not a
@@ -55,6 +68,8 @@ struct PodDoc {
     metadata: Meta,
     #[serde(default)]
     spec: Spec,
+    #[serde(default)]
+    status: Status,
 }
 
 #[derive(Deserialize)]
@@ -62,17 +77,37 @@ struct Meta {
     uid: Option<String>,
     name: String,
     namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Spec {
     service_account_name: Option<String>,
+    #[serde(default)]
+    host_network: bool,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    pod_ip: Option<IpAddr>,
+    #[serde(default)]
+    pod_i_ps: Vec<PodIp>,
+}
+
+#[derive(Deserialize)]
+struct PodIp {
+    ip: IpAddr,
 }
 
 impl WorkloadSource for DirSource {
-    fn lookup(&self, uid: &str) -> Result<Option<Workload>, SourceError> {
+    fn list(&self) -> Result<Vec<Workload>, SourceError> {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| SourceError::Dir(self.dir.clone(), e))?;
+        let mut out = Vec::new();
         for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
             if !path.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json") {
                 continue;
@@ -91,16 +126,24 @@ impl WorkloadSource for DirSource {
                     continue;
                 }
             };
-            if doc.metadata.uid.as_deref() == Some(uid) {
-                return Ok(Some(Workload {
-                    namespace: doc.metadata.namespace.unwrap_or_else(|| "default".into()),
-                    name: doc.metadata.name,
-                    // As the API server defaults it.
-                    service_account: doc.spec.service_account_name.filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
-                }));
+            let Some(uid) = doc.metadata.uid else { continue };
+            let mut ips: Vec<IpAddr> = doc.status.pod_i_ps.iter().map(|p| p.ip).collect();
+            if ips.is_empty() {
+                ips.extend(doc.status.pod_ip);
             }
+            out.push(Workload {
+                uid,
+                namespace: doc.metadata.namespace.unwrap_or_else(|| "default".into()),
+                name: doc.metadata.name,
+                // As the API server defaults it.
+                service_account: doc.spec.service_account_name.filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
+                labels: doc.metadata.labels,
+                annotations: doc.metadata.annotations,
+                ips,
+                host_network: doc.spec.host_network,
+            });
         }
-        Ok(None)
+        Ok(out)
     }
 }
 

@@ -79,6 +79,31 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
                 state.with_pods(|p| p.remove(&uid));
                 wire::send(conn.as_fd(), &FromProxy::Ack { uid, listeners: vec![] }, &[])?;
             }
+            ToProxy::Mesh(view) => {
+                // Answered under the empty uid: the view is the node's, not a pod's.
+                let reply = match state.with_pods(|p| p.hbone().mesh.set(&view)) {
+                    Ok(peers) => {
+                        state.metrics.mesh_peers.set(peers as i64);
+                        info!(peers, trust_domain = %view.trust_domain, roots = view.bundle.len(), "mesh view");
+                        FromProxy::Ack { uid: String::new(), listeners: vec![] }
+                    }
+                    Err(error) => {
+                        warn!(%error, "mesh view refused; the last one stays");
+                        FromProxy::Nack { uid: String::new(), error }
+                    }
+                };
+                wire::send(conn.as_fd(), &reply, &[])?;
+            }
+            ToProxy::Renew { uid, cert } => {
+                let reply = match state.with_pods(|p| p.renew(&uid, &cert)) {
+                    Ok(()) => {
+                        info!(%uid, identity = %cert.identity, not_after = cert.not_after, "certificate renewed");
+                        FromProxy::Ack { uid, listeners: vec![] }
+                    }
+                    Err(error) => FromProxy::Nack { uid, error },
+                };
+                wire::send(conn.as_fd(), &reply, &[])?;
+            }
             ToProxy::Drain => {
                 info!("drain requested: a newer proxy took over");
                 state.draining.store(true, Ordering::Relaxed);
@@ -91,6 +116,8 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
 }
 
 fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd, kept: Vec<OwnedFd>) -> Result<Vec<(ListenerId, OwnedFd)>, String> {
+    // Checked before anything opens: a bad certificate adds nothing.
+    let tls = spec.cert.as_ref().map(|c| crate::hbone::mesh::PodTls::new(c, spec.peer_auth)).transpose()?;
     let netns = PodNetns::enter(netns).map_err(|e| e.to_string())?;
     let req = PodRequest {
         label: format!("{}/{}", spec.namespace, spec.name),
@@ -100,6 +127,7 @@ fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd, kept: Vec<OwnedFd
         splice_allowed: !spec.sk_msg,
         keep_client_address: spec.keep_client_address,
         kept: spec.listeners.iter().copied().zip(kept).collect(),
+        tls,
     };
     state.with_pods(|p| p.add(req, netns)).map_err(|e| format!("{e}: {}", e.source))
 }

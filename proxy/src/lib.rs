@@ -7,6 +7,7 @@ pub mod budget;
 pub mod config;
 pub mod conns;
 pub mod control;
+pub mod hbone;
 pub mod inpod;
 pub mod listeners;
 pub use podsteer_proto::logs;

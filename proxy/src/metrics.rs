@@ -49,10 +49,16 @@ pub enum Outcome {
     /// Inbound, silent both ways past the first-byte deadline while the pod
     /// was flooded with connections.
     FirstByteTimeout,
+    /// Outbound to a meshed peer: no HBONE tunnel (dial, mTLS or CONNECT refused).
+    TunnelFailed,
+    /// Inbound plaintext to a pod whose peer authentication is STRICT.
+    PlaintextRefused,
+    /// An HBONE stream that was not a CONNECT to this pod (answered 400).
+    BadRequest,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Ok,
         Outcome::ClientDisconnected,
         Outcome::BackendDisconnected,
@@ -63,6 +69,9 @@ impl Outcome {
         Outcome::OwnListener,
         Outcome::PodLimit,
         Outcome::FirstByteTimeout,
+        Outcome::TunnelFailed,
+        Outcome::PlaintextRefused,
+        Outcome::BadRequest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +86,9 @@ impl Outcome {
             Outcome::OwnListener => "own_listener",
             Outcome::PodLimit => "pod_limit",
             Outcome::FirstByteTimeout => "first_byte_timeout",
+            Outcome::TunnelFailed => "tunnel_failed",
+            Outcome::PlaintextRefused => "plaintext_refused",
+            Outcome::BadRequest => "bad_request",
         }
     }
 }
@@ -174,6 +186,12 @@ pub struct Metrics {
     pub live: Gauge,
     /// Of those, the outbound ones: what a stop waits for before inbound accepts end.
     pub live_outbound: Gauge,
+    /// HBONE connections whose mutual TLS handshake failed (untrusted, expired, wrong domain).
+    pub hbone_refused: Counter,
+    /// HBONE connections dialled (TLS handshakes made as a client).
+    pub hbone_dials: Counter,
+    /// Meshed pod addresses in the agent's last mesh view.
+    pub mesh_peers: Gauge,
     pub registry: Registry,
 }
 
@@ -197,6 +215,9 @@ impl Metrics {
             limits: Family::default(),
             live: Gauge::default(),
             live_outbound: Gauge::default(),
+            hbone_refused: Counter::default(),
+            hbone_dials: Counter::default(),
+            mesh_peers: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("connections_opened", "Connections accepted", m.opened.clone());
@@ -217,6 +238,9 @@ impl Metrics {
         registry.register("connect_errors", "Upstream connects that failed, by kind", m.connect_errors.clone());
         registry.register("connect_duration_seconds", "Time to connect upstream", m.connect_duration.clone());
         registry.register("pods", "Pods with open listeners", m.pods.clone());
+        registry.register("hbone_handshakes_refused", "HBONE connections refused in the mTLS handshake", m.hbone_refused.clone());
+        registry.register("hbone_dials", "HBONE connections dialled to peers", m.hbone_dials.clone());
+        registry.register("mesh_peers", "Meshed pod addresses in the mesh view", m.mesh_peers.clone());
         registry.register("buffered_bytes", "Bytes a pod's connections hold in the proxy's memory", m.buffered.clone());
         registry.register("buffered_bytes_all_pods", "Bytes all pods' connections hold in the proxy's memory", m.buffered_all.clone());
         registry.register("reads_held_back", "Reads done peek-first because a buffer budget was spent", m.reads_held_back.clone());

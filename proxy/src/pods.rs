@@ -36,6 +36,7 @@ pub struct Pods {
     rt: Handle,
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
+    hbone: Arc<crate::hbone::Node>,
 }
 
 pub struct PodRequest {
@@ -49,17 +50,29 @@ pub struct PodRequest {
     pub keep_client_address: bool,
     /// Listening sockets the agent kept open for the pod, to accept on.
     pub kept: Vec<(ListenerId, OwnedFd)>,
+    /// Meshed with an identity: HBONE listeners open too.
+    pub tls: Option<crate::hbone::mesh::PodTls>,
 }
 
 impl Pods {
-    pub fn new(rt: Handle, settings: Arc<Settings>, metrics: Arc<Metrics>) -> Pods {
-        Pods { pods: BTreeMap::new(), outbound_stop: watch::channel(false).0, rt, settings, metrics }
+    pub fn new(rt: Handle, settings: Arc<Settings>, metrics: Arc<Metrics>, hbone: Arc<crate::hbone::Node>) -> Pods {
+        Pods { pods: BTreeMap::new(), outbound_stop: watch::channel(false).0, rt, settings, metrics, hbone }
+    }
+
+    pub fn hbone(&self) -> &Arc<crate::hbone::Node> {
+        &self.hbone
     }
 
     /// Opens the pod's listeners, adopting those the agent kept (or finds them
     /// open: replays are idempotent), and returns duplicates of all four.
     pub fn add(&mut self, mut req: PodRequest, netns: PodNetns) -> Result<Vec<(ListenerId, OwnedFd)>, ListenError> {
         if let Some(p) = self.pods.get(&req.uid) {
+            // A replay from a restarted agent brings the certificate it will
+            // renew from now on: take it, or the one held here would expire
+            // before that agent's schedule replaced it.
+            if let (Some(held), Some(new)) = (&p.ctx.tls, &req.tls) {
+                held.cert.replace(new.cert.get());
+            }
             return Ok(dup_all(&p.listeners));
         }
         // Bind all that are not kept before listening on any: a pod gets every listener or none.
@@ -72,6 +85,14 @@ impl Pods {
             };
             prepared.push((id, dir, addr, p));
         }
+        // HBONE on every address, bound with the rest so a pod gets all or none.
+        let hbone = match &req.tls {
+            None => Vec::new(),
+            Some(_) => crate::hbone::inbound::addresses()
+                .into_iter()
+                .map(|addr| listeners::bind(&netns, Direction::Inbound, addr).map(|s| (addr, s)))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let (stop, stopping) = watch::channel(false);
         let conns = Arc::new(crate::conns::Conns::default());
         self.rt.spawn(crate::conns::sweeper(conns.clone(), stopping.clone(), crate::conns::Timeouts::of(&self.settings)));
@@ -93,6 +114,9 @@ impl Pods {
             keep_client_address: req.keep_client_address.into(),
             serving: 0.into(),
             budget,
+            tls: req.tls.take().map(Arc::new),
+            hbone: self.hbone.clone(),
+            uid: req.uid.clone(),
         });
         let _rt = self.rt.enter();
         let mut held = Vec::new();
@@ -109,8 +133,15 @@ impl Pods {
             held.push((id, listeners::dup(&l).map_err(|source| ListenError { direction: dir, addr, source })?));
             ready.push((l, dir));
         }
+        let mut tunnels = Vec::new();
+        for (addr, sock) in hbone {
+            tunnels.push(listeners::listen(sock, Direction::Inbound, addr)?);
+        }
         for (l, dir) in ready {
             self.rt.spawn(listeners::accept_loop(l, dir, ctx.clone(), self.settings.clone(), self.metrics.clone()));
+        }
+        for l in tunnels {
+            self.rt.spawn(crate::hbone::inbound::accept_loop(l, ctx.clone(), self.settings.clone(), self.metrics.clone()));
         }
         info!(pod = %req.label, uid = %req.uid, adopted, "listeners open");
         let out = dup_all(&held);
@@ -123,10 +154,17 @@ impl Pods {
     pub fn remove(&mut self, uid: &str) -> bool {
         let Some(p) = self.pods.remove(uid) else { return false };
         let _ = p.stop.send(true);
+        self.hbone.pool.forget_pod(uid);
         p.ctx.forget_if_done(&self.metrics);
         self.metrics.pods.set(self.pods.len() as i64);
         info!(uid, "listeners closed, draining");
         true
+    }
+
+    /// A meshed pod's renewed certificate, for its handshakes from now on.
+    pub fn renew(&self, uid: &str, cert: &podsteer_proto::control::WorkloadCert) -> Result<(), String> {
+        let p = self.pods.get(uid).ok_or_else(|| format!("pod {uid} has no listeners here"))?;
+        p.ctx.tls.as_ref().ok_or_else(|| format!("pod {uid} was added without a certificate"))?.renew(cert)
     }
 
     /// Whether the pod's inbound legs connect from their clients' addresses

@@ -18,6 +18,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
+use podsteer_proto::control::PeerAuth;
+
 use crate::budget::Budget;
 use crate::conns::ConnState;
 use crate::inpod::netns::PodNetns;
@@ -77,6 +79,10 @@ pub struct PodCtx {
     pub serving: std::sync::atomic::AtomicUsize,
     /// The pod's share of user-space buffers.
     pub budget: Budget,
+    /// Meshed with an identity: HBONE in and out (see [`crate::hbone`]).
+    pub tls: Option<Arc<crate::hbone::mesh::PodTls>>,
+    pub hbone: Arc<crate::hbone::Node>,
+    pub uid: String,
 }
 
 impl PodCtx {
@@ -115,7 +121,7 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
     m.conn_done(dir);
 }
 
-async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: &Settings, m: &Metrics) {
+async fn serve_counted(mut client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: &Settings, m: &Metrics) {
     let labels = ConnLabels { pod: pod.label.clone(), direction: dir };
     m.opened.get_or_create(&labels).inc();
     // With `RUST_LOG=access=debug`, a line as each connection is taken, before
@@ -125,7 +131,13 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
     m.active.get_or_create(&labels).inc();
     let started = Instant::now();
     let mut dst = None;
+    let mut peer = None;
     let (outcome, up, down) = match destination(&client, dir, pod) {
+        _ if dir == Direction::Inbound && pod.tls.as_ref().is_some_and(|t| t.peer_auth == PeerAuth::Strict) => {
+            // STRICT peer authentication: only HBONE comes in.
+            reset(&client);
+            (Outcome::PlaintextRefused, 0, 0)
+        }
         Err(_) => {
             reset(&client);
             (Outcome::NoOriginalDst, 0, 0)
@@ -135,16 +147,23 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
             reset(&client);
             (Outcome::OwnListener, 0, 0)
         }
-        Ok(d) => {
-            dst = Some(d);
-            match connect(d, &client, pod, s, m, dir).await {
-                Err(_) => {
-                    reset(&client);
-                    (Outcome::ConnectFailed, 0, 0)
-                }
-                Ok(upstream) => relay(&client, &upstream, dir, pod, pod.splice_mode(s), m, &labels).await,
+        Ok(d) => match crate::hbone::route(dir, d, pod) {
+            Some(route) => {
+                dst = Some(d);
+                peer = Some(route.peer.clone());
+                crate::hbone::outbound(&mut client, d, route, pod, s, m, &labels).await
             }
-        }
+            None => {
+                dst = Some(d);
+                match connect(d, client.peer_addr().ok(), pod, s, m, dir).await {
+                    Err(_) => {
+                        reset(&client);
+                        (Outcome::ConnectFailed, 0, 0)
+                    }
+                    Ok(upstream) => relay(&client, &upstream, dir, pod, pod.splice_mode(s), m, &labels).await,
+                }
+            }
+        },
     };
     m.active.get_or_create(&labels).dec();
     m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: outcome }).inc();
@@ -156,6 +175,8 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
         direction = dir.as_str(),
         client = %client.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
         original_dst = %dst.map(|a| a.to_string()).unwrap_or_default(),
+        // The identity the destination proved over HBONE; empty for plaintext.
+        peer_identity = %peer.map(|p| p.to_string()).unwrap_or_default(),
         bytes_from_client = up,
         bytes_to_client = down,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -186,16 +207,39 @@ fn is_own_listener(dst: SocketAddr, client: &TcpStream, pod: &PodCtx) -> bool {
     ip.is_loopback() || ip.is_unspecified() || client.local_addr().is_ok_and(|l| l.ip().to_canonical() == ip)
 }
 
-async fn connect(dst: SocketAddr, client: &TcpStream, pod: &PodCtx, s: &Settings, m: &Metrics, dir: Direction) -> io::Result<TcpStream> {
+/// Connects to `dst` from inside the pod, counted. `client`: the address the
+/// connection came from, which an inbound leg keeps where it may.
+pub(crate) async fn connect(
+    dst: SocketAddr,
+    client: Option<SocketAddr>,
+    pod: &PodCtx,
+    s: &Settings,
+    m: &Metrics,
+    dir: Direction,
+) -> io::Result<TcpStream> {
     let started = Instant::now();
     // Inbound, the app sees the client's own address where the agent put the
     // way back in place (see the agent's `return_path`).
     let from = match dir {
         Direction::Inbound if pod.keep_client_address.load(std::sync::atomic::Ordering::Relaxed) => {
-            client.peer_addr().ok().and_then(|c| same_family(c, dst))
+            client.and_then(|c| same_family(c, dst))
         }
         _ => None,
     };
+    let result = dial(dst, from, pod, s).await;
+    match &result {
+        Ok(_) => m.connect_duration.get_or_create(&DirectionLabels { direction: dir }).observe(started.elapsed().as_secs_f64()),
+        Err(e) => {
+            m.connect_errors.get_or_create(&ConnectErrorLabels { pod: pod.label.clone(), kind: socket::connect_error_kind(e) }).inc();
+        }
+    }
+    result
+}
+
+/// A connection from inside the pod's netns to `dst`: from `from` with the
+/// client-address mark, else from the pod's own address with the proxy's
+/// mark, so the pod's interception passes it by. Within the connect timeout.
+pub(crate) async fn dial(dst: SocketAddr, from: Option<SocketAddr>, pod: &PodCtx, s: &Settings) -> io::Result<TcpStream> {
     let sock = pod.netns.run(|| -> io::Result<TcpSocket> {
         let new = || if dst.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
         let sock = match from {
@@ -217,17 +261,10 @@ async fn connect(dst: SocketAddr, client: &TcpStream, pod: &PodCtx, s: &Settings
         // the address the app will see this connection come from.
         debug!(target: "access", from = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), "connecting");
     }
-    let result = match tokio::time::timeout(s.connect_timeout, sock.connect(dst)).await {
+    match tokio::time::timeout(s.connect_timeout, sock.connect(dst)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
-    };
-    match &result {
-        Ok(_) => m.connect_duration.get_or_create(&DirectionLabels { direction: dir }).observe(started.elapsed().as_secs_f64()),
-        Err(e) => {
-            m.connect_errors.get_or_create(&ConnectErrorLabels { pod: pod.label.clone(), kind: socket::connect_error_kind(e) }).inc();
-        }
     }
-    result
 }
 
 /// The proxy's own address, marked so the pod's interception passes it by.

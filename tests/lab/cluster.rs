@@ -75,6 +75,28 @@ impl Cluster {
         &self.switch
     }
 
+    /// Starts tcpdump on the underlay bridge, in the switch netns, writing
+    /// every TCP packet whole to `pcap`; returns once it is capturing.
+    pub fn capture(&self, pcap: &std::path::Path) -> anyhow::Result<Capture> {
+        use std::io::BufRead as _;
+        let mut cmd = Command::new("tcpdump");
+        // Immediate mode and packet-buffered: each packet is in the file as it
+        // is seen, so [`Capture::wait_for`] can tell when traffic has arrived.
+        cmd.args(["-i", SWITCH_BRIDGE, "--immediate-mode", "-U", "-s", "0", "-n", "-w"]).arg(pcap).arg("tcp");
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        let ns = std::fs::File::open(self.switch.path())?.into();
+        crate::process::enter_before_exec(&mut cmd, Some(ns), None);
+        let mut p = crate::process::LabProcess::spawn("tcpdump", cmd, self.nodes[0].state_dir())?;
+        let stderr = p.child_mut().stderr.take().context("stderr is piped")?;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        // "listening on underlay, link-type EN10MB ..." once the capture runs.
+        match lines.next() {
+            Some(Ok(l)) if l.contains("listening on") => {}
+            other => anyhow::bail!("tcpdump did not start: {other:?}"),
+        }
+        Ok(Capture { process: p, pcap: pcap.into() })
+    }
+
     /// Node `i`'s port on the underlay bridge, in the switch netns.
     pub fn switch_port(i: usize) -> String {
         format!("n{i}")
@@ -86,4 +108,38 @@ fn ip(ns: &NetNs, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip").args(["-n", ns.name()]).args(args).output().context("running ip")?;
     anyhow::ensure!(out.status.success(), "ip -n {} {}: {}", ns.name(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     Ok(())
+}
+
+/// A running capture of the underlay.
+pub struct Capture {
+    process: crate::process::LabProcess,
+    pcap: std::path::PathBuf,
+}
+
+impl Capture {
+    /// Waits until at least `n` captured packets match the pcap `filter`.
+    pub fn wait_for(&self, filter: &str, n: usize) -> anyhow::Result<()> {
+        crate::wait::until(&format!("{n} packets matching {filter:?} in the capture"), std::time::Duration::from_secs(10), || {
+            (count(&self.pcap, filter).ok()? >= n).then_some(())
+        })
+    }
+
+    /// Stops the capture and returns the pcap file's bytes: every packet whole.
+    pub fn finish(mut self) -> anyhow::Result<Vec<u8>> {
+        self.process.signal(nix::sys::signal::Signal::SIGINT)?;
+        self.process.wait_exit(std::time::Duration::from_secs(10))?;
+        Ok(std::fs::read(&self.pcap)?)
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// How many packets of a pcap file match `filter` (as `tcpdump -r` reads it).
+pub fn count(pcap: &std::path::Path, filter: &str) -> anyhow::Result<usize> {
+    let out = Command::new("tcpdump").args(["-n", "-r"]).arg(pcap).args(filter.split_whitespace()).output()?;
+    // A file still being written may end in a partial packet: what was read counts.
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }

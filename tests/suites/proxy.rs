@@ -377,6 +377,8 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
             listeners: vec![],
             sk_msg: true,
             keep_client_address: false,
+            cert: None,
+            peer_auth: Default::default(),
         };
         wire::send(conn.as_fd(), &ToProxy::AddPod(spec.clone()), &[])?;
         assert!(matches!(reply(&conn)?, FromProxy::Nack { .. }), "AddPod without its netns fd");
@@ -387,6 +389,25 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
         let r = reply(&conn)?;
         assert!(matches!(r, FromProxy::Nack { .. }), "a taken port must be refused: {r:?}");
         drop(port_in_use);
+        // A certificate that is not one, and a mesh view whose bundle is not
+        // one: refused with the reason, and nothing opened or replaced.
+        let bad_cert = wire::WorkloadCert {
+            identity: "spiffe://cluster.local/ns/default/sa/p".into(),
+            chain: vec!["bm90IGEgY2VydGlmaWNhdGU=".into()],
+            key: "%%%".into(),
+            not_after: 0,
+        };
+        wire::send(conn.as_fd(), &ToProxy::AddPod(Spec { cert: Some(bad_cert), ..spec.clone() }), &[ns.as_fd()])?;
+        match reply(&conn)? {
+            FromProxy::Nack { error, .. } => assert!(error.contains("base64"), "{error}"),
+            other => panic!("a bad certificate must be refused: {other:?}"),
+        }
+        let view = wire::MeshView { trust_domain: "cluster.local".into(), bundle: vec!["bm9wZQ==".into()], peers: vec![] };
+        wire::send(conn.as_fd(), &ToProxy::Mesh(view), &[])?;
+        match reply(&conn)? {
+            FromProxy::Nack { error, .. } => assert!(error.contains("trust bundle"), "{error}"),
+            other => panic!("a bad bundle must be refused: {other:?}"),
+        }
         // Nothing of the failed or refused messages remains: a valid AddPod opens listeners from scratch.
         wire::send(conn.as_fd(), &ToProxy::DelPod { uid: "u1".into() }, &[])?;
         let _ = reply(&conn)?;

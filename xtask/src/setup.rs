@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "sockperf",
     "jq",
+    // Captures on the lab's underlay: the mesh suite checks what crosses nodes.
+    "tcpdump",
     // A static busybox: the rootfs of the lab's locally built container images.
     "busybox-static",
 ];

@@ -8,9 +8,12 @@
 //!   ID as the only URI SAN) for workloads; the [`issuer::Issuer`] trait is the
 //!   seam for other issuers;
 //! - [`renewal`]: when a leaf is renewed (half its life, with jitter) and how a
-//!   failed renewal backs off while the valid certificate is kept.
+//!   failed renewal backs off while the valid certificate is kept;
+//! - [`tls`]: the mTLS configurations of HBONE, which accept a peer only for
+//!   the SPIFFE identity expected of it.
 
 pub mod ca;
 pub mod issuer;
 pub mod renewal;
 pub mod spiffe;
+pub mod tls;

@@ -23,7 +23,59 @@ pub enum ToProxy {
     DelPod { uid: String },
     /// A newer proxy has taken over: stop accepting, finish open connections, exit.
     Drain,
+    /// The mesh as this node sees it: the trust bundle, and which identity
+    /// each meshed pod address in the cluster must present. Replaces the last.
+    Mesh(MeshView),
+    /// A meshed pod's renewed certificate; connections made before keep the old one.
+    Renew { uid: String, cert: WorkloadCert },
 }
+
+/// See [`ToProxy::Mesh`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshView {
+    pub trust_domain: String,
+    /// The roots, base64 DER: during a rotation, the old and the new.
+    pub bundle: Vec<String>,
+    pub peers: Vec<MeshPeer>,
+}
+
+/// A meshed pod address and the SPIFFE ID it must present on HBONE.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshPeer {
+    pub ip: std::net::IpAddr,
+    pub identity: String,
+}
+
+/// A pod's own certificate: the chain (leaf first) and its PKCS#8 key, base64
+/// DER. Only ever sent over the agent's root-only control socket.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadCert {
+    pub identity: String,
+    pub chain: Vec<String>,
+    pub key: String,
+    /// Seconds since the epoch.
+    pub not_after: u64,
+}
+
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCert").field("identity", &self.identity).field("not_after", &self.not_after).finish_non_exhaustive()
+    }
+}
+
+/// What a meshed pod accepts inbound besides HBONE (Istio's PeerAuthentication).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PeerAuth {
+    /// Plaintext too, with no source identity.
+    #[default]
+    Permissive,
+    /// HBONE only: plaintext inbound is reset.
+    Strict,
+}
+
+/// The port each meshed pod's proxy takes HBONE on, as in ztunnel.
+pub const HBONE_PORT: u16 = 15008;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodSpec {
@@ -46,6 +98,12 @@ pub struct PodSpec {
     /// means no: without the return path such a connection would hang.
     #[serde(default)]
     pub keep_client_address: bool,
+    /// Meshed with an identity: the proxy takes HBONE on [`HBONE_PORT`] in
+    /// the pod's netns with this certificate, and tunnels to meshed peers.
+    #[serde(default)]
+    pub cert: Option<WorkloadCert>,
+    #[serde(default)]
+    pub peer_auth: PeerAuth,
 }
 
 /// The mark on the proxy's connections to an app that carry the client's

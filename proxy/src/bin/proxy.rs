@@ -44,7 +44,9 @@ fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let settings = Arc::new(cfg.settings());
     metrics.set_limits(&settings);
-    let pods = Pods::new(rt.handle().clone(), settings, metrics.clone());
+    let hbone = Arc::new(podsteer_proxy::hbone::Node::default());
+    rt.spawn(podsteer_proxy::hbone::pool::sweeper(hbone.pool.clone(), podsteer_proxy::hbone::pool::IDLE));
+    let pods = Pods::new(rt.handle().clone(), settings, metrics.clone(), hbone);
     let state = Arc::new(State::new(pods, metrics));
     let admin = admin::spawn(cfg.admin, state.clone()).with_context(|| format!("admin endpoint {}", cfg.admin))?;
     info!(%admin, "admin endpoint");
@@ -61,6 +63,8 @@ fn main() -> anyhow::Result<()> {
             // Decided below, once the sidecar's privileges are settled.
             keep_client_address: false,
             kept: Vec::new(),
+            // A sidecar is not given an identity yet: HBONE is the shared proxy's.
+            tls: None,
         };
         let listeners = state.with_pods(|p| p.add(req, PodNetns::Current)).context("opening sidecar listeners")?;
         if let (Some(sock), Some(uid)) = (&cfg.agent_socket, &cfg.pod_uid) {

@@ -1,0 +1,207 @@
+//! The node's part of the mesh: the CA files (`--ca-dir`), a certificate for
+//! every meshed pod on this node (issued here, held in memory only, renewed
+//! at half-life), and the view the proxy tunnels by: the trust bundle and
+//! which identity each meshed pod address in the cluster must present.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use podsteer_identity::ca;
+use podsteer_identity::issuer::{Issuer as _, Leaf, LocalIssuer};
+use podsteer_identity::renewal::{Backoff, renew_at};
+use podsteer_identity::spiffe::SpiffeId;
+use podsteer_identity::tls::base64;
+use podsteer_proto::control::{MeshPeer, MeshView, WorkloadCert};
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    // Boxed: an issuer error is large, and this one travels on every path.
+    #[error("--ca-dir {0}")]
+    Ca(PathBuf, #[source] Box<podsteer_identity::issuer::IssueError>),
+    #[error("issuing a certificate")]
+    Issue(#[source] Box<podsteer_identity::issuer::IssueError>),
+    #[error(transparent)]
+    Spiffe(#[from] podsteer_identity::spiffe::SpiffeError),
+}
+
+struct Held {
+    id: SpiffeId,
+    cert: WorkloadCert,
+    not_before: SystemTime,
+    renew_at: SystemTime,
+    backoff: Backoff,
+}
+
+pub struct Mesh {
+    dir: PathBuf,
+    trust_domain: String,
+    lifetime: Duration,
+    issuer: LocalIssuer,
+    bundle: Vec<String>,
+    /// When the CA files were last read, to see a rotation.
+    stamp: Vec<Option<SystemTime>>,
+    certs: HashMap<String, Held>,
+    peers: Vec<MeshPeer>,
+}
+
+/// Retries of a failed renewal start here and double to the cap.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+impl Mesh {
+    pub fn open(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Mesh, MeshError> {
+        let (issuer, bundle) = read_ca(dir, trust_domain, lifetime)?;
+        Ok(Mesh {
+            dir: dir.into(),
+            trust_domain: trust_domain.into(),
+            lifetime,
+            issuer,
+            bundle,
+            stamp: stamps(dir),
+            certs: HashMap::new(),
+            peers: Vec::new(),
+        })
+    }
+
+    /// The pod's certificate: the one held, or a new one for `identity`.
+    pub fn cert_for(&mut self, uid: &str, identity: &str) -> Result<WorkloadCert, MeshError> {
+        if let Some(h) = self.certs.get(uid).filter(|h| h.id.to_string() == identity) {
+            return Ok(h.cert.clone());
+        }
+        let id = SpiffeId::parse(identity)?;
+        let leaf = self.issuer.issue(&id, SystemTime::now()).map_err(|e| MeshError::Issue(Box::new(e)))?;
+        let held = held(id, &leaf);
+        let cert = held.cert.clone();
+        self.certs.insert(uid.into(), held);
+        Ok(cert)
+    }
+
+    pub fn forget(&mut self, uid: &str) {
+        self.certs.remove(uid);
+    }
+
+    pub fn view(&self) -> MeshView {
+        MeshView { trust_domain: self.trust_domain.clone(), bundle: self.bundle.clone(), peers: self.peers.clone() }
+    }
+
+    /// Replaces the peers; whether they changed.
+    pub fn set_peers(&mut self, peers: Vec<MeshPeer>) -> bool {
+        let changed = peers != self.peers;
+        self.peers = peers;
+        changed
+    }
+
+    /// Renews every certificate that is due; a failure keeps the valid one
+    /// and tries again with backoff. The renewed ones, for the proxy.
+    pub fn renew_due(&mut self, now: SystemTime) -> Vec<(String, WorkloadCert)> {
+        let mut out = Vec::new();
+        for (uid, h) in self.certs.iter_mut().filter(|(_, h)| h.renew_at <= now) {
+            match self.issuer.issue(&h.id, now) {
+                Ok(leaf) => {
+                    let backoff = h.backoff.clone();
+                    *h = held(h.id.clone(), &leaf);
+                    h.backoff = backoff;
+                    h.backoff.succeeded();
+                    out.push((uid.clone(), h.cert.clone()));
+                }
+                Err(e) => {
+                    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(h.cert.not_after);
+                    h.renew_at = h.backoff.retry_at(now, not_after);
+                    warn!(%uid, identity = %h.id, error = %podsteer_proto::error_chain(&e), "renewal failed; the valid certificate stays");
+                }
+            }
+        }
+        out
+    }
+
+    /// Re-reads the CA files when they changed: a new bundle (a rotation puts
+    /// the new root beside the old) and issuer. Every certificate is then
+    /// renewed at once, by the new issuer. Ok(true) when something changed;
+    /// a bad set of files is refused and the last good one stays.
+    pub fn reload(&mut self) -> Result<bool, MeshError> {
+        let now = stamps(&self.dir);
+        if now == self.stamp {
+            return Ok(false);
+        }
+        self.stamp = now;
+        let (issuer, bundle) = read_ca(&self.dir, &self.trust_domain, self.lifetime)?;
+        self.issuer = issuer;
+        self.bundle = bundle;
+        for h in self.certs.values_mut() {
+            h.renew_at = h.not_before;
+        }
+        info!(roots = self.bundle.len(), "CA files changed: new trust bundle and issuer");
+        Ok(true)
+    }
+
+    /// For `status`: the identities held and when each expires, never a key.
+    pub fn summary(&self) -> Vec<serde_json::Value> {
+        let mut v: Vec<_> = self
+            .certs
+            .iter()
+            .map(|(uid, h)| {
+                serde_json::json!({
+                    "uid": uid,
+                    "identity": h.id.to_string(),
+                    "not_after": h.cert.not_after,
+                    "renew_at": h.renew_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+                })
+            })
+            .collect();
+        v.sort_by_key(|a| a["uid"].as_str().map(String::from));
+        v
+    }
+}
+
+fn read_ca(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<(LocalIssuer, Vec<String>), MeshError> {
+    let err = |e| MeshError::Ca(dir.into(), Box::new(e));
+    let issuer = LocalIssuer::from_dir(dir, trust_domain, lifetime).map_err(err)?;
+    let bundle = ca::read_certs(&dir.join(ca::BUNDLE_FILE)).map_err(|e| err(e.into()))?;
+    Ok((issuer, bundle.iter().map(|c| base64(c)).collect()))
+}
+
+fn stamps(dir: &Path) -> Vec<Option<SystemTime>> {
+    [ca::BUNDLE_FILE, ca::ISSUER_CERT_FILE, ca::ISSUER_KEY_FILE]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+fn held(id: SpiffeId, leaf: &Leaf) -> Held {
+    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let cert = WorkloadCert {
+        identity: id.to_string(),
+        chain: leaf.chain.iter().map(|c| base64(c)).collect(),
+        key: base64(leaf.key.secret_der()),
+        not_after: secs(leaf.not_after),
+    };
+    // From when it was made (the issuer backdates not_before for clock skew).
+    let made = leaf.not_before + Duration::from_secs(60);
+    Held {
+        id,
+        cert,
+        not_before: made,
+        renew_at: renew_at(made, leaf.not_after, fastrand::f64()),
+        backoff: Backoff::new(RETRY_FIRST, RETRY_MAX),
+    }
+}
+
+/// Which of the source's pods are mesh peers, as the proxy needs them: a
+/// pod with addresses, not on the host's network, meshed by the same rule
+/// as this node's own pods, and served by a shared proxy (a sidecar takes no HBONE).
+pub fn peers(pods: &[crate::workloads::Workload], cfg: &crate::config::AgentConfig) -> Vec<MeshPeer> {
+    let mut out: Vec<MeshPeer> = pods
+        .iter()
+        .filter(|w| !w.host_network)
+        .filter(|w| crate::policy::skip_reason(&cfg.exclude_namespaces, cfg.injection, &w.namespace, &w.annotations).is_none())
+        .filter(|w| w.annotations.get(podsteer_proto::annotations::PROXY_MODE).is_none_or(|m| m != "sidecar"))
+        .flat_map(|w| {
+            let id = w.spiffe_id(&cfg.trust_domain);
+            w.ips.iter().map(move |ip| MeshPeer { ip: *ip, identity: id.clone() })
+        })
+        .collect();
+    out.sort_by_key(|p| p.ip);
+    out
+}
