@@ -60,6 +60,15 @@ pub struct AgentConfig {
     /// How long a workload certificate lives; it is renewed at half-life.
     #[arg(global = true, long, env = "PODSTEER_CERT_LIFETIME_MS", default_value_t = 24 * 3600 * 1000)]
     pub cert_lifetime_ms: u64,
+    /// Istio `AuthorizationPolicy` and `PeerAuthentication` objects, as YAML
+    /// files (multi-document allowed): enforced by the receiving proxy for
+    /// every pod it serves, re-read when a file changes. One invalid document
+    /// refuses the set, and the last good one stays in force.
+    #[arg(global = true, long, env = "PODSTEER_POLICY_DIR")]
+    pub policy_dir: Option<PathBuf>,
+    /// The namespace whose policies apply mesh-wide (Istio's root namespace).
+    #[arg(global = true, long, env = "PODSTEER_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
     /// The SPIFFE trust domain of the pods' identities.
     #[arg(global = true, long, env = "PODSTEER_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,

@@ -42,6 +42,8 @@ pub struct Controller {
     workloads: Option<Arc<dyn crate::workloads::WorkloadSource>>,
     /// `--ca-dir`: pods' certificates and the mesh view (see [`crate::mesh`]).
     mesh: Option<crate::mesh::Mesh>,
+    /// `--policy-dir`: authorization and peer authentication.
+    policies: Option<crate::policies::PolicyFiles>,
 }
 
 #[derive(Serialize)]
@@ -113,8 +115,22 @@ impl Controller {
                 Some(m)
             }
         };
-        let mut c =
-            Controller { proxy, config, choice, redirector, registry, origin, node_netns, more_node_netns, kept, beat, workloads, mesh };
+        let policies = config.policy_dir.as_deref().map(|d| crate::policies::PolicyFiles::open(d, &config.root_namespace));
+        let mut c = Controller {
+            proxy,
+            config,
+            choice,
+            redirector,
+            registry,
+            origin,
+            node_netns,
+            more_node_netns,
+            kept,
+            beat,
+            workloads,
+            mesh,
+            policies,
+        };
         c.remove_stale_state();
         Ok(c)
     }
@@ -268,8 +284,9 @@ impl Controller {
         }
         // Who the pod is comes from the workload source, by UID (never from
         // its annotations); the ADD's own names must agree with it.
-        let identity = match self.identity(&pod) {
-            Ok(id) => id,
+        let (identity, labels) = match self.identity(&pod) {
+            Ok(Some(w)) => (Some(w.spiffe_id(&self.config.trust_domain)), w.labels),
+            Ok(None) => (None, Default::default()),
             Err(r) => return r,
         };
         // Validate everything before touching the kernel.
@@ -320,6 +337,7 @@ impl Controller {
                 policy: &policy,
                 keep_client_address: keeps_client_address,
                 identity: identity.as_deref(),
+                labels: &labels,
             },
             &net,
         ) {
@@ -344,6 +362,7 @@ impl Controller {
             proxy_ready,
             keeps_client_address,
             identity,
+            labels,
             last_error: None,
         };
         self.registry.insert(rec.clone());
@@ -447,7 +466,7 @@ impl Controller {
     /// One look, as the manager must not wait: the socket thread waited
     /// (`state::Handle::wait_for_workload`) before queueing a plugin's ADD,
     /// and repair simply tries again on its next pass.
-    fn identity(&self, pod: &PodInfo) -> Result<Option<String>, Response> {
+    fn identity(&self, pod: &PodInfo) -> Result<Option<crate::workloads::Workload>, Response> {
         let Some(src) = &self.workloads else { return Ok(None) };
         match src.lookup(&pod.uid) {
             Ok(Some(w)) if (w.namespace.as_str(), w.name.as_str()) != (pod.namespace.as_str(), pod.name.as_str()) => Err(Response::err(
@@ -457,7 +476,7 @@ impl Controller {
                     pod.uid, w.namespace, w.name, pod.namespace, pod.name
                 ),
             )),
-            Ok(Some(w)) => Ok(Some(w.spiffe_id(&self.config.trust_domain))),
+            Ok(Some(w)) => Ok(Some(w)),
             Ok(None) => Err(Response::err(
                 ErrorKind::NotReady,
                 format!("the workload source does not know pod {} yet: no identity to give it", pod.uid),
@@ -516,13 +535,19 @@ impl Controller {
             sk_msg: self.sk_msg_feeds(pod.policy),
             keep_client_address: pod.keep_client_address,
             cert,
-            peer_auth: Default::default(),
+            labels: pod.labels.clone(),
         })
     }
 
     /// Once per tick of the manager: CA files that changed, certificates due
     /// for renewal, each sent to the proxy. Failures keep what is valid.
     pub fn mesh_tick(&mut self) {
+        if self.policies.as_mut().is_some_and(|p| p.poll())
+            && let Some(link) = self.proxy.clone()
+            && let Err(e) = link.with_proxy(Duration::ZERO, |p| self.send_policies(p))
+        {
+            warn!(error = %error_chain(&e), "the proxy did not take the new policies");
+        }
         let Some(mesh) = &mut self.mesh else { return };
         let reloaded = match mesh.reload() {
             Ok(r) => r,
@@ -556,6 +581,13 @@ impl Controller {
         if let Some(link) = self.proxy.clone() {
             self.send_view(&link, &view);
         }
+    }
+
+    /// The current policies to `p` (nothing without `--policy-dir`).
+    fn send_policies(&self, p: &ProxyConn) -> Result<(), LinkError> {
+        let Some(files) = &self.policies else { return Ok(()) };
+        let (closed, fd) = files.message().map_err(|e| LinkError::Wire(e.into()))?;
+        p.set_policies(&files.root_namespace, closed, fd.as_ref().map(|f| f.as_fd()))
     }
 
     fn send_view(&self, link: &ProxyLink, view: &podsteer_proto::control::MeshView) {
@@ -599,11 +631,15 @@ impl Controller {
     pub fn on_proxy(&mut self, conn: ProxyConn) {
         let Some(link) = self.proxy.clone() else { return };
         let pods: Vec<PodRecord> = self.registry.all().filter(|p| p.policy.proxy_mode == ProxyMode::Shared).cloned().collect();
-        // The mesh first, so the replayed pods' first connections can tunnel.
+        // The mesh and the policies first, so the replayed pods' first
+        // connections can tunnel and are judged.
         if let Some(m) = &self.mesh
             && let Err(e) = conn.set_mesh(&m.view())
         {
             warn!(error = %error_chain(&e), "the new proxy did not take the mesh view");
+        }
+        if let Err(e) = self.send_policies(&conn) {
+            warn!(error = %error_chain(&e), "the new proxy did not take the policies");
         }
         for rec in pods {
             // A replay of many pods is progress, not a stall.
@@ -688,6 +724,7 @@ struct ProxyPod<'a> {
     policy: &'a Policy,
     keep_client_address: bool,
     identity: Option<&'a str>,
+    labels: &'a std::collections::BTreeMap<String, String>,
 }
 
 impl ProxyPod<'_> {
@@ -699,6 +736,7 @@ impl ProxyPod<'_> {
             policy: &rec.policy,
             keep_client_address: rec.keeps_client_address,
             identity: rec.identity.as_deref(),
+            labels: &rec.labels,
         }
     }
 }

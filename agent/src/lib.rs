@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod mode;
 pub mod peer;
+pub mod policies;
 pub mod policy;
 pub mod proxy_link;
 pub mod redirect;

@@ -58,6 +58,8 @@ pub struct AgentMetrics {
     pub repair_passes: Counter,
     pub stale_removed: Family<ActionLabel, Counter>,
     pub conflist_reinsertions: Counter,
+    /// Policy bundles refused (an invalid document), the last good one kept.
+    pub policies_refused: Counter,
     registry: Registry,
 }
 
@@ -75,6 +77,7 @@ impl AgentMetrics {
             repair_passes: Counter::default(),
             stale_removed: Family::default(),
             conflist_reinsertions: Counter::default(),
+            policies_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("pods", "Pods registered, by interception mode", m.pods.clone());
@@ -102,6 +105,11 @@ impl AgentMetrics {
             "conflist_reinsertions",
             "Times the CNI entry was put back after someone rewrote the conflist",
             m.conflist_reinsertions.clone(),
+        );
+        registry.register(
+            "policies_refused",
+            "Policy file sets refused for an invalid document (the last good set stays in force)",
+            m.policies_refused.clone(),
         );
         AgentMetrics { registry, ..m }
     }

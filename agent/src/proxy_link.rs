@@ -73,6 +73,13 @@ impl ProxyConn {
         self.ask(&ToProxy::Mesh(view.clone()), "")
     }
 
+    /// The node's policies, in the memfd `text` (none when `closed`).
+    pub fn set_policies(&self, root_namespace: &str, closed: bool, text: Option<BorrowedFd<'_>>) -> Result<(), LinkError> {
+        let msg = ToProxy::Policies { root_namespace: root_namespace.into(), closed };
+        wire::send(self.fd.as_fd(), &msg, text.as_slice())?;
+        self.answer("")
+    }
+
     pub fn renew(&self, uid: &str, cert: &wire::WorkloadCert) -> Result<(), LinkError> {
         self.ask(&ToProxy::Renew { uid: uid.into(), cert: cert.clone() }, uid)
     }
@@ -80,6 +87,10 @@ impl ProxyConn {
     /// A message answered with an Ack or a Nack for `uid`.
     fn ask(&self, msg: &ToProxy, uid: &str) -> Result<(), LinkError> {
         wire::send(self.fd.as_fd(), msg, &[])?;
+        self.answer(uid)
+    }
+
+    fn answer(&self, uid: &str) -> Result<(), LinkError> {
         let (bytes, _) = wire::recv_raw(self.fd.as_fd())?;
         match wire::decode::<FromProxy>(&bytes)? {
             FromProxy::Ack { uid: u, .. } if u == uid => Ok(()),

@@ -34,6 +34,9 @@ pub struct PodRecord {
     /// Its SPIFFE ID, from the workload source (`--workload-dir`).
     #[serde(default)]
     pub identity: Option<String>,
+    /// Its labels, from the workload source: what policies select on.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub last_error: Option<String>,
 }

@@ -16,6 +16,7 @@ const LIVE: u8 = 0;
 const IDLE: u8 = 1;
 const DRAINED: u8 = 2;
 const SILENT: u8 = 3;
+const DENIED: u8 = 4;
 
 /// `last_ms` of a connection on which nothing has been moved yet.
 const NEVER: u64 = u64::MAX;
@@ -27,6 +28,9 @@ pub struct ConnState {
     last_ms: AtomicU64,
     ended: AtomicU8,
     waker: AtomicWaker,
+    /// What authorization judged this connection by, to judge it again when
+    /// the policy changes. None: not subject to it (outbound).
+    checked: Option<podsteer_authz::eval::Conn>,
 }
 
 impl ConnState {
@@ -54,6 +58,7 @@ impl ConnState {
             IDLE => Some(Outcome::IdleTimeout),
             DRAINED => Some(Outcome::Drained),
             SILENT => Some(Outcome::FirstByteTimeout),
+            DENIED => Some(Outcome::PolicyDenied),
             _ => None,
         }
     }
@@ -73,15 +78,38 @@ pub struct Conns {
 
 impl Conns {
     pub fn open(&self, dir: Direction) -> Arc<ConnState> {
+        self.open_checked(dir, None)
+    }
+
+    /// An inbound connection that authorization allowed for `checked`.
+    pub fn open_checked(&self, dir: Direction, checked: Option<podsteer_authz::eval::Conn>) -> Arc<ConnState> {
         let c = Arc::new(ConnState {
             start: Instant::now(),
             inbound: dir == Direction::Inbound,
             last_ms: AtomicU64::new(NEVER),
             ended: AtomicU8::new(LIVE),
             waker: AtomicWaker::new(),
+            checked,
         });
         self.live.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&c));
         c
+    }
+
+    /// A policy changed: ends every live connection `allowed` no longer
+    /// allows; returns how many it ended.
+    pub fn recheck(&self, allowed: impl Fn(&podsteer_authz::eval::Conn) -> bool) -> usize {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = 0;
+        for c in live.iter().filter_map(Weak::upgrade) {
+            if let Some(conn) = &c.checked
+                && c.ended.load(Ordering::Acquire) == LIVE
+                && !allowed(conn)
+            {
+                c.end(DENIED);
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Ends what must end and forgets closed connections; returns how many live.

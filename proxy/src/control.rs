@@ -104,6 +104,26 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
                 };
                 wire::send(conn.as_fd(), &reply, &[])?;
             }
+            ToProxy::Policies { root_namespace, closed } => {
+                let text = match fds.pop().map(read_memfd) {
+                    Some(Ok(t)) => Ok(t),
+                    Some(Err(e)) => Err(format!("reading the policy memfd: {e}")),
+                    None if closed => Ok(String::new()),
+                    None => Err("Policies carries no memfd".into()),
+                };
+                let reply = match text.and_then(|t| state.with_pods(|p| p.hbone().policies.set(&root_namespace, closed, &t))) {
+                    Ok((authz, peer)) => {
+                        let live_closed = state.with_pods(|p| p.recheck());
+                        info!(authorization = authz, peer_authentication = peer, closed, live_closed, "policies");
+                        FromProxy::Ack { uid: String::new(), listeners: vec![] }
+                    }
+                    Err(error) => {
+                        warn!(%error, "policies refused; the last ones stay");
+                        FromProxy::Nack { uid: String::new(), error }
+                    }
+                };
+                wire::send(conn.as_fd(), &reply, &[])?;
+            }
             ToProxy::Drain => {
                 info!("drain requested: a newer proxy took over");
                 state.draining.store(true, Ordering::Relaxed);
@@ -117,7 +137,7 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
 
 fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd, kept: Vec<OwnedFd>) -> Result<Vec<(ListenerId, OwnedFd)>, String> {
     // Checked before anything opens: a bad certificate adds nothing.
-    let tls = spec.cert.as_ref().map(|c| crate::hbone::mesh::PodTls::new(c, spec.peer_auth)).transpose()?;
+    let tls = spec.cert.as_ref().map(crate::hbone::mesh::PodTls::new).transpose()?;
     let netns = PodNetns::enter(netns).map_err(|e| e.to_string())?;
     let req = PodRequest {
         label: format!("{}/{}", spec.namespace, spec.name),
@@ -128,6 +148,18 @@ fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd, kept: Vec<OwnedFd
         keep_client_address: spec.keep_client_address,
         kept: spec.listeners.iter().copied().zip(kept).collect(),
         tls,
+        namespace: spec.namespace.clone(),
+        labels: spec.labels.clone(),
     };
     state.with_pods(|p| p.add(req, netns)).map_err(|e| format!("{e}: {}", e.source))
+}
+
+/// The whole text of a memfd the agent wrote and sealed.
+fn read_memfd(fd: OwnedFd) -> std::io::Result<String> {
+    use std::io::{Read as _, Seek as _};
+    let mut f = std::fs::File::from(fd);
+    f.rewind()?;
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
 }

@@ -41,6 +41,7 @@ use crate::relay::{PodCtx, Settings};
 pub struct Node {
     pub mesh: mesh::Mesh,
     pub pool: Arc<pool::Pool>,
+    pub policies: crate::authz::Policies,
 }
 
 /// How an outbound connection to a meshed peer goes.

@@ -3,6 +3,7 @@
 //! pod as a sidecar.
 
 pub mod admin;
+pub mod authz;
 pub mod budget;
 pub mod config;
 pub mod conns;

@@ -55,10 +55,13 @@ pub enum Outcome {
     PlaintextRefused,
     /// An HBONE stream that was not a CONNECT to this pod (answered 400).
     BadRequest,
+    /// Refused by authorization (HBONE: 401; plaintext: reset), or closed
+    /// because a policy change denies it now.
+    PolicyDenied,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Ok,
         Outcome::ClientDisconnected,
         Outcome::BackendDisconnected,
@@ -72,6 +75,7 @@ impl Outcome {
         Outcome::TunnelFailed,
         Outcome::PlaintextRefused,
         Outcome::BadRequest,
+        Outcome::PolicyDenied,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +93,7 @@ impl Outcome {
             Outcome::TunnelFailed => "tunnel_failed",
             Outcome::PlaintextRefused => "plaintext_refused",
             Outcome::BadRequest => "bad_request",
+            Outcome::PolicyDenied => "policy_denied",
         }
     }
 }
@@ -155,6 +160,21 @@ pub struct PodLabels {
     pub pod: String,
 }
 
+/// An authorization decision: allow or deny, and the policy that decided
+/// (empty for the default).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub pod: String,
+    pub decision: &'static str,
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    pub pod: String,
+    pub policy: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     pub limit: String,
@@ -192,6 +212,12 @@ pub struct Metrics {
     pub hbone_dials: Counter,
     /// Meshed pod addresses in the agent's last mesh view.
     pub mesh_peers: Gauge,
+    pub authz: Family<AuthzLabels, Counter>,
+    /// What the dry-run policies would have decided, where it differs.
+    pub authz_dry_run: Family<AuthzLabels, Counter>,
+    pub authz_audit: Family<AuditLabels, Counter>,
+    /// Live connections closed because a new policy denies them.
+    pub authz_closed_live: Counter,
     pub registry: Registry,
 }
 
@@ -218,6 +244,10 @@ impl Metrics {
             hbone_refused: Counter::default(),
             hbone_dials: Counter::default(),
             mesh_peers: Gauge::default(),
+            authz: Family::default(),
+            authz_dry_run: Family::default(),
+            authz_audit: Family::default(),
+            authz_closed_live: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("connections_opened", "Connections accepted", m.opened.clone());
@@ -241,6 +271,10 @@ impl Metrics {
         registry.register("hbone_handshakes_refused", "HBONE connections refused in the mTLS handshake", m.hbone_refused.clone());
         registry.register("hbone_dials", "HBONE connections dialled to peers", m.hbone_dials.clone());
         registry.register("mesh_peers", "Meshed pod addresses in the mesh view", m.mesh_peers.clone());
+        registry.register("authz_decisions", "Inbound connections judged, by decision and deciding policy", m.authz.clone());
+        registry.register("authz_dry_run", "Where dry-run policies would have decided otherwise", m.authz_dry_run.clone());
+        registry.register("authz_audit", "Inbound connections an AUDIT policy matched", m.authz_audit.clone());
+        registry.register("authz_closed_live", "Live connections closed because a policy change denies them", m.authz_closed_live.clone());
         registry.register("buffered_bytes", "Bytes a pod's connections hold in the proxy's memory", m.buffered.clone());
         registry.register("buffered_bytes_all_pods", "Bytes all pods' connections hold in the proxy's memory", m.buffered_all.clone());
         registry.register("reads_held_back", "Reads done peek-first because a buffer budget was spent", m.reads_held_back.clone());

@@ -52,6 +52,8 @@ pub struct PodRequest {
     pub kept: Vec<(ListenerId, OwnedFd)>,
     /// Meshed with an identity: HBONE listeners open too.
     pub tls: Option<crate::hbone::mesh::PodTls>,
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Pods {
@@ -117,6 +119,7 @@ impl Pods {
             tls: req.tls.take().map(Arc::new),
             hbone: self.hbone.clone(),
             uid: req.uid.clone(),
+            policy: crate::authz::PodPolicy::new(&req.namespace, std::mem::take(&mut req.labels)),
         });
         let _rt = self.rt.enter();
         let mut held = Vec::new();
@@ -159,6 +162,17 @@ impl Pods {
         self.metrics.pods.set(self.pods.len() as i64);
         info!(uid, "listeners closed, draining");
         true
+    }
+
+    /// A new policy set: every pod's live inbound connections it no longer
+    /// allows are closed; how many.
+    pub fn recheck(&self) -> usize {
+        let mut closed = 0;
+        for p in self.pods.values() {
+            closed += p.ctx.conns.recheck(|c| p.ctx.policy.still_allowed(&self.hbone.policies, c));
+        }
+        self.metrics.authz_closed_live.inc_by(closed as u64);
+        closed
     }
 
     /// A meshed pod's renewed certificate, for its handshakes from now on.

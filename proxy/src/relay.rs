@@ -18,8 +18,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use podsteer_proto::control::PeerAuth;
-
 use crate::budget::Budget;
 use crate::conns::ConnState;
 use crate::inpod::netns::PodNetns;
@@ -83,6 +81,8 @@ pub struct PodCtx {
     pub tls: Option<Arc<crate::hbone::mesh::PodTls>>,
     pub hbone: Arc<crate::hbone::Node>,
     pub uid: String,
+    /// Who the pod is to policies, and its part of the current set.
+    pub policy: crate::authz::PodPolicy,
 }
 
 impl PodCtx {
@@ -132,12 +132,8 @@ async fn serve_counted(mut client: TcpStream, dir: Direction, pod: &Arc<PodCtx>,
     let started = Instant::now();
     let mut dst = None;
     let mut peer = None;
+    let (mut policy, mut reason) = (None, String::new());
     let (outcome, up, down) = match destination(&client, dir, pod) {
-        _ if dir == Direction::Inbound && pod.tls.as_ref().is_some_and(|t| t.peer_auth == PeerAuth::Strict) => {
-            // STRICT peer authentication: only HBONE comes in.
-            reset(&client);
-            (Outcome::PlaintextRefused, 0, 0)
-        }
         Err(_) => {
             reset(&client);
             (Outcome::NoOriginalDst, 0, 0)
@@ -147,23 +143,33 @@ async fn serve_counted(mut client: TcpStream, dir: Direction, pod: &Arc<PodCtx>,
             reset(&client);
             (Outcome::OwnListener, 0, 0)
         }
-        Ok(d) => match crate::hbone::route(dir, d, pod) {
-            Some(route) => {
-                dst = Some(d);
-                peer = Some(route.peer.clone());
-                crate::hbone::outbound(&mut client, d, route, pod, s, m, &labels).await
-            }
-            None => {
-                dst = Some(d);
-                match connect(d, client.peer_addr().ok(), pod, s, m, dir).await {
-                    Err(_) => {
-                        reset(&client);
-                        (Outcome::ConnectFailed, 0, 0)
-                    }
-                    Ok(upstream) => relay(&client, &upstream, dir, pod, pod.splice_mode(s), m, &labels).await,
+        Ok(d) => {
+            dst = Some(d);
+            match gate(dir, d, &client, pod, m) {
+                Err(denial) => {
+                    reset(&client);
+                    let refused = if denial.reason.starts_with("plaintext") { Outcome::PlaintextRefused } else { Outcome::PolicyDenied };
+                    (policy, reason) = (denial.policy, denial.reason);
+                    (refused, 0, 0)
                 }
+                Ok(checked) => match crate::hbone::route(dir, d, pod) {
+                    Some(route) => {
+                        peer = Some(route.peer.clone());
+                        crate::hbone::outbound(&mut client, d, route, pod, s, m, &labels).await
+                    }
+                    None => match connect(d, client.peer_addr().ok(), pod, s, m, dir).await {
+                        Err(_) => {
+                            reset(&client);
+                            (Outcome::ConnectFailed, 0, 0)
+                        }
+                        Ok(upstream) => {
+                            let state = pod.conns.open_checked(dir, checked);
+                            relay(&client, &upstream, &state, pod, pod.splice_mode(s), m, &labels).await
+                        }
+                    },
+                },
             }
-        },
+        }
     };
     m.active.get_or_create(&labels).dec();
     m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: outcome }).inc();
@@ -177,11 +183,33 @@ async fn serve_counted(mut client: TcpStream, dir: Direction, pod: &Arc<PodCtx>,
         original_dst = %dst.map(|a| a.to_string()).unwrap_or_default(),
         // The identity the destination proved over HBONE; empty for plaintext.
         peer_identity = %peer.map(|p| p.to_string()).unwrap_or_default(),
+        // Set when authorization refused the connection: the deciding policy and why.
+        policy = %policy.unwrap_or_default(),
+        reason = %reason,
         bytes_from_client = up,
         bytes_to_client = down,
         duration_ms = started.elapsed().as_millis() as u64,
         result = outcome.as_str(),
     );
+}
+
+/// Inbound plaintext is judged by the pod's policy (no source identity);
+/// what was judged is kept with the connection, to judge it again when the
+/// policy changes. Outbound is judged where it lands.
+fn gate(
+    dir: Direction,
+    dst: SocketAddr,
+    client: &TcpStream,
+    pod: &PodCtx,
+    m: &Metrics,
+) -> Result<Option<podsteer_authz::eval::Conn>, crate::authz::Denial> {
+    if dir != Direction::Inbound {
+        return Ok(None);
+    }
+    let source_ip = client.peer_addr().map(|a| a.ip().to_canonical()).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let c = podsteer_authz::eval::Conn { source: None, source_ip, dest_ip: dst.ip().to_canonical(), dest_port: dst.port() };
+    pod.policy.check(&pod.hbone.policies, &c, &pod.label, m)?;
+    Ok(Some(c))
 }
 
 /// Outbound: SO_ORIGINAL_DST. Inbound: the local address when sk_lookup steered
@@ -318,20 +346,18 @@ fn reset(s: &TcpStream) {
 async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
-    dir: Direction,
+    state: &ConnState,
     pod: &PodCtx,
     splice: SpliceMode,
     m: &Metrics,
     labels: &ConnLabels,
 ) -> (Outcome, u64, u64) {
     let _ = client.set_nodelay(true);
-    let state = pod.conns.open(dir);
     let spliced = m.bytes_spliced.get_or_create(labels).clone();
     let half = |moved: &Family<ConnLabels, Counter>| {
         Half::new(moved.get_or_create(labels).clone(), spliced.clone(), m.splice_fallbacks.clone(), splice)
     };
-    let mut copy =
-        Copy { up: half(&m.bytes_from_client), down: half(&m.bytes_to_client), client, upstream, state: &state, budget: &pod.budget };
+    let mut copy = Copy { up: half(&m.bytes_from_client), down: half(&m.bytes_to_client), client, upstream, state, budget: &pod.budget };
     let outcome = (&mut copy).await;
     if outcome != Outcome::Ok {
         reset(client);

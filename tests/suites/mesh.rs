@@ -48,9 +48,16 @@ impl Mesh {
 
     /// `ca[i]` and `workloads[i]`: node i's CA and workload directories.
     fn start(&mut self, mode: &str, ca: &[&Path], workloads: &[&Path]) -> anyhow::Result<()> {
+        self.start_with(mode, ca, workloads, &[])
+    }
+
+    /// As [`Mesh::start`], with more agent flags on every node.
+    fn start_with(&mut self, mode: &str, ca: &[&Path], workloads: &[&Path], extra: &[&str]) -> anyhow::Result<()> {
         for (i, node) in self.cluster.nodes.iter().enumerate() {
             let (w, c) = (workloads[i].display().to_string(), ca[i].display().to_string());
-            let agent = Agent::start_with_proxy(node, mode, &["--workload-dir", &w, "--ca-dir", &c, "--workload-wait-ms", "5000"])?;
+            let mut args = vec!["--workload-dir", &w, "--ca-dir", &c, "--workload-wait-ms", "5000"];
+            args.extend_from_slice(extra);
+            let agent = Agent::start_with_proxy(node, mode, &args)?;
             self.proxies.push(Proxy::start_shared(node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?);
             self.agents.push(agent);
         }
@@ -218,5 +225,165 @@ fn a_destination_that_cannot_prove_its_identity_is_refused() -> anyhow::Result<(
     podsteer_lab::wait::until("the foreign server to count a refused handshake", Duration::from_secs(5), || {
         (mesh.proxies[2].metric("podsteer_proxy_hbone_handshakes_refused_total").ok()? >= 1.0).then_some(())
     })?;
+    Ok(())
+}
+
+fn peer_authentication(mode: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: production\nspec:\n  mtls:\n    mode: {mode}\n"
+    )
+}
+
+/// The seed document's policy, reduced to what L4 can check: only
+/// order-service may call payment, on 8080.
+const PAYMENT_POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: payment-l4\n  namespace: production\nspec:\n  selector:\n    matchLabels:\n      app: payment\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/production/sa/order-service]\n    to:\n    - operation:\n        ports: [\"8080\"]\n";
+
+/// Writes a policy file atomically (rename), as a ConfigMap update lands.
+fn put_policy(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
+
+/// PeerAuthentication STRICT: plaintext into a meshed pod is reset, while
+/// HBONE goes on; back to PERMISSIVE, plaintext is taken again. An invalid
+/// change is refused and leaves STRICT in force.
+#[test]
+fn strict_peer_authentication_refuses_plaintext_and_permissive_takes_it() -> anyhow::Result<()> {
+    let mut mesh = Mesh::new(2)?;
+    let (ca_dir, wl, policies) = (mesh.ca("ca")?, mesh.scratch("workloads")?, mesh.scratch("policies")?);
+    put_policy(&policies, "peer.yaml", &peer_authentication("STRICT"))?;
+    let p = policies.display().to_string();
+    mesh.start_with("ebpf", &[&ca_dir, &ca_dir], &[&wl, &wl], &["--policy-dir", &p])?;
+    let client = mesh.pod(0, "order", "order-service", true)?;
+    let outsider = mesh.pod(0, "outsider", "", false)?;
+    let server = mesh.pod(1, "payment", "payment", true)?;
+    let _app = start_server(&server, None, &["echo", "[::]:8080"])?;
+    mesh.wait_peers(4)?;
+    let to = addr(server.ipv4().expect("v4"), 8080);
+
+    assert!(run_client(&client, &["request", &to, "64"])?.starts_with("ok"), "HBONE is taken under STRICT");
+    let refused = run_client(&outsider, &["request", &to, "64"]);
+    assert!(refused.is_err(), "plaintext is refused under STRICT: {refused:?}");
+    let log = mesh.proxy_log(1);
+    assert!(
+        log.lines().any(|l| l.contains("plaintext_refused") && l.contains("policy=production/default")),
+        "the server's proxy names the PeerAuthentication that refused it:\n{log}"
+    );
+
+    // An invalid change is refused: STRICT stays.
+    put_policy(&policies, "peer.yaml", &peer_authentication("LAX"))?;
+    podsteer_lab::wait::until("the agent to refuse the invalid policy", Duration::from_secs(5), || {
+        (mesh.agents[1].metric("podsteer_agent_policies_refused_total").ok()? >= 1.0).then_some(())
+    })?;
+    assert!(run_client(&outsider, &["request", &to, "64"]).is_err(), "still STRICT after an invalid change");
+
+    put_policy(&policies, "peer.yaml", &peer_authentication("PERMISSIVE"))?;
+    podsteer_lab::wait::until("plaintext to be taken under PERMISSIVE", Duration::from_secs(5), || {
+        run_client(&outsider, &["request", &to, "64"]).ok().filter(|o| o.starts_with("ok"))
+    })?;
+    assert!(run_client(&client, &["request", &to, "64"])?.starts_with("ok"), "HBONE still");
+    Ok(())
+}
+
+/// The seed's payment policy at L4, enforced by payment's proxy: order-service
+/// over HBONE passes; another identity gets 401 (its app sees a reset), and
+/// so does plaintext, which has no principal. A policy change closes the
+/// live connections it now denies within a second, and leaves the rest.
+#[test]
+fn the_receiving_proxy_enforces_authorization_and_recheck_live_connections() -> anyhow::Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let mut mesh = Mesh::new(2)?;
+    let (ca_dir, wl, policies) = (mesh.ca("ca")?, mesh.scratch("workloads")?, mesh.scratch("policies")?);
+    put_policy(&policies, "payment.yaml", PAYMENT_POLICY)?;
+    let p = policies.display().to_string();
+    mesh.start_with("ebpf", &[&ca_dir, &ca_dir], &[&wl, &wl], &["--policy-dir", &p])?;
+    let order = mesh.pod(0, "order", "order-service", true)?;
+    let rogue = mesh.pod(0, "rogue", "rogue", true)?;
+    let outsider = mesh.pod(0, "outsider", "", false)?;
+    let server = mesh.cluster.nodes[1].add_pod(PodSpec::new("production", "payment"))?;
+    write_manifest_labelled(&wl, &server, "payment", &[("app", "payment")])?;
+    mesh.agents[1].add_pod(&server, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _apps = [start_server(&server, None, &["echo", "[::]:8080"])?, start_server(&server, None, &["echo", "[::]:9090"])?];
+    mesh.wait_peers(6)?;
+    let (v4, v6) = (server.ipv4().expect("v4"), server.ipv6().expect("v6"));
+
+    for to in [addr(v4, 8080), addr(v6, 8080)] {
+        assert!(run_client(&order, &["request", &to, "64"])?.starts_with("ok"), "order-service may call payment on {to}");
+        assert!(run_client(&rogue, &["request", &to, "64"]).is_err(), "rogue may not");
+        assert!(run_client(&outsider, &["request", &to, "64"]).is_err(), "plaintext has no principal");
+    }
+    assert!(run_client(&order, &["request", &addr(v4, 9090), "64"]).is_err(), "not on 9090");
+    let log = mesh.proxy_log(0);
+    assert!(log.contains("answered the CONNECT with 401"), "the rogue's proxy was answered 401:\n{log}");
+    let denied =
+        mesh.proxies[1].metric("podsteer_proxy_authz_decisions_total{pod=\"production/payment\",decision=\"deny\",policy=\"\"}")?;
+    assert_eq!(denied, 5.0, "rogue twice, plaintext twice, 9090 once: each denied by the default (no ALLOW matched)");
+    let allowed = mesh.proxies[1]
+        .metric("podsteer_proxy_authz_decisions_total{pod=\"production/payment\",decision=\"allow\",policy=\"production/payment-l4\"}")?;
+    assert_eq!(allowed, 2.0);
+
+    // Two live connections from order-service, one to each family. A policy
+    // that denies order-service on IPv6 only closes exactly that one.
+    let chat = |to: String| -> anyhow::Result<(
+        podsteer_lab::process::LabProcess,
+        std::process::ChildStdin,
+        std::io::BufReader<std::process::ChildStdout>,
+    )> {
+        let mut cmd = order.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
+        cmd.args(["chat", &to])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut p = order.spawn("chat", cmd)?;
+        let stdin = p.child_mut().stdin.take().expect("piped");
+        let mut out = std::io::BufReader::new(p.child_mut().stdout.take().expect("piped"));
+        let mut l = String::new();
+        out.read_line(&mut l)?;
+        anyhow::ensure!(l.starts_with("connected"), "{l}");
+        Ok((p, stdin, out))
+    };
+    let (mut p4, mut in4, mut out4) = chat(addr(v4, 8080))?;
+    let (mut p6, mut in6, mut out6) = chat(addr(v6, 8080))?;
+    let say = |stdin: &mut std::process::ChildStdin,
+               out: &mut std::io::BufReader<std::process::ChildStdout>,
+               w: &str|
+     -> anyhow::Result<String> {
+        writeln!(stdin, "{w}")?;
+        let mut l = String::new();
+        out.read_line(&mut l)?;
+        Ok(l)
+    };
+    assert_eq!(say(&mut in4, &mut out4, "one")?, "one\n");
+    assert_eq!(say(&mut in6, &mut out6, "one")?, "one\n");
+    let deny_v6 = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-v6\n  namespace: production\nspec:\n  action: DENY\n  rules:\n  - when:\n    - key: destination.ip\n      values: [\"{v6}\"]\n"
+    );
+    put_policy(&policies, "no-v6.yaml", &deny_v6)?;
+    let changed = std::time::Instant::now();
+    // The chat client learns its connection ended on its next exchange.
+    podsteer_lab::wait::until("the IPv6 connection to be closed", Duration::from_secs(5), || match say(&mut in6, &mut out6, "ping") {
+        Ok(l) if l == "ping\n" => None,
+        _ => Some(()),
+    })?;
+    let took = changed.elapsed();
+    let ended = p6.wait_exit(Duration::from_secs(5))?;
+    assert!(!ended.success(), "the IPv6 connection ended with an error: {ended:?}");
+    // The agent reads the files within its tick (250 ms): a second in all.
+    assert!(took < Duration::from_secs(1) + Duration::from_millis(300), "closed within a second of the change: {took:?}");
+    assert_eq!(say(&mut in4, &mut out4, "two")?, "two\n", "the IPv4 connection is untouched");
+    drop(in4);
+    let _ = p4.wait_exit(Duration::from_secs(5));
+    assert_eq!(mesh.proxies[1].metric("podsteer_proxy_authz_closed_live_total")?, 1.0);
+    Ok(())
+}
+
+fn write_manifest_labelled(dir: &Path, pod: &Pod, service_account: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+    write_manifest(dir, pod, service_account)?;
+    let path = dir.join(format!("{}.yaml", pod.uid()));
+    let text = std::fs::read_to_string(&path)?;
+    let labels: String = labels.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
+    std::fs::write(&path, text.replacen("metadata:\n", &format!("metadata:\n  labels:\n{labels}"), 1))?;
     Ok(())
 }

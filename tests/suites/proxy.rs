@@ -378,7 +378,7 @@ fn malformed_control_messages_get_an_error_and_change_nothing() -> anyhow::Resul
             sk_msg: true,
             keep_client_address: false,
             cert: None,
-            peer_auth: Default::default(),
+            labels: Default::default(),
         };
         wire::send(conn.as_fd(), &ToProxy::AddPod(spec.clone()), &[])?;
         assert!(matches!(reply(&conn)?, FromProxy::Nack { .. }), "AddPod without its netns fd");

@@ -16,6 +16,7 @@ pub struct Workload<'a> {
 
 /// One connection as the receiving proxy sees it. `source` is the peer's
 /// verified identity: None for plaintext (which PERMISSIVE lets in).
+#[derive(Clone, Debug)]
 pub struct Conn {
     pub source: Option<SpiffeId>,
     pub source_ip: IpAddr,

@@ -4,6 +4,8 @@
 //! - [`policy`]: validated policies, each rule split into the L4 part podsteer
 //!   checks and the L7 fields it cannot, so an invalid policy is refused with
 //!   a reason rather than read as allow-all;
+//! - [`peer_auth`]: Istio's `PeerAuthentication` (STRICT or PERMISSIVE), resolved per workload;
+//! - [`source`]: both kinds read from a directory as one bundle;
 //! - [`eval`]: the verdict for one connection, with the policy and rule that
 //!   decided it and the dry-run policies that would have decided otherwise.
 //!
@@ -15,5 +17,7 @@
 //! that has them denies on its L4 part alone. Both fail safe.
 
 pub mod eval;
+pub mod peer_auth;
 pub mod policy;
+pub mod source;
 pub mod spec;

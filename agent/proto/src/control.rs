@@ -28,6 +28,12 @@ pub enum ToProxy {
     Mesh(MeshView),
     /// A meshed pod's renewed certificate; connections made before keep the old one.
     Renew { uid: String, cert: WorkloadCert },
+    /// The node's security policy (`AuthorizationPolicy`, `PeerAuthentication`)
+    /// as YAML, in a sealed memfd sent with the message (no size limit), already
+    /// validated by the agent. `closed`: the agent has no valid policy to
+    /// give (the files were invalid from the start), so inbound is refused
+    /// rather than left open. Replaces the last; applies to live connections too.
+    Policies { root_namespace: String, closed: bool },
 }
 
 /// See [`ToProxy::Mesh`].
@@ -63,17 +69,6 @@ impl std::fmt::Debug for WorkloadCert {
     }
 }
 
-/// What a meshed pod accepts inbound besides HBONE (Istio's PeerAuthentication).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum PeerAuth {
-    /// Plaintext too, with no source identity.
-    #[default]
-    Permissive,
-    /// HBONE only: plaintext inbound is reset.
-    Strict,
-}
-
 /// The port each meshed pod's proxy takes HBONE on, as in ztunnel.
 pub const HBONE_PORT: u16 = 15008;
 
@@ -102,8 +97,9 @@ pub struct PodSpec {
     /// the pod's netns with this certificate, and tunnels to meshed peers.
     #[serde(default)]
     pub cert: Option<WorkloadCert>,
+    /// The pod's labels as the workload source has them: what policies select on.
     #[serde(default)]
-    pub peer_auth: PeerAuth,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The mark on the proxy's connections to an app that carry the client's

@@ -63,8 +63,11 @@ fn main() -> anyhow::Result<()> {
             // Decided below, once the sidecar's privileges are settled.
             keep_client_address: false,
             kept: Vec::new(),
-            // A sidecar is not given an identity yet: HBONE is the shared proxy's.
+            // A sidecar is not given an identity or policies yet: HBONE and
+            // authorization are the shared proxy's.
             tls: None,
+            namespace: String::new(),
+            labels: Default::default(),
         };
         let listeners = state.with_pods(|p| p.add(req, PodNetns::Current)).context("opening sidecar listeners")?;
         if let (Some(sock), Some(uid)) = (&cfg.agent_socket, &cfg.pod_uid) {

@@ -133,13 +133,31 @@ async fn serve_stream(
     m.active.get_or_create(&labels).inc();
     let started = Instant::now();
     let target = target(&req, &peer, &pod);
-    let (outcome, up, down) = match target {
-        Err((status, why)) => {
+    let target_text = target.as_ref().map(|t| t.to_string()).unwrap_or_default();
+    let (mut policy, mut reason) = (None, String::new());
+    let judged = target.as_ref().ok().map(|t| {
+        let c = podsteer_authz::eval::Conn {
+            source: Some(peer.id.clone()),
+            source_ip: peer.addr.ip().to_canonical(),
+            dest_ip: t.ip().to_canonical(),
+            dest_port: t.port(),
+        };
+        let verdict = pod.policy.check(&pod.hbone.policies, &c, &pod.label, &m);
+        (c, verdict)
+    });
+    let (outcome, up, down) = match (target, judged) {
+        (Err((status, why)), _) => {
             debug!(status = status.as_u16(), why, "HBONE request refused");
             answer(respond, status);
             (Outcome::BadRequest, 0, 0)
         }
-        Ok(t) => match crate::relay::connect(t, Some(peer.addr), &pod, &s, &m, dir).await {
+        (Ok(_), Some((_, Err(denial)))) => {
+            // As ztunnel answers a denied stream.
+            answer(respond, StatusCode::UNAUTHORIZED);
+            (policy, reason) = (denial.policy, denial.reason);
+            (Outcome::PolicyDenied, 0, 0)
+        }
+        (Ok(t), judged) => match crate::relay::connect(t, Some(peer.addr), &pod, &s, &m, dir).await {
             Err(e) => {
                 debug!(error = %e, target = %t, "app unreachable");
                 answer(respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -150,7 +168,7 @@ async fn serve_stream(
                 match ok(respond) {
                     None => (Outcome::ClientDisconnected, 0, 0),
                     Some(send) => {
-                        let state = pod.conns.open(dir);
+                        let state = pod.conns.open_checked(dir, judged.map(|(c, _)| c));
                         let (o, app_to_client, client_to_app) = super::stream::relay(&mut app, send, req.into_body(), false, &state).await;
                         m.bytes_from_client.get_or_create(&labels).inc_by(client_to_app);
                         m.bytes_to_client.get_or_create(&labels).inc_by(app_to_client);
@@ -167,8 +185,10 @@ async fn serve_stream(
         pod = %pod.label,
         direction = dir.as_str(),
         client = %peer.addr,
-        original_dst = %target.map(|t| t.to_string()).unwrap_or_default(),
+        original_dst = %target_text,
         peer_identity = %peer.id,
+        policy = %policy.unwrap_or_default(),
+        reason = %reason,
         bytes_from_client = up,
         bytes_to_client = down,
         duration_ms = started.elapsed().as_millis() as u64,

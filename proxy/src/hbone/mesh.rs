@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use podsteer_identity::spiffe::SpiffeId;
 use podsteer_identity::tls::{CurrentCert, TlsError, Trust};
-use podsteer_proto::control::{MeshView, PeerAuth, WorkloadCert};
+use podsteer_proto::control::{MeshView, WorkloadCert};
 
 #[derive(Default)]
 pub struct View {
@@ -50,15 +50,14 @@ impl Mesh {
 pub struct PodTls {
     pub id: SpiffeId,
     pub cert: Arc<CurrentCert>,
-    pub peer_auth: PeerAuth,
 }
 
 impl PodTls {
-    pub fn new(cert: &WorkloadCert, peer_auth: PeerAuth) -> Result<PodTls, String> {
+    pub fn new(cert: &WorkloadCert) -> Result<PodTls, String> {
         let id = SpiffeId::parse(&cert.identity).map_err(|e| e.to_string())?;
         let key = podsteer_identity::tls::certified_key_from_wire(&cert.chain, &cert.key).map_err(|e| e.to_string())?;
         check_matches(&id, &key)?;
-        Ok(PodTls { id, cert: Arc::new(CurrentCert::new(key)), peer_auth })
+        Ok(PodTls { id, cert: Arc::new(CurrentCert::new(key)) })
     }
 
     /// A renewal: the same identity, a new certificate.
