@@ -72,6 +72,7 @@ impl Mesh {
         }
         let id = SpiffeId::parse(identity)?;
         let leaf = self.issuer.issue(&id, SystemTime::now()).map_err(|e| MeshError::Issue(Box::new(e)))?;
+        issued("new");
         let held = held(id, &leaf);
         let cert = held.cert.clone();
         self.certs.insert(uid.into(), held);
@@ -104,6 +105,7 @@ impl Mesh {
                     *h = held(h.id.clone(), &leaf);
                     h.backoff = backoff;
                     h.backoff.succeeded();
+                    issued("renewal");
                     out.push((uid.clone(), h.cert.clone()));
                 }
                 Err(e) => {
@@ -153,6 +155,10 @@ impl Mesh {
         v.sort_by_key(|a| a["uid"].as_str().map(String::from));
         v
     }
+}
+
+fn issued(action: &str) {
+    crate::metrics::metrics().certificates.get_or_create(&crate::metrics::ActionLabel { action: action.into() }).inc();
 }
 
 fn read_ca(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<(LocalIssuer, Vec<String>), MeshError> {

@@ -60,6 +60,8 @@ pub struct AgentMetrics {
     pub conflist_reinsertions: Counter,
     /// Policy bundles refused (an invalid document), the last good one kept.
     pub policies_refused: Counter,
+    /// Workload certificates issued, by why: new (a pod's first) or renewal.
+    pub certificates: Family<ActionLabel, Counter>,
     registry: Registry,
 }
 
@@ -78,6 +80,7 @@ impl AgentMetrics {
             stale_removed: Family::default(),
             conflist_reinsertions: Counter::default(),
             policies_refused: Counter::default(),
+            certificates: Family::default(),
             registry: Registry::default(),
         };
         registry.register("pods", "Pods registered, by interception mode", m.pods.clone());
@@ -111,6 +114,7 @@ impl AgentMetrics {
             "Policy file sets refused for an invalid document (the last good set stays in force)",
             m.policies_refused.clone(),
         );
+        registry.register("certificates_issued", "Workload certificates issued, by action (new, renewal)", m.certificates.clone());
         AgentMetrics { registry, ..m }
     }
 

@@ -84,6 +84,7 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
                 let reply = match state.with_pods(|p| p.hbone().mesh.set(&view)) {
                     Ok(peers) => {
                         state.metrics.mesh_peers.set(peers as i64);
+                        state.metrics.trust_roots.set(view.bundle.len() as i64);
                         info!(peers, trust_domain = %view.trust_domain, roots = view.bundle.len(), "mesh view");
                         FromProxy::Ack { uid: String::new(), listeners: vec![] }
                     }

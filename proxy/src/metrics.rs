@@ -212,6 +212,8 @@ pub struct Metrics {
     pub hbone_dials: Counter,
     /// Meshed pod addresses in the agent's last mesh view.
     pub mesh_peers: Gauge,
+    /// Roots in the trust bundle: two during a rotation's overlap.
+    pub trust_roots: Gauge,
     pub authz: Family<AuthzLabels, Counter>,
     /// What the dry-run policies would have decided, where it differs.
     pub authz_dry_run: Family<AuthzLabels, Counter>,
@@ -244,6 +246,7 @@ impl Metrics {
             hbone_refused: Counter::default(),
             hbone_dials: Counter::default(),
             mesh_peers: Gauge::default(),
+            trust_roots: Gauge::default(),
             authz: Family::default(),
             authz_dry_run: Family::default(),
             authz_audit: Family::default(),
@@ -271,6 +274,7 @@ impl Metrics {
         registry.register("hbone_handshakes_refused", "HBONE connections refused in the mTLS handshake", m.hbone_refused.clone());
         registry.register("hbone_dials", "HBONE connections dialled to peers", m.hbone_dials.clone());
         registry.register("mesh_peers", "Meshed pod addresses in the mesh view", m.mesh_peers.clone());
+        registry.register("trust_roots", "Roots in the mesh's trust bundle", m.trust_roots.clone());
         registry.register("authz_decisions", "Inbound connections judged, by decision and deciding policy", m.authz.clone());
         registry.register("authz_dry_run", "Where dry-run policies would have decided otherwise", m.authz_dry_run.clone());
         registry.register("authz_audit", "Inbound connections an AUDIT policy matched", m.authz_audit.clone());

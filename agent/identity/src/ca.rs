@@ -28,6 +28,8 @@ pub enum CaError {
     Generate(#[source] rcgen::Error),
     #[error("{0} already exists: refusing to overwrite a CA")]
     Exists(PathBuf),
+    #[error("{0} is not the key of {1}")]
+    KeyMismatch(PathBuf, PathBuf),
     #[error(transparent)]
     TrustDomain(#[from] crate::spiffe::SpiffeError),
 }
@@ -90,7 +92,18 @@ pub fn load_issuer(dir: &Path) -> Result<(rcgen::Issuer<'static, KeyPair>, Certi
     let key_path = dir.join(ISSUER_KEY_FILE);
     let cert = read_certs(&cert_path)?.swap_remove(0);
     let key_pem = std::fs::read_to_string(&key_path).map_err(|e| CaError::Io(key_path.clone(), e))?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Certificate(key_path, e))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Certificate(key_path.clone(), e))?;
+    // A rotation writes the two files one after the other: a key that is not
+    // the certificate's would sign leaves no peer can verify.
+    if !spki_of(&cert).is_some_and(|spki| spki == rcgen::PublicKeyData::subject_public_key_info(&key)) {
+        return Err(CaError::KeyMismatch(key_path, cert_path));
+    }
     let issuer = rcgen::Issuer::from_ca_cert_der(&cert, key).map_err(|e| CaError::Certificate(cert_path, e))?;
     Ok((issuer, cert))
+}
+
+/// A certificate's SubjectPublicKeyInfo, DER.
+fn spki_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    X509Certificate::from_der(cert.as_ref()).ok().map(|(_, x)| x.public_key().raw.to_vec())
 }

@@ -63,6 +63,14 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     }
 }
 
+/// When a certificate stops being valid.
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Result<std::time::SystemTime, TlsError> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let (_, x) = X509Certificate::from_der(cert.as_ref()).map_err(|e| TlsError::NotX509(e.to_string()))?;
+    let secs = u64::try_from(x.validity().not_after.timestamp()).unwrap_or(0);
+    Ok(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 /// Every certificate in PEM text.
 pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>()?)

@@ -112,3 +112,13 @@ fn a_ca_is_never_overwritten_and_its_key_is_owner_only() -> anyhow::Result<()> {
     assert!(err.to_string().contains("issuer.crt"), "{err}");
     Ok(())
 }
+
+#[test]
+fn an_issuing_key_that_is_not_the_certificates_is_refused() {
+    let a = CaDir::new("cluster.local");
+    let b = CaDir::new("cluster.local");
+    // Half a rotation: B's key beside A's certificate.
+    std::fs::copy(b.0.join(ca::ISSUER_KEY_FILE), a.0.join(ca::ISSUER_KEY_FILE)).expect("copy");
+    let err = LocalIssuer::from_dir(&a.0, "cluster.local", Duration::from_secs(60)).err().expect("a mismatched key is refused");
+    assert!(err.to_string().contains("is not the key of"), "{err}");
+}

@@ -57,6 +57,8 @@ pub async fn accept_loop(l: TcpListener, pod: Arc<PodCtx>, s: Arc<Settings>, m: 
 async fn serve_conn(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, m: Arc<Metrics>) {
     let (Ok(from), Ok(local)) = (tcp.peer_addr(), tcp.local_addr()) else { return };
     let Some(tls) = pod.tls.clone() else { return };
+    // Before the trust is read, so a change after it is not missed.
+    let mut trust_changed = pod.hbone.mesh.trust_changed();
     let Some(trust) = pod.hbone.mesh.get().trust.clone() else {
         warn!("HBONE before the agent sent a trust bundle; refused");
         return;
@@ -92,7 +94,19 @@ async fn serve_conn(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, m: Arc<M
         Err(e) => return debug!(error = %e, "HBONE HTTP/2 preface"),
     };
     debug!(%peer, "HBONE connection accepted");
-    while let Some(next) = h2.accept().await {
+    loop {
+        let next = tokio::select! {
+            next = h2.accept() => next,
+            _ = trust_changed.changed() => {
+                // Verified with a trust that is no more: no new streams here
+                // (the client dials anew, verified against the new one);
+                // the streams under way finish.
+                debug!("trust changed; shutting this HBONE connection down gracefully");
+                h2.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         match next {
             Ok((req, respond)) => {
                 let span = tracing::info_span!("stream", peer = %peer);

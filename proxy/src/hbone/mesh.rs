@@ -13,36 +13,62 @@ use podsteer_proto::control::{MeshView, WorkloadCert};
 #[derive(Default)]
 pub struct View {
     pub trust: Option<Arc<Trust>>,
+    /// The bundle `trust` was built from: an unchanged one keeps the same
+    /// `Trust`, and pooled connections with it (see [`super::pool`]).
+    bundle: Vec<String>,
     pub peers: HashMap<IpAddr, SpiffeId>,
 }
 
 /// The node-wide view; read on every outbound connection, written when the
-/// agent sends a new one.
-#[derive(Default)]
-pub struct Mesh(RwLock<Arc<View>>);
+/// agent sends a new one. `trust_changed` tells the HBONE listeners, whose
+/// connections were verified with the old trust.
+pub struct Mesh(RwLock<Arc<View>>, tokio::sync::watch::Sender<u64>);
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh(RwLock::default(), tokio::sync::watch::channel(0).0)
+    }
+}
 
 impl Mesh {
+    /// Changes each time the trust does.
+    pub fn trust_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.1.subscribe()
+    }
+
     pub fn get(&self) -> Arc<View> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Replaces the view; a bad one is refused whole and the last one stays.
     pub fn set(&self, v: &MeshView) -> Result<usize, String> {
-        let bundle = v
-            .bundle
-            .iter()
-            .map(|b| podsteer_identity::tls::unbase64(b).map(rustls_pki_types::CertificateDer::from))
-            .collect::<Result<Vec<_>, TlsError>>()
-            .map_err(|e| e.to_string())?;
-        let trust = Trust::new(&v.trust_domain, &bundle).map_err(|e| e.to_string())?;
+        let current = self.get();
+        let trust = match &current.trust {
+            Some(t) if current.bundle == v.bundle && t.trust_domain() == v.trust_domain => t.clone(),
+            _ => Arc::new(Self::trust(v)?),
+        };
         let mut peers = HashMap::with_capacity(v.peers.len());
         for p in &v.peers {
             let id = SpiffeId::parse(&p.identity).map_err(|e| format!("peer {}: {e}", p.ip))?;
             peers.insert(p.ip.to_canonical(), id);
         }
         let n = peers.len();
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View { trust: Some(Arc::new(trust)), peers });
+        let changed = current.trust.as_ref().is_none_or(|t| !Arc::ptr_eq(t, &trust));
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View { trust: Some(trust), bundle: v.bundle.clone(), peers });
+        if changed {
+            self.1.send_modify(|g| *g += 1);
+        }
         Ok(n)
+    }
+
+    fn trust(v: &MeshView) -> Result<Trust, String> {
+        let bundle = v
+            .bundle
+            .iter()
+            .map(|b| podsteer_identity::tls::unbase64(b).map(rustls_pki_types::CertificateDer::from))
+            .collect::<Result<Vec<_>, TlsError>>()
+            .map_err(|e| e.to_string())?;
+        Trust::new(&v.trust_domain, &bundle).map_err(|e| e.to_string())
     }
 }
 

@@ -44,12 +44,21 @@ pub enum TunnelError {
     H2(SocketAddr, #[source] h2::Error),
     #[error("a CONNECT to {0}")]
     Request(SocketAddr, #[source] http::Error),
+    #[error("{0}: a fresh connection failed as the pooled one had")]
+    Retried(SocketAddr),
     #[error("{0} answered the CONNECT with {1}")]
     Status(SocketAddr, http::StatusCode),
 }
 
 struct Pooled {
     send: SendRequest<Bytes>,
+    /// When the first of the two certificates it was made with expires: no
+    /// new stream after that, so a renewal or a root rotation reaches every
+    /// connection within a certificate's life.
+    expires: std::time::SystemTime,
+    /// The trust it was verified with: a new bundle (a root removed, say)
+    /// gets its new streams a new connection, verified against it.
+    trust: Arc<Trust>,
     streams: Arc<AtomicUsize>,
     last_used: Arc<Mutex<Instant>>,
 }
@@ -90,7 +99,7 @@ impl Pool {
         &self,
         key: Key,
         target: SocketAddr,
-        route: (&PodTls, &Trust),
+        route: (&PodTls, &Arc<Trust>),
         pod: &PodCtx,
         s: &Settings,
         m: &Metrics,
@@ -101,7 +110,7 @@ impl Pool {
         for attempt in 0..2 {
             let (send, busy) = {
                 let mut g = slot.lock().await;
-                if g.as_ref().is_none_or(|p| attempt > 0 || is_closed(&p.send)) {
+                if g.as_ref().is_none_or(|p| attempt > 0 || is_closed(&p.send) || std::time::SystemTime::now() >= p.expires || !Arc::ptr_eq(&p.trust, trust)) {
                     m.hbone_dials.inc();
                     *g = Some(self.dial(&key, pod, tls, trust, s).await?);
                 }
@@ -123,17 +132,30 @@ impl Pool {
                 .version(http::Version::HTTP_2)
                 .body(())
                 .map_err(|e| TunnelError::Request(key.dst, e))?;
-            let (resp, stream) = send.send_request(req, false).map_err(|e| TunnelError::H2(key.dst, e))?;
-            let resp = resp.await.map_err(|e| TunnelError::H2(key.dst, e))?;
+            // A stream the peer refused unprocessed (it is shutting the
+            // connection down: its trust changed, say) goes on a new one.
+            let sent = send.send_request(req, false);
+            let resp = match sent {
+                Ok((resp, stream)) => resp.await.map(|r| (r, stream)),
+                Err(e) => Err(e),
+            };
+            let (resp, stream) = match resp {
+                Ok(r) => r,
+                Err(e) if attempt == 0 && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) => {
+                    debug!(error = %e, dst = %key.dst, "stream refused unprocessed; dialling again");
+                    continue;
+                }
+                Err(e) => return Err(TunnelError::H2(key.dst, e)),
+            };
             if resp.status() != http::StatusCode::OK {
                 return Err(TunnelError::Status(key.dst, resp.status()));
             }
             return Ok(Tunnel { send: stream, recv: resp.into_body(), _busy: busy });
         }
-        unreachable!("the loop returns on its second pass")
+        Err(TunnelError::Retried(key.dst))
     }
 
-    async fn dial(&self, key: &Key, pod: &PodCtx, tls: &PodTls, trust: &Trust, s: &Settings) -> Result<Pooled, TunnelError> {
+    async fn dial(&self, key: &Key, pod: &PodCtx, tls: &PodTls, trust: &Arc<Trust>, s: &Settings) -> Result<Pooled, TunnelError> {
         let dst = key.dst;
         let tcp = crate::relay::dial(dst, None, pod, s).await.map_err(|e| TunnelError::Dial(dst, e))?;
         let config =
@@ -147,6 +169,13 @@ impl Pool {
         if tls_stream.get_ref().1.alpn_protocol() != Some(podsteer_identity::tls::ALPN_H2) {
             return Err(TunnelError::NoH2(dst));
         }
+        let peer_cert = tls_stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+        let own_cert = tls.cert.get();
+        let expires = [peer_cert, own_cert.end_entity_cert().ok()]
+            .into_iter()
+            .map(|c| c.and_then(|c| podsteer_identity::tls::not_after_of(c).ok()).unwrap_or(std::time::SystemTime::UNIX_EPOCH))
+            .min()
+            .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(super::STREAM_WINDOW)
             .initial_connection_window_size(super::CONNECTION_WINDOW)
@@ -160,7 +189,7 @@ impl Pool {
             }
         });
         info!(%dst, peer = %key.dst_id, "HBONE connection open");
-        Ok(Pooled { send, streams: Arc::default(), last_used: Arc::new(Mutex::new(Instant::now())) })
+        Ok(Pooled { send, expires, trust: trust.clone(), streams: Arc::default(), last_used: Arc::new(Mutex::new(Instant::now())) })
     }
 
     /// Closes connections idle for `idle` and forgets broken ones; how many went.
@@ -172,6 +201,8 @@ impl Pool {
             let Ok(g) = slot.try_lock() else { return true };
             g.as_ref().is_some_and(|p| {
                 !is_closed(&p.send)
+                    && (p.streams.load(Ordering::Acquire) > 0
+                        || std::time::SystemTime::now() < p.expires)
                     && (p.streams.load(Ordering::Acquire) > 0 || p.last_used.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < idle)
             })
         });
