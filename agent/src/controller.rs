@@ -618,7 +618,7 @@ impl Controller {
         if self.redirector.mode() != Mode::Ebpf {
             return;
         }
-        for (id, fd) in listeners.iter().filter(|(id, _)| id.inbound) {
+        for (id, fd) in listeners.iter().filter(|(id, _)| id.inbound && !id.hbone) {
             if let Err(e) = self.redirector.set_inbound_listener(cookie, id.family, fd.as_fd()) {
                 warn!(error = %error_chain(&e), family = id.family, "inbound listener");
             }

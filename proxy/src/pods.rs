@@ -19,7 +19,7 @@ use crate::relay::{PodCtx, Settings};
 struct Pod {
     ctx: Arc<PodCtx>,
     stop: watch::Sender<bool>,
-    /// Duplicates of the four listeners, for the agent to keep.
+    /// Duplicates of the listeners, for the agent to keep.
     listeners: Vec<(ListenerId, OwnedFd)>,
 }
 
@@ -78,23 +78,20 @@ impl Pods {
             return Ok(dup_all(&p.listeners));
         }
         // Bind all that are not kept before listening on any: a pod gets every listener or none.
+        let hbone: Vec<std::net::SocketAddr> = req.tls.as_ref().map(|_| crate::hbone::inbound::addresses().to_vec()).unwrap_or_default();
+        let all = listeners::addresses(req.outbound_port, req.inbound_port)
+            .into_iter()
+            .map(|(dir, addr)| (dir, addr, false))
+            .chain(hbone.into_iter().map(|addr| (Direction::Inbound, addr, true)));
         let mut prepared = Vec::new();
-        for (dir, addr) in listeners::addresses(req.outbound_port, req.inbound_port) {
-            let id = ListenerId { inbound: dir == Direction::Inbound, family: if addr.is_ipv4() { 2 } else { 10 } };
+        for (dir, addr, tunnel) in all {
+            let id = ListenerId { inbound: dir == Direction::Inbound, family: if addr.is_ipv4() { 2 } else { 10 }, hbone: tunnel };
             let p = match req.kept.iter().position(|(k, _)| *k == id) {
                 Some(i) => Prepared::Kept(req.kept.swap_remove(i).1),
                 None => Prepared::Bound(listeners::bind(&netns, dir, addr)?),
             };
             prepared.push((id, dir, addr, p));
         }
-        // HBONE on every address, bound with the rest so a pod gets all or none.
-        let hbone = match &req.tls {
-            None => Vec::new(),
-            Some(_) => crate::hbone::inbound::addresses()
-                .into_iter()
-                .map(|addr| listeners::bind(&netns, Direction::Inbound, addr).map(|s| (addr, s)))
-                .collect::<Result<Vec<_>, _>>()?,
-        };
         let (stop, stopping) = watch::channel(false);
         let conns = Arc::new(crate::conns::Conns::default());
         self.rt.spawn(crate::conns::sweeper(conns.clone(), stopping.clone(), crate::conns::Timeouts::of(&self.settings)));
@@ -134,17 +131,15 @@ impl Pods {
                 Prepared::Bound(sock) => listeners::listen(sock, dir, addr)?,
             };
             held.push((id, listeners::dup(&l).map_err(|source| ListenError { direction: dir, addr, source })?));
-            ready.push((l, dir));
+            ready.push((l, dir, id.hbone));
         }
-        let mut tunnels = Vec::new();
-        for (addr, sock) in hbone {
-            tunnels.push(listeners::listen(sock, Direction::Inbound, addr)?);
-        }
-        for (l, dir) in ready {
-            self.rt.spawn(listeners::accept_loop(l, dir, ctx.clone(), self.settings.clone(), self.metrics.clone()));
-        }
-        for l in tunnels {
-            self.rt.spawn(crate::hbone::inbound::accept_loop(l, ctx.clone(), self.settings.clone(), self.metrics.clone()));
+        for (l, dir, tunnel) in ready {
+            let (ctx, settings, metrics) = (ctx.clone(), self.settings.clone(), self.metrics.clone());
+            if tunnel {
+                self.rt.spawn(crate::hbone::inbound::accept_loop(l, ctx, settings, metrics));
+            } else {
+                self.rt.spawn(listeners::accept_loop(l, dir, ctx, settings, metrics));
+            }
         }
         info!(pod = %req.label, uid = %req.uid, adopted, "listeners open");
         let out = dup_all(&held);

@@ -119,12 +119,16 @@ fn yes() -> bool {
     true
 }
 
-/// Which of a pod's four listeners an fd is.
+/// Which of a pod's listeners (four, six when meshed) an fd is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ListenerId {
     pub inbound: bool,
     /// AF_INET (2) or AF_INET6 (10).
     pub family: u16,
+    /// A meshed pod's HBONE listener (port 15008), inbound too but never an
+    /// sk_lookup target: tunnels are addressed to it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hbone: bool,
 }
 
 /// Proxy → agent.

@@ -54,7 +54,15 @@ pub async fn accept_loop(l: TcpListener, pod: Arc<PodCtx>, s: Arc<Settings>, m: 
     }
 }
 
+/// Counted as live for its whole life, so a draining proxy waits for its
+/// HBONE connections to close gracefully, not only for their streams.
 async fn serve_conn(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, m: Arc<Metrics>) {
+    m.conn_accepted(crate::metrics::Direction::Inbound);
+    serve_conn_counted(tcp, pod, s, &m).await;
+    m.conn_done(crate::metrics::Direction::Inbound);
+}
+
+async fn serve_conn_counted(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, m: &Arc<Metrics>) {
     let (Ok(from), Ok(local)) = (tcp.peer_addr(), tcp.local_addr()) else { return };
     let Some(tls) = pod.tls.clone() else { return };
     // Before the trust is read, so a change after it is not missed.
@@ -94,15 +102,27 @@ async fn serve_conn(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, m: Arc<M
         Err(e) => return debug!(error = %e, "HBONE HTTP/2 preface"),
     };
     debug!(%peer, "HBONE connection accepted");
+    let mut stopping = pod.stopping.clone();
+    let mut shutting = false;
     loop {
         let next = tokio::select! {
             next = h2.accept() => next,
-            _ = trust_changed.changed() => {
-                // Verified with a trust that is no more: no new streams here
-                // (the client dials anew, verified against the new one);
-                // the streams under way finish.
-                debug!("trust changed; shutting this HBONE connection down gracefully");
+            // Verified with a trust that is no more, or the pod is going (or
+            // this proxy hands over): no new streams here, the client dials
+            // anew (verified against the new trust, or reaching the next
+            // proxy on the same kept listener); the streams under way finish.
+            r = trust_changed.changed(), if !shutting => {
+                debug!(trust_changed = r.is_ok(), "shutting this HBONE connection down gracefully");
                 h2.graceful_shutdown();
+                shutting = true;
+                continue;
+            }
+            r = stopping.changed(), if !shutting => {
+                if r.is_err() || *stopping.borrow() {
+                    debug!("pod stopping; shutting this HBONE connection down gracefully");
+                    h2.graceful_shutdown();
+                    shutting = true;
+                }
                 continue;
             }
         };

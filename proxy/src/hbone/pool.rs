@@ -110,7 +110,9 @@ impl Pool {
         for attempt in 0..2 {
             let (send, busy) = {
                 let mut g = slot.lock().await;
-                if g.as_ref().is_none_or(|p| attempt > 0 || is_closed(&p.send) || std::time::SystemTime::now() >= p.expires || !Arc::ptr_eq(&p.trust, trust)) {
+                if g.as_ref().is_none_or(|p| {
+                    attempt > 0 || is_closed(&p.send) || std::time::SystemTime::now() >= p.expires || !Arc::ptr_eq(&p.trust, trust)
+                }) {
                     m.hbone_dials.inc();
                     *g = Some(self.dial(&key, pod, tls, trust, s).await?);
                 }
@@ -201,8 +203,7 @@ impl Pool {
             let Ok(g) = slot.try_lock() else { return true };
             g.as_ref().is_some_and(|p| {
                 !is_closed(&p.send)
-                    && (p.streams.load(Ordering::Acquire) > 0
-                        || std::time::SystemTime::now() < p.expires)
+                    && (p.streams.load(Ordering::Acquire) > 0 || std::time::SystemTime::now() < p.expires)
                     && (p.streams.load(Ordering::Acquire) > 0 || p.last_used.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < idle)
             })
         });
