@@ -95,7 +95,7 @@ pub fn load_issuer(dir: &Path) -> Result<(rcgen::Issuer<'static, KeyPair>, Certi
     let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Certificate(key_path.clone(), e))?;
     // A rotation writes the two files one after the other: a key that is not
     // the certificate's would sign leaves no peer can verify.
-    if !spki_of(&cert).is_some_and(|spki| spki == rcgen::PublicKeyData::subject_public_key_info(&key)) {
+    if spki_of(&cert).is_none_or(|spki| spki != rcgen::PublicKeyData::subject_public_key_info(&key)) {
         return Err(CaError::KeyMismatch(key_path, cert_path));
     }
     let issuer = rcgen::Issuer::from_ca_cert_der(&cert, key).map_err(|e| CaError::Certificate(cert_path, e))?;
