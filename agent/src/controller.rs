@@ -88,7 +88,14 @@ impl Controller {
         std::fs::create_dir_all(&config.state_dir)?;
         sys::set_procfs_dir(config.state_dir.join("procfs"));
         // For `podsteer status` while the agent is down.
-        let saved = serde_json::json!({"mode": choice.mode, "reason": choice.reason, "features": choice.features, "pins_origin": origin, "cgroup": config.cgroup});
+        let saved = serde_json::json!({
+            "mode": choice.mode,
+            "reason": choice.reason,
+            "features": choice.features,
+            "pins_origin": origin,
+            "cgroup": config.cgroup,
+            "mesh": crate::mesh::Saved::of(&config),
+        });
         std::fs::write(config.state_dir.join(STATUS_FILE), serde_json::to_vec_pretty(&saved)?)?;
         let registry = Registry::open(config.registry_path())?;
         let proxy = config.proxy_socket.as_ref().map(|_| Arc::new(ProxyLink::default()));

@@ -13,6 +13,7 @@ use podsteer_identity::renewal::{Backoff, renew_at};
 use podsteer_identity::spiffe::SpiffeId;
 use podsteer_identity::tls::base64;
 use podsteer_proto::control::{MeshPeer, MeshView, WorkloadCert};
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -198,11 +199,10 @@ fn held(id: SpiffeId, leaf: &Leaf) -> Held {
 /// pod with addresses, not on the host's network, meshed by the same rule
 /// as this node's own pods, and served by a shared proxy (a sidecar takes no HBONE).
 pub fn peers(pods: &[crate::workloads::Workload], cfg: &crate::config::AgentConfig) -> Vec<MeshPeer> {
+    let saved = Saved::of(cfg);
     let mut out: Vec<MeshPeer> = pods
         .iter()
-        .filter(|w| !w.host_network)
-        .filter(|w| crate::policy::skip_reason(&cfg.exclude_namespaces, cfg.injection, &w.namespace, &w.annotations).is_none())
-        .filter(|w| w.annotations.get(podsteer_proto::annotations::PROXY_MODE).is_none_or(|m| m != "sidecar"))
+        .filter(|w| saved.is_peer(w))
         .flat_map(|w| {
             let id = w.spiffe_id(&cfg.trust_domain);
             w.ips.iter().map(move |ip| MeshPeer { ip: *ip, identity: id.clone() })
@@ -210,4 +210,39 @@ pub fn peers(pods: &[crate::workloads::Workload], cfg: &crate::config::AgentConf
         .collect();
     out.sort_by_key(|p| p.ip);
     out
+}
+
+/// What `podsteer explain` needs of the agent's mesh settings to decide as
+/// the proxies do, saved at start (in `status.json`) so it works with the agent stopped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Saved {
+    pub workload_dir: Option<std::path::PathBuf>,
+    pub policy_dir: Option<std::path::PathBuf>,
+    /// HBONE between meshed pods (`--ca-dir` was given).
+    pub hbone: bool,
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub exclude_namespaces: Vec<String>,
+    pub injection: crate::policy::Injection,
+}
+
+impl Saved {
+    pub fn of(c: &crate::config::AgentConfig) -> Saved {
+        Saved {
+            workload_dir: c.workload_dir.clone(),
+            policy_dir: c.policy_dir.clone(),
+            hbone: c.ca_dir.is_some(),
+            trust_domain: c.trust_domain.clone(),
+            root_namespace: c.root_namespace.clone(),
+            exclude_namespaces: c.exclude_namespaces.clone(),
+            injection: c.injection,
+        }
+    }
+
+    /// Whether the source lists `w` as a mesh peer (see [`peers`]).
+    pub fn is_peer(&self, w: &crate::workloads::Workload) -> bool {
+        !w.host_network
+            && crate::policy::skip_reason(&self.exclude_namespaces, self.injection, &w.namespace, &w.annotations).is_none()
+            && w.annotations.get(podsteer_proto::annotations::PROXY_MODE).is_none_or(|m| m != "sidecar")
+    }
 }

@@ -152,18 +152,8 @@ impl PodPolicy {
         if view.closed {
             return Err(Denial { reason: "the agent has no valid policy: inbound refused until it has".into(), policy: None });
         }
-        if c.source.is_none() && !view.peer.for_port(c.dest_port).takes_plaintext() {
-            return Err(Denial {
-                reason: format!("plaintext to port {} under STRICT peer authentication", c.dest_port),
-                policy: view.peer.decided_by.clone(),
-            });
-        }
-        let Some(set) = &view.set else { return Ok(None) };
         let w = Workload { namespace: &self.namespace, labels: &self.labels };
-        let v = set.evaluate(&w, c);
-        match v.decision {
-            Decision::Allow => Ok(Some(v)),
-            Decision::Deny => Err(Denial { reason: v.reason.clone(), policy: v.decided_by.as_ref().map(|d| d.policy.clone()) }),
-        }
+        let j = podsteer_authz::judge::judge(view.set.as_ref(), &view.peer, &w, c);
+        if j.allowed() { Ok(j.verdict) } else { Err(Denial { reason: j.reason, policy: j.policy }) }
     }
 }

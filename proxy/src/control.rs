@@ -115,6 +115,7 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
                 let reply = match text.and_then(|t| state.with_pods(|p| p.hbone().policies.set(&root_namespace, closed, &t))) {
                     Ok((authz, peer)) => {
                         let live_closed = state.with_pods(|p| p.recheck());
+                        state.metrics.policy_updates.inc();
                         info!(authorization = authz, peer_authentication = peer, closed, live_closed, "policies");
                         FromProxy::Ack { uid: String::new(), listeners: vec![] }
                     }

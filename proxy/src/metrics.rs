@@ -220,6 +220,8 @@ pub struct Metrics {
     pub authz_audit: Family<AuditLabels, Counter>,
     /// Live connections closed because a new policy denies them.
     pub authz_closed_live: Counter,
+    /// Policy sets taken from the agent.
+    pub policy_updates: Counter,
     pub registry: Registry,
 }
 
@@ -251,6 +253,7 @@ impl Metrics {
             authz_dry_run: Family::default(),
             authz_audit: Family::default(),
             authz_closed_live: Counter::default(),
+            policy_updates: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("connections_opened", "Connections accepted", m.opened.clone());
@@ -278,6 +281,7 @@ impl Metrics {
         registry.register("authz_decisions", "Inbound connections judged, by decision and deciding policy", m.authz.clone());
         registry.register("authz_dry_run", "Where dry-run policies would have decided otherwise", m.authz_dry_run.clone());
         registry.register("authz_audit", "Inbound connections an AUDIT policy matched", m.authz_audit.clone());
+        registry.register("policy_updates", "Policy sets taken from the agent", m.policy_updates.clone());
         registry.register("authz_closed_live", "Live connections closed because a policy change denies them", m.authz_closed_live.clone());
         registry.register("buffered_bytes", "Bytes a pod's connections hold in the proxy's memory", m.buffered.clone());
         registry.register("buffered_bytes_all_pods", "Bytes all pods' connections hold in the proxy's memory", m.buffered_all.clone());

@@ -16,6 +16,7 @@ pub mod containerd;
 pub mod images;
 pub mod injector;
 pub mod kubelet;
+pub mod mesh;
 pub mod node;
 pub mod pod;
 pub mod proxy;

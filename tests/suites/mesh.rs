@@ -7,104 +7,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use podsteer_lab::agent::Agent;
-use podsteer_lab::cluster::{Cluster, contains, count};
+use podsteer_lab::PodSpec;
+use podsteer_lab::cluster::{contains, count};
+use podsteer_lab::mesh::{Mesh, load, load_result, put_ca_file, put_policy, write_manifest, write_manifest_labelled};
 use podsteer_lab::proxy::Proxy;
 use podsteer_lab::workload::{addr, run_client, start_server};
-use podsteer_lab::{NodeOptions, Pod, PodSpec};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/production/sa/order-service";
-
-/// A cluster whose nodes each run an agent (with `--ca-dir`) and a shared proxy.
-struct Mesh {
-    // Agents and proxies go before the nodes they run on.
-    proxies: Vec<Proxy>,
-    agents: Vec<Agent>,
-    /// Each node's workload directory (usually one, shared, as one API server is).
-    workloads: Vec<PathBuf>,
-    cluster: Cluster,
-}
-
-impl Mesh {
-    /// An `n`-node cluster; [`Mesh::start`] runs its agents and proxies.
-    fn new(n: usize) -> anyhow::Result<Mesh> {
-        let cluster = Cluster::new(n, NodeOptions::default())?;
-        Ok(Mesh { proxies: Vec::new(), agents: Vec::new(), workloads: Vec::new(), cluster })
-    }
-
-    /// A directory that goes with the lab (node 0's state).
-    fn scratch(&self, name: &str) -> anyhow::Result<PathBuf> {
-        let d = self.cluster.nodes[0].state_dir().join(name);
-        std::fs::create_dir_all(&d)?;
-        Ok(d)
-    }
-
-    /// A fresh CA (`podsteer ca create`'s code) in the scratch directory `name`.
-    fn ca(&self, name: &str) -> anyhow::Result<PathBuf> {
-        let d = self.cluster.nodes[0].state_dir().join(name);
-        podsteer_identity::ca::create(&d, "cluster.local", 1)?;
-        Ok(d)
-    }
-
-    /// `ca[i]` and `workloads[i]`: node i's CA and workload directories.
-    fn start(&mut self, mode: &str, ca: &[&Path], workloads: &[&Path]) -> anyhow::Result<()> {
-        self.start_with(mode, ca, workloads, &[])
-    }
-
-    /// As [`Mesh::start`], with more agent flags on every node.
-    fn start_with(&mut self, mode: &str, ca: &[&Path], workloads: &[&Path], extra: &[&str]) -> anyhow::Result<()> {
-        for (i, node) in self.cluster.nodes.iter().enumerate() {
-            let (w, c) = (workloads[i].display().to_string(), ca[i].display().to_string());
-            let mut args = vec!["--workload-dir", &w, "--ca-dir", &c, "--workload-wait-ms", "5000"];
-            args.extend_from_slice(extra);
-            let agent = Agent::start_with_proxy(node, mode, &args)?;
-            self.proxies.push(Proxy::start_shared(node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?);
-            self.agents.push(agent);
-        }
-        self.workloads = workloads.iter().map(|p| p.to_path_buf()).collect();
-        Ok(())
-    }
-
-    /// A pod on node `node`. Meshed: its manifest (with `service_account` and
-    /// its addresses, as the API server has them once the pod runs) goes into
-    /// every workload directory, and its node's agent enrols it.
-    fn pod(&self, node: usize, name: &str, service_account: &str, meshed: bool) -> anyhow::Result<Pod> {
-        let pod = self.cluster.nodes[node].add_pod(PodSpec::new("production", name))?;
-        if meshed {
-            for dir in &self.workloads {
-                write_manifest(dir, &pod, service_account)?;
-            }
-            self.agents[node].add_pod(&pod, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
-        Ok(pod)
-    }
-
-    /// Until every proxy's mesh view holds `n` pod addresses.
-    fn wait_peers(&self, n: usize) -> anyhow::Result<()> {
-        for (i, p) in self.proxies.iter().enumerate() {
-            podsteer_lab::wait::until(&format!("node {i}'s proxy to know {n} mesh addresses"), Duration::from_secs(10), || {
-                (p.metric("podsteer_proxy_mesh_peers").ok()? as usize == n).then_some(())
-            })?;
-        }
-        Ok(())
-    }
-
-    fn proxy_log(&self, node: usize) -> String {
-        std::fs::read_to_string(&self.proxies[node].log).unwrap_or_default()
-    }
-}
-
-fn write_manifest(dir: &Path, pod: &Pod, service_account: &str) -> anyhow::Result<()> {
-    let ips: String = pod.ips().iter().map(|ip| format!("  - ip: {ip}\n")).collect();
-    let text = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\nspec:\n  serviceAccountName: {service_account}\n  containers:\n  - name: app\n    image: app:latest\nstatus:\n  podIPs:\n{ips}",
-        pod.name(),
-        pod.namespace(),
-        pod.uid()
-    );
-    std::fs::write(dir.join(format!("{}.yaml", pod.uid())), text)?;
-    Ok(())
-}
 
 /// The address a `whoami` line says the server saw the connection come from.
 fn peer_ip(line: &str) -> Option<std::net::IpAddr> {
@@ -237,14 +146,6 @@ fn peer_authentication(mode: &str) -> String {
 /// The seed document's policy, reduced to what L4 can check: only
 /// order-service may call payment, on 8080.
 const PAYMENT_POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: payment-l4\n  namespace: production\nspec:\n  selector:\n    matchLabels:\n      app: payment\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/production/sa/order-service]\n    to:\n    - operation:\n        ports: [\"8080\"]\n";
-
-/// Writes a policy file atomically (rename), as a ConfigMap update lands.
-fn put_policy(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    Ok(())
-}
 
 /// PeerAuthentication STRICT: plaintext into a meshed pod is reset, while
 /// HBONE goes on; back to PERMISSIVE, plaintext is taken again. An invalid
@@ -379,33 +280,6 @@ fn the_receiving_proxy_enforces_authorization_and_recheck_live_connections() -> 
     Ok(())
 }
 
-fn write_manifest_labelled(dir: &Path, pod: &Pod, service_account: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
-    write_manifest(dir, pod, service_account)?;
-    let path = dir.join(format!("{}.yaml", pod.uid()));
-    let text = std::fs::read_to_string(&path)?;
-    let labels: String = labels.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
-    std::fs::write(&path, text.replacen("metadata:\n", &format!("metadata:\n  labels:\n{labels}"), 1))?;
-    Ok(())
-}
-
-/// Runs `loop` (connect, echo, close, again) from `pod` to `to` for `millis`
-/// in a thread; the handle gives its "ok n=.. failures=.." line.
-fn load(pod: &Pod, to: String, millis: u64) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<String>>> {
-    let mut cmd = pod.command(podsteer_lab::agent::bin("podsteer-lab-tool"))?;
-    cmd.args(["loop", &to, &millis.to_string()]);
-    Ok(std::thread::spawn(move || -> anyhow::Result<String> {
-        let out = cmd.output()?;
-        anyhow::ensure!(out.status.success(), "loop: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }))
-}
-
-/// `(n, failures)` of a `loop` line.
-fn load_result(line: &str) -> (u64, u64) {
-    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(0);
-    (field("n="), field("failures="))
-}
-
 /// Leaves that live 3 s, under continuous load: each is renewed at about
 /// half its life, pooled connections are dialled anew as the certificates
 /// they were made with expire, and not one connection fails.
@@ -427,14 +301,6 @@ fn certificates_renewed_every_few_seconds_under_load_fail_no_connection() -> any
     }
     let dials = mesh.proxies[0].metric("podsteer_proxy_hbone_dials_total")?;
     assert!(dials >= 3.0, "pooled connections were dialled anew as their certificates expired: {dials}");
-    Ok(())
-}
-
-/// Replaces a CA file the way a Secret update lands: whole, by rename.
-fn put_ca_file(dir: &Path, name: &str, text: &[u8]) -> anyhow::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, dir.join(name))?;
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 //!   a reason rather than read as allow-all;
 //! - [`peer_auth`]: Istio's `PeerAuthentication` (STRICT or PERMISSIVE), resolved per workload;
 //! - [`source`]: both kinds read from a directory as one bundle;
+//! - [`judge`]: peer authentication, then authorization: the one decision
+//!   the proxy enforces and `explain` reports;
 //! - [`eval`]: the verdict for one connection, with the policy and rule that
 //!   decided it and the dry-run policies that would have decided otherwise.
 //!
@@ -17,6 +19,7 @@
 //! that has them denies on its L4 part alone. Both fail safe.
 
 pub mod eval;
+pub mod judge;
 pub mod peer_auth;
 pub mod policy;
 pub mod source;

@@ -22,6 +22,8 @@ pub struct Explanation {
     pub decided_by: String,
     /// Where the connection goes.
     pub lands_on: String,
+    /// How the destination's proxy judges it; absent without a workload source.
+    pub authorization: Option<crate::authz::AuthzExplanation>,
 }
 
 fn rule_comment(v: Verdict) -> String {
@@ -34,7 +36,21 @@ fn rule_comment(v: Verdict) -> String {
 pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlError> {
     let destination: SocketAddr =
         dest.parse().map_err(|_| CtlError::new(exit::USAGE, format!("{dest:?} is not IP:PORT (use [v6]:port for IPv6)")))?;
-    let Some(rec) = paths.registry().into_iter().find(|p| format!("{}/{}", p.namespace, p.name) == pod) else {
+    if let Ok(ip) = pod.parse::<std::net::IpAddr>() {
+        // An address, not a pod here: nothing of it is intercepted on this node.
+        return Ok(Explanation {
+            pod: pod.into(),
+            destination,
+            mode: "-".into(),
+            intercepted: false,
+            reason: "the source is an address, not a pod registered on this node".into(),
+            decided_by: "-".into(),
+            lands_on: destination.to_string(),
+            authorization: crate::authz::explain(paths, crate::authz::Source::Ip(ip), destination)?,
+        });
+    }
+    let registry = paths.registry();
+    let Some(rec) = registry.iter().find(|p| format!("{}/{}", p.namespace, p.name) == pod) else {
         return Err(CtlError::new(
             exit::NO_SUCH_POD,
             format!("pod {pod} is not registered on this node, so nothing of its traffic is intercepted"),
@@ -58,6 +74,7 @@ pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlE
                         reason: "the pod's netns is not in PODS: interception is NOT in place".into(),
                         decided_by: format!("PODS has no entry {}", rec.netns_cookie),
                         lands_on: destination.to_string(),
+                        authorization: None,
                     });
                 }
             }
@@ -89,6 +106,7 @@ pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlE
         reason: verdict.reason().into(),
         decided_by,
         lands_on,
+        authorization: crate::authz::explain(paths, crate::authz::Source::Pod(rec), destination)?,
     })
 }
 
@@ -108,14 +126,22 @@ fn field(v: Verdict) -> &'static str {
 }
 
 pub fn render(e: &Explanation) -> String {
-    format!(
-        "{} -> {}: {}\n  mode:       {}\n  why:        {}\n  decided by: {}\n  lands on:   {}\n",
-        e.pod,
-        e.destination,
-        if e.intercepted { "INTERCEPTED" } else { "not intercepted" },
-        e.mode,
-        e.reason,
-        e.decided_by,
-        e.lands_on
+    let authz = e.authorization.as_ref().map(crate::authz::render).unwrap_or_default();
+    authz_after(
+        format!(
+            "{} -> {}: {}\n  mode:       {}\n  why:        {}\n  decided by: {}\n  lands on:   {}\n",
+            e.pod,
+            e.destination,
+            if e.intercepted { "INTERCEPTED" } else { "not intercepted" },
+            e.mode,
+            e.reason,
+            e.decided_by,
+            e.lands_on
+        ),
+        authz,
     )
+}
+
+fn authz_after(head: String, authz: String) -> String {
+    head + &authz
 }

@@ -2,6 +2,7 @@
 //! state directly, so it works with the agent stopped, and asks the agent's
 //! socket for what only a running agent knows.
 
+pub mod authz;
 pub mod explain;
 pub mod maps;
 pub mod output;

@@ -44,7 +44,8 @@ enum Cmd {
     Status,
     /// Meshed pods and their state.
     Pods,
-    /// Would a connection from POD (NAMESPACE/NAME) to DEST (IP:PORT) be intercepted?
+    /// Would a connection from POD (NAMESPACE/NAME, or an IP) to DEST
+    /// (IP:PORT) be intercepted, and how would the destination's proxy judge it?
     Explain { pod: String, dest: String },
     /// The mesh's certificate authority, for the local issuer.
     Ca {
