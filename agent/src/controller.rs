@@ -59,6 +59,8 @@ pub struct Status<'a> {
     pub pods: usize,
     /// PID of the connected shared proxy, if any.
     pub proxy_pid: Option<u32>,
+    /// With `--ca-dir`: the trust bundle and every pod certificate held (never a key).
+    pub mesh: Option<serde_json::Value>,
     pub config: &'a AgentConfig,
 }
 
@@ -239,6 +241,7 @@ impl Controller {
             cgroup: self.config.cgroup.display().to_string(),
             pods: self.registry.all().count(),
             proxy_pid: self.proxy.as_ref().and_then(|p| p.connected()),
+            mesh: self.mesh.as_ref().map(|m| m.summary()),
             config: &self.config,
         }
     }
@@ -608,10 +611,6 @@ impl Controller {
     pub fn mesh_source(&self) -> Option<(Arc<dyn crate::workloads::WorkloadSource>, AgentConfig)> {
         self.mesh.as_ref()?;
         Some((self.workloads.clone()?, self.config.clone()))
-    }
-
-    pub fn mesh_summary(&self) -> Option<Vec<serde_json::Value>> {
-        self.mesh.as_ref().map(|m| m.summary())
     }
 
     /// Whether sk_msg delivers to the pod's sockets, which the proxy must then

@@ -139,22 +139,45 @@ impl Mesh {
         Ok(true)
     }
 
-    /// For `status`: the identities held and when each expires, never a key.
-    pub fn summary(&self) -> Vec<serde_json::Value> {
-        let mut v: Vec<_> = self
-            .certs
+    /// For `status` and `podsteer certs`: the trust bundle's roots and each
+    /// pod's certificate (identity, issuer, validity, next renewal), never a key.
+    pub fn summary(&self) -> serde_json::Value {
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let roots: Vec<_> = self
+            .bundle
             .iter()
-            .map(|(uid, h)| {
+            .filter_map(|b| podsteer_identity::tls::unbase64(b).ok())
+            .map(|der| {
+                let der = rustls_pki_types::CertificateDer::from(der);
                 serde_json::json!({
-                    "uid": uid,
-                    "identity": h.id.to_string(),
-                    "not_after": h.cert.not_after,
-                    "renew_at": h.renew_at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+                    "subject": podsteer_identity::tls::subject_of(&der).unwrap_or_default(),
+                    "not_after": podsteer_identity::tls::not_after_of(&der).map(secs).unwrap_or_default(),
                 })
             })
             .collect();
-        v.sort_by_key(|a| a["uid"].as_str().map(String::from));
-        v
+        let mut certs: Vec<_> = self
+            .certs
+            .iter()
+            .map(|(uid, h)| {
+                let issuer = h
+                    .cert
+                    .chain
+                    .first()
+                    .and_then(|c| podsteer_identity::tls::unbase64(c).ok())
+                    .and_then(|der| podsteer_identity::tls::issuer_of(&rustls_pki_types::CertificateDer::from(der)).ok())
+                    .unwrap_or_default();
+                serde_json::json!({
+                    "uid": uid,
+                    "identity": h.id.to_string(),
+                    "issuer": issuer,
+                    "not_before": secs(h.not_before),
+                    "not_after": h.cert.not_after,
+                    "renew_at": secs(h.renew_at),
+                })
+            })
+            .collect();
+        certs.sort_by_key(|c| c["identity"].as_str().map(String::from));
+        serde_json::json!({"trust_domain": self.trust_domain, "roots": roots, "certificates": certs})
     }
 }
 

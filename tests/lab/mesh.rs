@@ -99,16 +99,26 @@ impl Mesh {
 
     /// `podsteer explain SOURCE DEST --output json` with node `node`'s agent state.
     pub fn explain(&self, node: usize, source: &str, dest: &str) -> anyhow::Result<serde_json::Value> {
+        self.ctl_json(node, &["explain", source, dest])
+    }
+
+    /// `podsteer ARGS --output json` with node `node`'s agent state.
+    pub fn ctl_json(&self, node: usize, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = self.ctl(node, args).arg("--output").arg("json").output()?;
+        anyhow::ensure!(out.status.success(), "podsteer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// `podsteer ARGS` with node `node`'s agent state, to run.
+    pub fn ctl(&self, node: usize, args: &[&str]) -> std::process::Command {
         let a = &self.agents[node];
-        let out = std::process::Command::new(crate::agent::bin("podsteer"))
-            .args(["--bpffs", &a.bpffs.display().to_string()])
+        let mut cmd = std::process::Command::new(crate::agent::bin("podsteer"));
+        cmd.args(["--bpffs", &a.bpffs.display().to_string()])
             .args(["--state-dir", &a.state_dir.display().to_string()])
             .args(["--socket", &a.socket.display().to_string()])
             .args(["--cni-conf-dir", &self.cluster.nodes[node].cni_conf_dir().display().to_string()])
-            .args(["explain", source, dest, "--output", "json"])
-            .output()?;
-        anyhow::ensure!(out.status.success(), "podsteer explain {source} {dest}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(serde_json::from_slice(&out.stdout)?)
+            .args(args);
+        cmd
     }
 
     /// Replaces every policy file with `text` and waits until node `node`'s

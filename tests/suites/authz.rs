@@ -219,12 +219,7 @@ fn explain_names_the_l7_fields_of_the_seed_policy() -> anyhow::Result<()> {
     );
     // The same in the table, with the agent stopped: explain reads files only.
     mesh.agents[0].kill();
-    let out = std::process::Command::new(podsteer_lab::agent::bin("podsteer"))
-        .args(["--state-dir", &mesh.agents[0].state_dir.display().to_string()])
-        .args(["--bpffs", &mesh.agents[0].bpffs.display().to_string()])
-        .args(["--socket", &mesh.agents[0].socket.display().to_string()])
-        .args(["explain", "production/order", &to])
-        .output()?;
+    let out = mesh.ctl(0, &["explain", "production/order", &to]).output()?;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("HBONE (mTLS)") && table.contains("DENY by default") && table.contains("L7:"),

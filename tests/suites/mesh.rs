@@ -434,3 +434,37 @@ fn restarts_during_mtls_traffic_keep_the_lifecycle_guarantees() -> anyhow::Resul
     assert!(failures <= 1, "only the connection in flight at the kill may fail: {line}\n{}", failed.join("\n"));
     Ok(())
 }
+
+/// `podsteer certs` shows the bundle's root and each pod's identity,
+/// issuer, expiry and next renewal from the running agent, never a key; with
+/// the agent stopped it says the certificates lived in its memory.
+#[test]
+fn podsteer_certs_shows_identities_expiry_and_issuer_never_keys() -> anyhow::Result<()> {
+    let mut mesh = Mesh::new(1)?;
+    let (ca_dir, wl) = (mesh.ca("ca")?, mesh.scratch("workloads")?);
+    mesh.start("ebpf", &[&ca_dir], &[&wl])?;
+    mesh.pod(0, "order", "order-service", true)?;
+    mesh.pod(0, "payment", "payment", true)?;
+    let c = mesh.ctl_json(0, &["certs"])?;
+    assert_eq!(c["trust_domain"], "cluster.local");
+    assert_eq!(c["roots"][0]["subject"], "CN=podsteer mesh CA for cluster.local, O=cluster.local", "{c}");
+    let ids: Vec<&str> = c["certificates"].as_array().into_iter().flatten().filter_map(|x| x["identity"].as_str()).collect();
+    assert_eq!(ids, [CLIENT_ID, "spiffe://cluster.local/ns/production/sa/payment"]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    for cert in c["certificates"].as_array().into_iter().flatten() {
+        assert_eq!(cert["issuer"], "CN=podsteer mesh CA for cluster.local, O=cluster.local");
+        let (renew, expire) = (cert["renew_at"].as_u64().unwrap_or(0), cert["not_after"].as_u64().unwrap_or(0));
+        // 24 h by default, renewed at half-life give or take a tenth.
+        assert!(expire > now + 23 * 3600 && renew > now + 9 * 3600 && renew < now + 15 * 3600, "{cert}");
+    }
+    let table = String::from_utf8_lossy(&mesh.ctl(0, &["certs"]).output()?.stdout).into_owned();
+    assert!(table.contains(CLIENT_ID) && (table.contains("in 23h") || table.contains("in 24h")), "{table}");
+    for text in [c.to_string(), table] {
+        assert!(!text.contains("PRIVATE") && !text.contains("\"key\""), "no key material: {text}");
+    }
+    mesh.agents[0].kill();
+    let out = mesh.ctl(0, &["certs"]).output()?;
+    assert_eq!(out.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("live only in the running agent's memory"));
+    Ok(())
+}

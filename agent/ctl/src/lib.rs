@@ -3,6 +3,7 @@
 //! socket for what only a running agent knows.
 
 pub mod authz;
+pub mod certs;
 pub mod explain;
 pub mod maps;
 pub mod output;

@@ -47,6 +47,8 @@ enum Cmd {
     /// Would a connection from POD (NAMESPACE/NAME, or an IP) to DEST
     /// (IP:PORT) be intercepted, and how would the destination's proxy judge it?
     Explain { pod: String, dest: String },
+    /// The trust bundle, and each meshed pod's identity, issuer and expiry (never a key).
+    Certs,
     /// The mesh's certificate authority, for the local issuer.
     Ca {
         #[command(subcommand)]
@@ -89,6 +91,10 @@ fn run(cli: Cli) -> Result<(), CtlError> {
         Cmd::Explain { pod, dest } => {
             let e = explain::explain(node()?, &pod, &dest)?;
             if json { print_json(&e) } else { print!("{}", explain::render(&e)) }
+        }
+        Cmd::Certs => {
+            let c = ctl::certs::certs(node()?)?;
+            if json { print_json(&c) } else { print!("{}", ctl::certs::render(&c)) }
         }
         Cmd::Ca { cmd: CaCmd::Create { trust_domain, out, days } } => {
             use podsteer_identity::ca;

@@ -71,6 +71,20 @@ pub fn not_after_of(cert: &CertificateDer<'_>) -> Result<std::time::SystemTime, 
     Ok(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
+/// A certificate's subject, as `CN=..., O=...`.
+pub fn subject_of(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let (_, x) = X509Certificate::from_der(cert.as_ref()).map_err(|e| TlsError::NotX509(e.to_string()))?;
+    Ok(x.subject().to_string())
+}
+
+/// Who signed a certificate, as `CN=..., O=...`.
+pub fn issuer_of(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let (_, x) = X509Certificate::from_der(cert.as_ref()).map_err(|e| TlsError::NotX509(e.to_string()))?;
+    Ok(x.issuer().to_string())
+}
+
 /// Every certificate in PEM text.
 pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>()?)
