@@ -106,8 +106,11 @@ impl PodPolicy {
             State::Unconfigured => PodView { generation: cur.generation, closed: false, set: None, peer: permissive },
             State::Closed => PodView { generation: cur.generation, closed: true, set: None, peer: permissive },
             State::Set { root_namespace, bundle } => {
-                let all = PolicySet { root_namespace: root_namespace.clone(), policies: bundle.authorization.clone() };
-                let mine = PolicySet { root_namespace: root_namespace.clone(), policies: all.applicable(&w).cloned().collect() };
+                // Only this pod's policies are kept (cloned): a connection is
+                // then judged against a handful, however many the node has.
+                let policies =
+                    bundle.authorization.iter().filter(|p| podsteer_authz::eval::applies(p, root_namespace, &w)).cloned().collect();
+                let mine = PolicySet { root_namespace: root_namespace.clone(), policies };
                 PodView {
                     generation: cur.generation,
                     closed: false,
@@ -123,8 +126,11 @@ impl PodPolicy {
 
     /// The verdict for an inbound connection to this pod; counted.
     pub fn check(&self, policies: &Policies, c: &Conn, pod: &str, m: &Metrics) -> Result<Option<Verdict>, Denial> {
+        let started = std::time::Instant::now();
         let view = self.view(policies);
         let r = self.judge(&view, c);
+        m.authz_eval_ns.inc_by(started.elapsed().as_nanos() as u64);
+        m.authz_evaluations.inc();
         let (decision, policy) = match &r {
             Ok(v) => ("allow", v.as_ref().and_then(|v| v.decided_by.as_ref().map(|d| d.policy.clone()))),
             Err(d) => ("deny", d.policy.clone()),

@@ -68,7 +68,7 @@ pub fn route(dir: Direction, dst: SocketAddr, pod: &PodCtx) -> Option<Route> {
 /// pod's proxy. No tunnel, no connection: a meshed peer is never reached in
 /// plaintext behind the user's back.
 pub async fn outbound(
-    client: &mut TcpStream,
+    client: &TcpStream,
     dst: SocketAddr,
     route: Route,
     pod: &PodCtx,
@@ -85,6 +85,7 @@ pub async fn outbound(
             return (Outcome::TunnelFailed, 0, 0);
         }
     };
+    let _ = client.set_nodelay(true);
     let state = pod.conns.open(Direction::Outbound);
     let (outcome, up, down) = stream::relay(client, tunnel.send, tunnel.recv, true, &state).await;
     m.bytes_from_client.get_or_create(labels).inc_by(up);

@@ -222,6 +222,9 @@ pub struct Metrics {
     pub authz_closed_live: Counter,
     /// Policy sets taken from the agent.
     pub policy_updates: Counter,
+    /// Time spent judging inbound connections, and how many: the cost per connection.
+    pub authz_eval_ns: Counter,
+    pub authz_evaluations: Counter,
     pub registry: Registry,
 }
 
@@ -254,6 +257,8 @@ impl Metrics {
             authz_audit: Family::default(),
             authz_closed_live: Counter::default(),
             policy_updates: Counter::default(),
+            authz_eval_ns: Counter::default(),
+            authz_evaluations: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("connections_opened", "Connections accepted", m.opened.clone());
@@ -282,6 +287,8 @@ impl Metrics {
         registry.register("authz_dry_run", "Where dry-run policies would have decided otherwise", m.authz_dry_run.clone());
         registry.register("authz_audit", "Inbound connections an AUDIT policy matched", m.authz_audit.clone());
         registry.register("policy_updates", "Policy sets taken from the agent", m.policy_updates.clone());
+        registry.register("authz_eval_nanoseconds", "Time spent judging inbound connections", m.authz_eval_ns.clone());
+        registry.register("authz_evaluations", "Inbound connections judged", m.authz_evaluations.clone());
         registry.register("authz_closed_live", "Live connections closed because a policy change denies them", m.authz_closed_live.clone());
         registry.register("buffered_bytes", "Bytes a pod's connections hold in the proxy's memory", m.buffered.clone());
         registry.register("buffered_bytes_all_pods", "Bytes all pods' connections hold in the proxy's memory", m.buffered_all.clone());

@@ -121,7 +121,7 @@ pub async fn serve(client: TcpStream, dir: Direction, pod: Arc<PodCtx>, s: Arc<S
     m.conn_done(dir);
 }
 
-async fn serve_counted(mut client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: &Settings, m: &Metrics) {
+async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: &Settings, m: &Metrics) {
     let labels = ConnLabels { pod: pod.label.clone(), direction: dir };
     m.opened.get_or_create(&labels).inc();
     // With `RUST_LOG=access=debug`, a line as each connection is taken, before
@@ -155,7 +155,7 @@ async fn serve_counted(mut client: TcpStream, dir: Direction, pod: &Arc<PodCtx>,
                 Ok(checked) => match crate::hbone::route(dir, d, pod) {
                     Some(route) => {
                         peer = Some(route.peer.clone());
-                        crate::hbone::outbound(&mut client, d, route, pod, s, m, &labels).await
+                        crate::hbone::outbound(&client, d, route, pod, s, m, &labels).await
                     }
                     None => match connect(d, client.peer_addr().ok(), pod, s, m, dir).await {
                         Err(_) => {
@@ -183,6 +183,8 @@ async fn serve_counted(mut client: TcpStream, dir: Direction, pod: &Arc<PodCtx>,
         original_dst = %dst.map(|a| a.to_string()).unwrap_or_default(),
         // The identity the destination proved over HBONE; empty for plaintext.
         peer_identity = %peer.map(|p| p.to_string()).unwrap_or_default(),
+        // The pod's own identity, if it has one.
+        identity = %pod.tls.as_ref().map(|t| t.id.to_string()).unwrap_or_default(),
         // Set when authorization refused the connection: the deciding policy and why.
         policy = %policy.unwrap_or_default(),
         reason = %reason,

@@ -5,6 +5,7 @@
 
 mod flood;
 mod measure;
+mod mtls;
 mod report;
 mod setup;
 
@@ -35,6 +36,7 @@ pub struct Opts {
 /// Durations and sizes for one run.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct Plan {
+    pub quick: bool,
     pub rounds: usize,
     pub warm_ms: u64,
     pub run_ms: u64,
@@ -45,10 +47,10 @@ pub struct Plan {
 impl Plan {
     fn from(o: &Opts) -> Plan {
         if o.quick {
-            Plan { rounds: 2, warm_ms: 50, run_ms: 250, idle_conns: 1000, cni_adds: 20 }
+            Plan { quick: true, rounds: 2, warm_ms: 50, run_ms: 250, idle_conns: 1000, cni_adds: 20 }
         } else {
             // Idle connections all come from one pod: within its default limit (4096).
-            Plan { rounds: 5, warm_ms: 300, run_ms: 1200, idle_conns: 4_000, cni_adds: 200 }
+            Plan { quick: false, rounds: 5, warm_ms: 300, run_ms: 1200, idle_conns: 4_000, cni_adds: 200 }
         }
     }
 }

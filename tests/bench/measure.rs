@@ -41,6 +41,7 @@ pub struct Results {
     pub cni_add_ms: Value,
     pub flood: Value,
     pub validation: Value,
+    pub mtls: Value,
     pub machine: Value,
 }
 
@@ -175,6 +176,7 @@ pub fn run(lab: &Lab, plan: &Plan) -> anyhow::Result<Results> {
         flood: crate::flood::run(lab, plan)?,
         cni_add_ms: cni_adds(lab, plan)?,
         validation: sockperf(lab, plan)?,
+        mtls: crate::mtls::run(lab, plan.quick)?,
         machine: machine(),
     })
 }
@@ -182,10 +184,15 @@ pub fn run(lab: &Lab, plan: &Plan) -> anyhow::Result<Results> {
 /// Proxy RSS idle and holding idle proxied connections (outbound-only, so one hop).
 fn memory(lab: &Lab, plan: &Plan) -> anyhow::Result<Value> {
     let mut out = serde_json::Map::new();
-    for (label, name) in [("podsteer", "podsteer+ebpf+skmsg out"), ("haproxy", "haproxy+iptables out")] {
+    for (label, name) in
+        [("podsteer", "podsteer+ebpf+skmsg out"), ("haproxy", "haproxy+iptables out"), ("podsteer mTLS", "podsteer mTLS across")]
+    {
         let Some(s) = lab.scenarios.iter().find(|s| s.name == name) else { continue };
-        let pid = lab.setups[s.node].proxy_pids()[0];
-        let idle = rss_kib(pid);
+        // Over HBONE both ends hold each connection: both proxies count.
+        let pids = if label == "podsteer mTLS" { lab.setups[s.node].proxy_pids() } else { vec![lab.setups[s.node].proxy_pids()[0]] };
+        let rss = || pids.iter().map(|p| rss_kib(*p)).sum::<u64>();
+        let pid = pids[0];
+        let idle = rss();
         let mut cmd = lab.client(s).command(bin("podsteer-loadgen"))?;
         cmd.args(["idle", &lab.server_addr(s), &plan.idle_conns.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut child = cmd.spawn()?;
@@ -206,7 +213,14 @@ fn memory(lab: &Lab, plan: &Plan) -> anyhow::Result<Value> {
                 }
             }
         })?;
-        let busy = rss_kib(pid);
+        if label == "podsteer mTLS" {
+            // And the server's proxy has every stream relayed to the app.
+            let key = "podsteer_proxy_connections_active{pod=\"bench/server\",direction=\"inbound\"}";
+            podsteer_lab::wait::until("the server's proxy to hold every idle stream", std::time::Duration::from_secs(60), || {
+                (setup.proxies.get(1)?.metric(key).ok()? as usize >= plan.idle_conns).then_some(())
+            })?;
+        }
+        let busy = rss();
         drop(child.stdin.take());
         child.wait()?;
         let per_conn = (busy.saturating_sub(idle) * 1024) as f64 / plan.idle_conns as f64;

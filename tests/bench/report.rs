@@ -38,6 +38,8 @@ pub struct Report {
     pub cni_add_ms: Value,
     pub flood: Value,
     pub validation: Value,
+    /// Handshakes per second and policy evaluation per connection.
+    pub mtls: Value,
     pub goals: Vec<Goal>,
     pub raw: BTreeMap<String, Vec<Round>>,
 }
@@ -122,6 +124,7 @@ impl Report {
             cni_add_ms: r.cni_add_ms,
             flood: r.flood,
             validation: r.validation,
+            mtls: r.mtls,
             goals: Vec::new(),
             raw: r.rounds,
         };
@@ -226,10 +229,50 @@ impl Report {
             ),
             met: flooded <= 2.0 * quiet && self.flood["neighbour_requests_failed"] == 0,
         });
+        g.extend(self.mtls_goals());
         g.push(Goal {
             goal: "load generator agrees with sockperf within 20%".into(),
             value: format!("{} vs {} us", self.validation["loadgen_p50_us"], self.validation["sockperf_p50_us"]),
             met: self.validation["within_20_percent"] == true,
+        });
+        g
+    }
+
+    /// The mTLS goals: across nodes, against direct across nodes, in the same run.
+    fn mtls_goals(&self) -> Vec<Goal> {
+        let mut g = Vec::new();
+        let fig = |name: &str, f: &str| self.get(name).and_then(|s| s.figures.get(f).copied()).unwrap_or(f64::NAN);
+        let mut vs = |goal: &str, name: &str, base: &str, f: &str, max: Option<f64>, min: Option<f64>| {
+            let (a, b) = (fig(name, f), fig(base, f));
+            let r = a / b;
+            let added = if f.ends_with("_us") { format!(" (+{:.2} us)", a - b) } else { String::new() };
+            g.push(Goal {
+                goal: goal.into(),
+                value: format!("{r:.2}x{added}"),
+                met: max.is_none_or(|m| r <= m) && min.is_none_or(|m| r >= m),
+            });
+        };
+        let (mtls, direct) = ("podsteer mTLS across", "direct across nodes");
+        vs("mTLS across nodes: p50 RR <= 2.5x direct across nodes", mtls, direct, "rr1_p50_us", Some(2.5), None);
+        vs("mTLS across nodes: p99 RR <= 3x direct across nodes", mtls, direct, "rr1_p99_us", Some(3.0), None);
+        vs("mTLS across nodes: bulk >= 50% of direct across nodes", mtls, direct, "bulk1_gbit", None, Some(0.5));
+        vs("mTLS across nodes: connection rate >= 50% of direct across nodes", mtls, direct, "conn_per_s", None, Some(0.5));
+        let with = "podsteer mTLS across +1000 policies";
+        vs("1,000 policies: mTLS p50 RR within 5% of none", with, mtls, "rr1_p50_us", Some(1.05), None);
+        vs("1,000 policies: connection rate within 10% of none", with, mtls, "conn_per_s", None, Some(0.90));
+        let per = self.memory["podsteer mTLS"]["bytes_per_conn"].as_f64().unwrap_or(f64::NAN);
+        g.push(Goal {
+            goal: "mTLS: <= 8 KiB of proxy memory per idle connection (both ends)".into(),
+            value: format!("{:.1} KiB", per / 1024.0),
+            met: per <= 8.0 * 1024.0,
+        });
+        // Istio publishes ~170 us added by two ztunnels at p90 (its own
+        // hardware); podsteer's two proxies add this much at p50 and p99 here.
+        let (p50, p99) = (fig(mtls, "rr1_p50_us") - fig(direct, "rr1_p50_us"), fig(mtls, "rr1_p99_us") - fig(direct, "rr1_p99_us"));
+        g.push(Goal {
+            goal: "for scale: two ztunnels add ~170 us at p90 (Istio's figure); podsteer's two proxies add".into(),
+            value: format!("{p50:.2} us at p50, {p99:.2} us at p99"),
+            met: p99 < 170.0,
         });
         g
     }
@@ -286,8 +329,8 @@ impl Report {
             }
         }
         out += &format!(
-            "\nmemory: {}\nsilent-connection flood: {}\nCNI ADD: {}\nvalidation: {}\n\ngoals:\n",
-            self.memory, self.flood, self.cni_add_ms, self.validation
+            "\nmemory: {}\nsilent-connection flood: {}\nCNI ADD: {}\nvalidation: {}\nmTLS: {}\n\ngoals:\n",
+            self.memory, self.flood, self.cni_add_ms, self.validation, self.mtls
         );
         for g in &self.goals {
             out += &format!("  [{}] {} — {}\n", if g.met { "met" } else { "MISSED" }, g.goal, g.value);

@@ -22,6 +22,9 @@ pub struct Setup {
     pub proxies: Vec<Proxy>,
     pub pods: BTreeMap<&'static str, Pod>,
     pub agent: Option<Agent>,
+    /// A two-node cluster's agents and nodes (its proxies are in `proxies`).
+    pub mesh: Option<podsteer_lab::mesh::Mesh>,
+    /// Node 0 of a cluster.
     pub node: Node,
 }
 
@@ -92,7 +95,42 @@ impl Setup {
             let args: Vec<&str> = PROXY_ARGS.iter().chain(extra).copied().collect();
             proxies.push(Proxy::start_shared(&node, &sock, 15020, &args)?);
         }
-        Ok(Setup { processes: Vec::new(), proxies, pods: BTreeMap::new(), agent, node })
+        Ok(Setup { processes: Vec::new(), proxies, pods: BTreeMap::new(), agent, mesh: None, node })
+    }
+
+    /// Two nodes joined by the lab's underlay, each with an agent and a shared
+    /// proxy; with `ca`, HBONE (mTLS) between meshed pods; with `policies`,
+    /// that YAML in the agents' policy directory. Pods: `client` and
+    /// `server-local` on node 0, `server` on node 1 (all meshed), and
+    /// `plain-client`/`plain-server` unmeshed on nodes 0 and 1.
+    fn cluster(ca: bool, policies: Option<&str>) -> anyhow::Result<Setup> {
+        let mut mesh = podsteer_lab::mesh::Mesh::new(2)?;
+        let ca_dir = if ca { Some(mesh.ca("ca")?) } else { None };
+        let wl = mesh.scratch("workloads")?;
+        let policy_dir = mesh.scratch("policies")?;
+        if let Some(text) = policies {
+            std::fs::write(policy_dir.join("policies.yaml"), text)?;
+        }
+        let p = policy_dir.display().to_string();
+        let extra: Vec<&str> = if policies.is_some() { vec!["--policy-dir", &p] } else { vec![] };
+        mesh.start_opts("ebpf", &[ca_dir.as_deref(), ca_dir.as_deref()], &[&wl, &wl], &extra, PROXY_ARGS)?;
+        let mut pods = BTreeMap::new();
+        let mut processes = Vec::new();
+        for (name, node, meshed) in
+            [("client", 0, true), ("server-local", 0, true), ("server", 1, true), ("plain-client", 0, false), ("plain-server", 1, false)]
+        {
+            let pod = mesh.pod_in(node, "bench", name, name, &[("app", name)], meshed)?;
+            if name.contains("server") {
+                processes.push(loadgen_server(&pod)?);
+            }
+            pods.insert(name, pod);
+        }
+        if ca {
+            mesh.wait_peers(6)?;
+        }
+        let proxies = std::mem::take(&mut mesh.proxies);
+        let node = mesh.cluster.nodes[0].clone();
+        Ok(Setup { processes, proxies, pods, agent: None, mesh: Some(mesh), node })
     }
 
     fn pod(&mut self, name: &'static str, meshed: bool, annotations: &[(&str, &str)]) -> anyhow::Result<()> {
@@ -196,6 +234,21 @@ impl Lab {
         setups.push(copy);
         add("podsteer+iptables mesh copy", "iptables + podsteer, splice off", "full mesh", 5, "client", "server-meshed");
 
+        // 6: two nodes, plaintext: direct between unmeshed pods, and podsteer
+        // without mTLS (the shared proxy on both ends).
+        setups.push(Setup::cluster(false, None)?);
+        add("direct across nodes", "two nodes, no mesh", "direct-across", 6, "plain-client", "plain-server");
+        add("podsteer plaintext across", "two nodes, podsteer without mTLS", "across", 6, "client", "server");
+
+        // 7: two nodes with HBONE: across, and on one node.
+        setups.push(Setup::cluster(true, None)?);
+        add("podsteer mTLS across", "two nodes, podsteer HBONE (mTLS)", "across", 7, "client", "server");
+        add("podsteer mTLS same node", "two nodes, podsteer HBONE (mTLS)", "same node", 7, "client", "server-local");
+
+        // 8: as 7, with 1,000 AuthorizationPolicies on the node (one selects the server).
+        setups.push(Setup::cluster(true, Some(&thousand_policies()))?);
+        add("podsteer mTLS across +1000 policies", "two nodes, HBONE, 1,000 policies", "across", 8, "client", "server");
+
         Ok(Lab { setups, scenarios })
     }
 
@@ -207,4 +260,16 @@ impl Lab {
         let pod = &self.setups[s.node].pods[s.server];
         format!("{}:{SERVER_PORT}", pod.ipv4().expect("server has IPv4"))
     }
+}
+
+/// 999 policies for other namespaces and one for the server, which lets the
+/// client in: every connection is judged, against its pod's few policies.
+pub fn thousand_policies() -> String {
+    let mut text = String::new();
+    for i in 0..999 {
+        text += &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p{i}\n  namespace: ns-{i}\nspec:\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/ns-{i}/sa/app]\n---\n"
+        );
+    }
+    text + "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: server\n  namespace: bench\nspec:\n  selector:\n    matchLabels:\n      app: server\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/bench/sa/client]\n"
 }

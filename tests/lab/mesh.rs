@@ -48,12 +48,29 @@ impl Mesh {
 
     /// As [`Mesh::start`], with more agent flags on every node.
     pub fn start_with(&mut self, mode: &str, ca: &[&Path], workloads: &[&Path], extra: &[&str]) -> anyhow::Result<()> {
+        let ca: Vec<Option<&Path>> = ca.iter().map(|c| Some(*c)).collect();
+        self.start_opts(mode, &ca, workloads, extra, &[])
+    }
+
+    /// The general form: a node without a CA (None) runs no HBONE; `proxy`
+    /// flags go to every shared proxy.
+    pub fn start_opts(
+        &mut self,
+        mode: &str,
+        ca: &[Option<&Path>],
+        workloads: &[&Path],
+        extra: &[&str],
+        proxy: &[&str],
+    ) -> anyhow::Result<()> {
         for (i, node) in self.cluster.nodes.iter().enumerate() {
-            let (w, c) = (workloads[i].display().to_string(), ca[i].display().to_string());
-            let mut args = vec!["--workload-dir", &w, "--ca-dir", &c, "--workload-wait-ms", "5000"];
+            let (w, c) = (workloads[i].display().to_string(), ca[i].map(|c| c.display().to_string()));
+            let mut args = vec!["--workload-dir", &w, "--workload-wait-ms", "5000"];
+            if let Some(c) = &c {
+                args.extend(["--ca-dir", c.as_str()]);
+            }
             args.extend_from_slice(extra);
             let agent = Agent::start_with_proxy(node, mode, &args)?;
-            self.proxies.push(Proxy::start_shared(node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?);
+            self.proxies.push(Proxy::start_shared(node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, proxy)?);
             self.agents.push(agent);
         }
         self.workloads = workloads.iter().map(|p| p.to_path_buf()).collect();

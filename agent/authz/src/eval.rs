@@ -64,10 +64,7 @@ impl PolicySet {
     /// The policies that apply to `w`: its namespace's and the root
     /// namespace's, each with no selector or a selector `w`'s labels satisfy.
     pub fn applicable<'a>(&'a self, w: &'a Workload<'a>) -> impl Iterator<Item = &'a Policy> + 'a {
-        self.policies.iter().filter(move |p| {
-            (p.namespace == w.namespace || p.namespace == self.root_namespace)
-                && p.selector.as_ref().is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-        })
+        self.policies.iter().filter(move |p| applies(p, &self.root_namespace, w))
     }
 
     pub fn evaluate(&self, w: &Workload<'_>, c: &Conn) -> Verdict {
@@ -76,6 +73,13 @@ impl PolicySet {
         let differs = shadow.decision != enforced.decision || shadow.decided_by != enforced.decided_by;
         Verdict { dry_run: (self.applicable(w).any(|p| p.dry_run) && differs).then(|| Box::new(shadow)), ..enforced }
     }
+}
+
+/// Whether `p` applies to `w`: its namespace's or the root namespace's, with
+/// no selector or one `w`'s labels satisfy.
+pub fn applies(p: &Policy, root_namespace: &str, w: &Workload<'_>) -> bool {
+    (p.namespace == w.namespace || p.namespace == root_namespace)
+        && p.selector.as_ref().is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
 }
 
 fn verdict<'a>(policies: impl Iterator<Item = &'a Policy>, conn: &Conn) -> Verdict {

@@ -64,6 +64,8 @@ async fn serve_conn(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, m: Arc<M
 
 async fn serve_conn_counted(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, m: &Arc<Metrics>) {
     let (Ok(from), Ok(local)) = (tcp.peer_addr(), tcp.local_addr()) else { return };
+    // HTTP/2 frames are small and each waits for an answer: no Nagle.
+    let _ = tcp.set_nodelay(true);
     let Some(tls) = pod.tls.clone() else { return };
     // Before the trust is read, so a change after it is not missed.
     let mut trust_changed = pod.hbone.mesh.trust_changed();
@@ -197,13 +199,13 @@ async fn serve_stream(
                 answer(respond, StatusCode::SERVICE_UNAVAILABLE);
                 (Outcome::ConnectFailed, 0, 0)
             }
-            Ok(mut app) => {
+            Ok(app) => {
                 let _ = app.set_nodelay(true);
                 match ok(respond) {
                     None => (Outcome::ClientDisconnected, 0, 0),
                     Some(send) => {
                         let state = pod.conns.open_checked(dir, judged.map(|(c, _)| c));
-                        let (o, app_to_client, client_to_app) = super::stream::relay(&mut app, send, req.into_body(), false, &state).await;
+                        let (o, app_to_client, client_to_app) = super::stream::relay(&app, send, req.into_body(), false, &state).await;
                         m.bytes_from_client.get_or_create(&labels).inc_by(client_to_app);
                         m.bytes_to_client.get_or_create(&labels).inc_by(app_to_client);
                         (o, client_to_app, app_to_client)
@@ -221,6 +223,8 @@ async fn serve_stream(
         client = %peer.addr,
         original_dst = %target_text,
         peer_identity = %peer.id,
+        // The pod's own, which the tunnel reached.
+        identity = %pod.tls.as_ref().map(|t| t.id.to_string()).unwrap_or_default(),
         policy = %policy.unwrap_or_default(),
         reason = %reason,
         bytes_from_client = up,

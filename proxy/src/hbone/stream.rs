@@ -9,14 +9,33 @@ use std::io;
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::conns::ConnState;
 use crate::metrics::Outcome;
 
-/// One read from TCP: a full TLS record's worth of payload.
+/// One read from TCP: a full TLS record's worth of payload (64 KiB measured no better).
 const READ_CHUNK: usize = 16 * 1024;
+
+thread_local! {
+    /// Every tunnel relay on a worker thread reads through this one buffer
+    /// (a poll never overlaps another on its thread), and copies out only
+    /// what it read.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> = std::cell::RefCell::new(vec![0u8; READ_CHUNK].into_boxed_slice());
+}
+
+/// Writes all of `data` as the socket takes it.
+async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
 
 enum End {
     Done(Result<(), Broke>),
@@ -33,7 +52,7 @@ enum Broke {
 /// Relays until both directions have ended; the bytes each way for the access log.
 /// `tcp_is_client`: the TCP side is the app's client (outbound), else the app.
 pub async fn relay(
-    tcp: &mut TcpStream,
+    tcp: &TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     tcp_is_client: bool,
@@ -43,31 +62,38 @@ pub async fn relay(
         Some(o) => std::task::Poll::Ready(o),
         None => std::task::Poll::Pending,
     });
-    let (mut r, mut w) = tcp.split();
+    let tcp: &TcpStream = tcp;
     let (mut up, mut down) = (0u64, 0u64);
     let to_stream = async {
-        let mut buf = vec![0u8; READ_CHUNK];
         loop {
-            let n = r.read(&mut buf).await.map_err(Broke::Tcp)?;
-            if n == 0 {
+            // Readiness first, then one read into the thread's scratch
+            // buffer: an idle connection holds no buffer of its own.
+            tcp.readable().await.map_err(Broke::Tcp)?;
+            let read = SCRATCH.with_borrow_mut(|buf| match tcp.try_read(buf) {
+                Ok(n) => Ok(Some(Bytes::copy_from_slice(&buf[..n]))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => Err(Broke::Tcp(e)),
+            })?;
+            let Some(data) = read else { continue };
+            if data.is_empty() {
                 send.send_data(Bytes::new(), true).map_err(Broke::Stream)?;
                 return Ok::<(), Broke>(());
             }
             state.touch();
-            send_all(&mut send, Bytes::copy_from_slice(&buf[..n])).await.map_err(Broke::Stream)?;
-            up += n as u64;
+            up += data.len() as u64;
+            send_all(&mut send, data).await.map_err(Broke::Stream)?;
         }
     };
     let to_tcp = async {
         while let Some(chunk) = recv.data().await {
             let chunk = chunk.map_err(Broke::Stream)?;
             state.touch();
-            w.write_all(&chunk).await.map_err(Broke::Tcp)?;
+            write_all(tcp, &chunk).await.map_err(Broke::Tcp)?;
             down += chunk.len() as u64;
             recv.flow_control().release_capacity(chunk.len()).map_err(Broke::Stream)?;
         }
         // END_STREAM: a half-close.
-        let _ = w.shutdown().await;
+        let _ = crate::socket::shutdown_write(std::os::fd::AsFd::as_fd(tcp));
         Ok::<(), Broke>(())
     };
     // The first error ends both directions; so does the sweeper (idle, drain).
