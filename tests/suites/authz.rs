@@ -221,6 +221,8 @@ fn explain_names_the_l7_fields_of_the_seed_policy() -> anyhow::Result<()> {
     mesh.agents[0].kill();
     let out = mesh.ctl(0, &["explain", "production/order", &to]).output()?;
     let table = String::from_utf8_lossy(&out.stdout);
+    // For the README (shown with --nocapture).
+    println!("$ podsteer explain production/order {to}\n{table}");
     assert!(
         table.contains("HBONE (mTLS)") && table.contains("DENY by default") && table.contains("L7:"),
         "{table}{}",

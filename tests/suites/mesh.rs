@@ -458,6 +458,8 @@ fn podsteer_certs_shows_identities_expiry_and_issuer_never_keys() -> anyhow::Res
         assert!(expire > now + 23 * 3600 && renew > now + 9 * 3600 && renew < now + 15 * 3600, "{cert}");
     }
     let table = String::from_utf8_lossy(&mesh.ctl(0, &["certs"]).output()?.stdout).into_owned();
+    // For the README (shown with --nocapture).
+    println!("$ podsteer certs\n{table}");
     assert!(table.contains(CLIENT_ID) && (table.contains("in 23h") || table.contains("in 24h")), "{table}");
     for text in [c.to_string(), table] {
         assert!(!text.contains("PRIVATE") && !text.contains("\"key\""), "no key material: {text}");
