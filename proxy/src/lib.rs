@@ -2,6 +2,7 @@
 //! arrive over the control socket and get listeners inside their netns) or per
 //! pod as a sidecar.
 
+pub mod access;
 pub mod admin;
 pub mod authz;
 pub mod budget;

@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::budget::Budget;
 use crate::conns::ConnState;
@@ -173,26 +173,16 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
     };
     m.active.get_or_create(&labels).dec();
     m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: outcome }).inc();
-    // The connection's span adds its id; pod and direction stay in the event so
-    // an access line reads on its own.
-    info!(
-        target: "access",
-        pod = %pod.label,
-        direction = dir.as_str(),
-        client = %client.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
-        original_dst = %dst.map(|a| a.to_string()).unwrap_or_default(),
-        // The identity the destination proved over HBONE; empty for plaintext.
-        peer_identity = %peer.map(|p| p.to_string()).unwrap_or_default(),
-        // The pod's own identity, if it has one.
-        identity = %pod.tls.as_ref().map(|t| t.id.to_string()).unwrap_or_default(),
-        // Set when authorization refused the connection: the deciding policy and why.
-        policy = %policy.unwrap_or_default(),
-        reason = %reason,
-        bytes_from_client = up,
-        bytes_to_client = down,
-        duration_ms = started.elapsed().as_millis() as u64,
-        result = outcome.as_str(),
-    );
+    crate::access::Access {
+        client: client.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        original_dst: dst.map(|a| a.to_string()).unwrap_or_default(),
+        peer_identity: peer.map(|p| p.to_string()).unwrap_or_default(),
+        policy,
+        reason,
+        bytes_from_client: up,
+        bytes_to_client: down,
+    }
+    .log(pod, dir, started, outcome);
 }
 
 /// Inbound plaintext is judged by the pod's policy (no source identity);

@@ -17,7 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use podsteer_identity::spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{Instrument as _, debug, info, warn};
+use tracing::{Instrument as _, debug, warn};
 
 use crate::metrics::{ClosedLabels, ConnLabels, Direction, Metrics, Outcome};
 use crate::relay::{PodCtx, Settings};
@@ -216,22 +216,16 @@ async fn serve_stream(
     };
     m.active.get_or_create(&labels).dec();
     m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: outcome }).inc();
-    info!(
-        target: "access",
-        pod = %pod.label,
-        direction = dir.as_str(),
-        client = %peer.addr,
-        original_dst = %target_text,
-        peer_identity = %peer.id,
-        // The pod's own, which the tunnel reached.
-        identity = %pod.tls.as_ref().map(|t| t.id.to_string()).unwrap_or_default(),
-        policy = %policy.unwrap_or_default(),
-        reason = %reason,
-        bytes_from_client = up,
-        bytes_to_client = down,
-        duration_ms = started.elapsed().as_millis() as u64,
-        result = outcome.as_str(),
-    );
+    crate::access::Access {
+        client: peer.addr.to_string(),
+        original_dst: target_text,
+        peer_identity: peer.id.to_string(),
+        policy,
+        reason,
+        bytes_from_client: up,
+        bytes_to_client: down,
+    }
+    .log(&pod, dir, started, outcome);
     pod.serving.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     pod.forget_if_done(&m);
     m.conn_done(dir);
