@@ -155,7 +155,9 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
                 Ok(checked) => match crate::hbone::route(dir, d, pod) {
                     Some(route) => {
                         peer = Some(route.peer.clone());
-                        crate::hbone::outbound(&client, d, route, pod, s, m, &labels).await
+                        // Boxed: its dial and handshake state is large, and a
+                        // plaintext connection's task should not carry it.
+                        Box::pin(crate::hbone::outbound(&client, d, route, pod, s, m, &labels)).await
                     }
                     None => match connect(d, client.peer_addr().ok(), pod, s, m, dir).await {
                         Err(_) => {

@@ -114,7 +114,9 @@ impl Pool {
                     attempt > 0 || is_closed(&p.send) || std::time::SystemTime::now() >= p.expires || !Arc::ptr_eq(&p.trust, trust)
                 }) {
                     m.hbone_dials.inc();
-                    *g = Some(self.dial(&key, pod, tls, trust, s).await?);
+                    // Boxed: the TLS handshake's state is large and needed only
+                    // while dialling, not for the life of every stream's task.
+                    *g = Some(Box::pin(self.dial(&key, pod, tls, trust, s)).await?);
                 }
                 let p = g.as_ref().expect("just filled");
                 p.streams.fetch_add(1, Ordering::AcqRel);
