@@ -45,8 +45,23 @@ pub struct AgentConfig {
     /// `metadata.uid`: who each pod is (namespace and service account). With
     /// it, a pod the directory does not name is not enrolled: its ADD waits
     /// `--workload-wait-ms`, then fails and the runtime retries.
-    #[arg(global = true, long, env = "PODSTEER_WORKLOAD_DIR")]
+    #[arg(global = true, long, env = "PODSTEER_WORKLOAD_DIR", conflicts_with = "kubernetes")]
     pub workload_dir: Option<PathBuf>,
+    /// The Kubernetes API as the workload source (a watch of every pod: this
+    /// node's for their identities, all for the mesh's peers) and, unless
+    /// `--policy-dir` is given, as the source of `AuthorizationPolicy` and
+    /// `PeerAuthentication` (a cluster without Istio's CRDs has none). The
+    /// client is configured in-cluster (the pod's service account), or from
+    /// `--kubeconfig`. Needs get/list/watch on them (see daemonset.yaml).
+    #[arg(global = true, long, env = "PODSTEER_KUBERNETES")]
+    pub kubernetes: bool,
+    #[arg(global = true, long, env = "PODSTEER_KUBECONFIG", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (the downward API's `spec.nodeName`): with it, a pod
+    /// the workload source places on another node is not enrolled here, so
+    /// this node's issuer signs only its own pods' identities.
+    #[arg(global = true, long, env = "PODSTEER_NODE_NAME")]
+    pub node_name: Option<String>,
     #[arg(global = true, long, env = "PODSTEER_WORKLOAD_WAIT_MS", default_value_t = 10_000)]
     pub workload_wait_ms: u64,
     /// The mesh's CA: `ca.crt` (the trust bundle, every root peers may chain

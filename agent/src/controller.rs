@@ -44,6 +44,8 @@ pub struct Controller {
     mesh: Option<crate::mesh::Mesh>,
     /// `--policy-dir`: authorization and peer authentication.
     policies: Option<crate::policies::PolicyFiles>,
+    /// `--kubernetes`: the API's watches (the workload source and, maybe, the policies').
+    api: Option<crate::apiserver::ApiSource>,
 }
 
 #[derive(Serialize)]
@@ -61,6 +63,10 @@ pub struct Status<'a> {
     pub proxy_pid: Option<u32>,
     /// With `--ca-dir`: the trust bundle and every pod certificate held (never a key).
     pub mesh: Option<serde_json::Value>,
+    /// With `--kubernetes`: whether the watches have listed everything, what they hold, their last error.
+    pub kubernetes: Option<serde_json::Value>,
+    /// Why the newest security policies are refused, while they are (the last good set is in force).
+    pub policies_refused: Option<&'a str>,
     pub config: &'a AgentConfig,
 }
 
@@ -68,6 +74,12 @@ impl Controller {
     /// Chooses the mode and readies the data path. A forced eBPF mode on a
     /// kernel that lacks a feature fails here, naming it.
     pub fn start(config: AgentConfig) -> anyhow::Result<Controller> {
+        // First: a Kubernetes API configuration that cannot be used fails the
+        // start before the data path changes anything.
+        let api = match config.kubernetes {
+            false => None,
+            true => Some(crate::apiserver::ApiSource::start(config.kubeconfig.as_deref(), &config.state_dir, config.policy_dir.is_none())?),
+        };
         let cgroup_ok = config.cgroup.join("cgroup.procs").exists();
         let (features, kernel_notes) = mode::probe(cgroup_ok.then_some(config.cgroup.as_path()), &config.mask_features);
         let choice = mode::ModeChoice { kernel_notes, ..mode::choose(config.mode, features)? };
@@ -109,14 +121,18 @@ impl Controller {
             .collect::<anyhow::Result<_>>()?;
         let kept = crate::kept::KeptListeners::default();
         let beat = Arc::default();
-        let workloads = config
-            .workload_dir
-            .as_deref()
-            .map(|d| Arc::new(crate::workloads::DirSource::new(d)) as Arc<dyn crate::workloads::WorkloadSource>);
+        let workloads = match (&api, &config.workload_dir) {
+            (Some(api), _) => Some(Arc::new(api.clone()) as Arc<dyn crate::workloads::WorkloadSource>),
+            (None, Some(d)) => Some(Arc::new(crate::workloads::DirSource::new(d)) as Arc<dyn crate::workloads::WorkloadSource>),
+            (None, None) => None,
+        };
         let mesh = match &config.ca_dir {
             None => None,
             Some(dir) => {
-                anyhow::ensure!(workloads.is_some(), "--ca-dir needs --workload-dir: a certificate names the identity the source gives");
+                anyhow::ensure!(
+                    workloads.is_some(),
+                    "--ca-dir needs --workload-dir or --kubernetes: a certificate names the identity the source gives"
+                );
                 let lifetime = Duration::from_millis(config.cert_lifetime_ms);
                 anyhow::ensure!(lifetime >= Duration::from_secs(2), "--cert-lifetime-ms {}: at least 2000", config.cert_lifetime_ms);
                 let m = crate::mesh::Mesh::open(dir, &config.trust_domain, lifetime)?;
@@ -124,7 +140,15 @@ impl Controller {
                 Some(m)
             }
         };
-        let policies = config.policy_dir.as_deref().map(|d| crate::policies::PolicyFiles::open(d, &config.root_namespace));
+        let policies = match (&config.policy_dir, &api) {
+            (Some(d), _) => Some(crate::policies::PolicyFiles::open(d, &config.root_namespace)),
+            (None, Some(api)) => Some(crate::policies::PolicyFiles::from_api(
+                api.clone(),
+                &crate::apiserver::policies_dir(&config.state_dir),
+                &config.root_namespace,
+            )),
+            (None, None) => None,
+        };
         let mut c = Controller {
             proxy,
             config,
@@ -139,6 +163,7 @@ impl Controller {
             workloads,
             mesh,
             policies,
+            api,
         };
         c.remove_stale_state();
         Ok(c)
@@ -242,6 +267,8 @@ impl Controller {
             pods: self.registry.all().count(),
             proxy_pid: self.proxy.as_ref().and_then(|p| p.connected()),
             mesh: self.mesh.as_ref().map(|m| m.summary()),
+            kubernetes: self.api.as_ref().map(|a| a.status()),
+            policies_refused: self.policies.as_ref().and_then(|p| p.refused.as_deref()),
             config: &self.config,
         }
     }
@@ -486,6 +513,19 @@ impl Controller {
                     pod.uid, w.namespace, w.name, pod.namespace, pod.name
                 ),
             )),
+            Ok(Some(w)) if self.config.node_name.as_ref().is_some_and(|mine| w.node_name.as_ref().is_some_and(|theirs| theirs != mine)) => {
+                Err(Response::err(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "pod {} ({}/{}) is on node {} to the workload source, and this is node {}: its identity is not this node's to give",
+                        pod.uid,
+                        w.namespace,
+                        w.name,
+                        w.node_name.as_deref().unwrap_or_default(),
+                        self.config.node_name.as_deref().unwrap_or_default()
+                    ),
+                ))
+            }
             Ok(Some(w)) => Ok(Some(w)),
             Ok(None) => Err(Response::err(
                 ErrorKind::NotReady,

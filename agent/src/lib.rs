@@ -2,6 +2,7 @@
 //! answers the CNI plugin, the proxy and the debug CLI on its socket.
 
 pub mod admin;
+pub mod apiserver;
 pub use podsteer_proto::api;
 pub mod cli;
 pub mod config;

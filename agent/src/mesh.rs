@@ -252,8 +252,9 @@ pub struct Saved {
 impl Saved {
     pub fn of(c: &crate::config::AgentConfig) -> Saved {
         Saved {
-            workload_dir: c.workload_dir.clone(),
-            policy_dir: c.policy_dir.clone(),
+            // From the API: what its watches last held, saved in the state directory.
+            workload_dir: c.workload_dir.clone().or_else(|| c.kubernetes.then(|| crate::apiserver::pods_dir(&c.state_dir))),
+            policy_dir: c.policy_dir.clone().or_else(|| c.kubernetes.then(|| crate::apiserver::policies_dir(&c.state_dir))),
             hbone: c.ca_dir.is_some(),
             trust_domain: c.trust_domain.clone(),
             root_namespace: c.root_namespace.clone(),

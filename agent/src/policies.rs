@@ -1,9 +1,9 @@
-//! The node's security policy files (`--policy-dir`): every
-//! `AuthorizationPolicy` and `PeerAuthentication` there, validated as one
-//! bundle whenever a file changes. A bundle with one invalid document is
-//! refused, logged and counted, and the last good one stays in force; with
-//! none good since the start, the proxy is told to refuse inbound, never to
-//! let everything in.
+//! The node's security policies: every `AuthorizationPolicy` and
+//! `PeerAuthentication`, from files (`--policy-dir`) or from the Kubernetes
+//! API (`--kubernetes`), validated as one bundle whenever they change. A
+//! bundle with one invalid document is refused, logged and counted, and the
+//! last good one stays in force; with none good since the start, the proxy is
+//! told to refuse inbound, never to let everything in.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -12,46 +12,96 @@ use std::time::SystemTime;
 use podsteer_authz::source::{self, Bundle};
 use tracing::{info, warn};
 
+use crate::apiserver::ApiSource;
+
+/// Where the policies come from.
+enum Feed {
+    Files {
+        dir: PathBuf,
+        /// What the directory held when last read: names, sizes and times.
+        stamp: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    },
+    Api {
+        source: ApiSource,
+        /// The watches' generation last read.
+        seen: Option<u64>,
+        /// Where the last good set is saved, for the next run and for `podsteer explain`.
+        snapshot: PathBuf,
+    },
+}
+
 pub struct PolicyFiles {
-    dir: PathBuf,
+    feed: Feed,
     pub root_namespace: String,
-    /// What the directory held when last read: names, sizes and times.
-    stamp: Vec<(PathBuf, u64, Option<SystemTime>)>,
     /// The last good text and its bundle.
     good: Option<(String, Bundle)>,
-    /// Why the newest files were refused, while they are.
+    /// Why the newest policies were refused, while they are.
     pub refused: Option<String>,
 }
 
 impl PolicyFiles {
     pub fn open(dir: &Path, root_namespace: &str) -> PolicyFiles {
-        let mut p = PolicyFiles { dir: dir.into(), root_namespace: root_namespace.into(), stamp: Vec::new(), good: None, refused: None };
+        let feed = Feed::Files { dir: dir.into(), stamp: Vec::new() };
+        let mut p = PolicyFiles { feed, root_namespace: root_namespace.into(), good: None, refused: None };
         p.poll();
         p
     }
 
-    /// Re-reads the files if they changed; whether what the proxy must hold changed.
-    pub fn poll(&mut self) -> bool {
-        let stamp = stamps(&self.dir);
-        if !self.stamp.is_empty() && stamp == self.stamp {
-            return false;
+    /// From the API's watches, starting from the last run's good set (in
+    /// `snapshot`), so a restarted agent does not close inbound while the
+    /// API lists everything again.
+    pub fn from_api(source: ApiSource, snapshot: &Path, root_namespace: &str) -> PolicyFiles {
+        let good = source::read_dir(snapshot).ok().filter(|(text, _)| !text.is_empty());
+        if let Some((_, b)) = &good {
+            info!(authorization = b.authorization.len(), "security policies from the last run's snapshot, until the API lists them");
         }
-        self.stamp = stamp;
-        match source::read_dir(&self.dir) {
+        let feed = Feed::Api { source, seen: None, snapshot: snapshot.into() };
+        let mut p = PolicyFiles { feed, root_namespace: root_namespace.into(), good, refused: None };
+        p.poll();
+        p
+    }
+
+    /// Re-reads the policies if they changed; whether what the proxy must hold changed.
+    pub fn poll(&mut self) -> bool {
+        let read = match &mut self.feed {
+            Feed::Files { dir, stamp } => {
+                let now = stamps(dir);
+                if !stamp.is_empty() && now == *stamp {
+                    return false;
+                }
+                *stamp = now;
+                source::read_dir(dir).map_err(|e| podsteer_proto::error_chain(&e))
+            }
+            Feed::Api { source, seen, .. } => {
+                let Some(t) = source.policy_text() else { return false };
+                if *seen == Some(t.generation) {
+                    return false;
+                }
+                *seen = Some(t.generation);
+                source::parse(&t.text)
+                    .map(|b| (t.text, b))
+                    .map_err(|e| format!("from the Kubernetes API: {}", podsteer_proto::error_chain(&e)))
+            }
+        };
+        match read {
             Ok((text, bundle)) => {
                 info!(
-                    dir = %self.dir.display(),
                     authorization = bundle.authorization.len(),
                     peer_authentication = bundle.peer_authentication.len(),
                     "security policies"
                 );
                 let changed = self.good.as_ref().is_none_or(|(t, _)| *t != text);
+                if changed
+                    && let Feed::Api { snapshot, .. } = &self.feed
+                    && let Err(e) = crate::apiserver::write_atomic(snapshot, "policies.yaml", text.as_bytes())
+                {
+                    warn!(error = %e, "saving the policies' snapshot");
+                }
                 self.good = Some((text, bundle));
                 self.refused = None;
                 changed
             }
-            Err(e) => {
-                let why = podsteer_proto::error_chain(&e);
+            Err(why) => {
                 warn!(error = %why, kept = self.good.is_some(), "security policies refused; the last good ones stay in force");
                 crate::metrics::metrics().policies_refused.inc();
                 self.refused = Some(why);

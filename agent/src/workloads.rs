@@ -1,15 +1,16 @@
 //! Where a pod's identity comes from: its service account, as the cluster
-//! knows it, never as the pod's annotations claim. One trait; the source
-//! built now reads a directory of Pod manifests (the lab's, and a node that
-//! is handed its pods as files); a Kubernetes API watch of this node's pods
-//! (kube-rs) is the production one still to come.
+//! knows it, never as the pod's annotations claim. One trait, two sources:
+//! the Kubernetes API (`crate::apiserver`, a watch of every pod) and a
+//! directory of Pod manifests (the lab's, and a node handed its pods as
+//! files). Both read the same object, Kubernetes' own `Pod`, through
+//! [`Workload::from_pod`].
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use k8s_openapi::api::core::v1::Pod;
 use tracing::warn;
 
 /// What the source says of one pod.
@@ -24,6 +25,8 @@ pub struct Workload {
     /// `status.podIPs` (or `status.podIP`): empty until the pod has its addresses.
     pub ips: Vec<IpAddr>,
     pub host_network: bool,
+    /// `spec.nodeName`: where the scheduler put it (None in a manifest without it).
+    pub node_name: Option<String>,
 }
 
 impl Workload {
@@ -31,12 +34,48 @@ impl Workload {
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
         format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
     }
+
+    /// The workload a Pod object describes; None without a UID, or once the
+    /// pod has finished (`Succeeded`, `Failed`): its addresses may already
+    /// belong to another pod, which must not be taken for it.
+    pub fn from_pod(pod: &Pod) -> Option<Workload> {
+        let meta = &pod.metadata;
+        let status = pod.status.as_ref();
+        if status.and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed") {
+            return None;
+        }
+        let mut ips: Vec<IpAddr> =
+            status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+        if ips.is_empty() {
+            ips.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<IpAddr>().ok()));
+        }
+        let spec = pod.spec.as_ref();
+        Some(Workload {
+            uid: meta.uid.clone().filter(|u| !u.is_empty())?,
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+            // As the API server defaults it.
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            labels: meta.labels.clone().unwrap_or_default(),
+            annotations: meta.annotations.clone().unwrap_or_default(),
+            ips,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            node_name: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("reading the workload directory {0}")]
     Dir(PathBuf, #[source] std::io::Error),
+    /// The Kubernetes API has not answered the first full list yet (or lost
+    /// it and has not listed again): what it would say is not known.
+    #[error("the Kubernetes API has not listed the pods yet{}", .0.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    NotSynced(Option<String>),
 }
 
 pub trait WorkloadSource: Send + Sync {
@@ -49,8 +88,9 @@ pub trait WorkloadSource: Send + Sync {
     }
 }
 
-/// `*.yaml`, `*.yml` and `*.json` files, each one Pod. A file that is not a
-/// Pod is logged and skipped, so one bad file hides no other pod.
+/// `*.yaml`, `*.yml` and `*.json` files, each one Pod or a `List` of them
+/// (as `kubectl get pods -o yaml` prints). A file that is neither is logged
+/// and skipped, so one bad file hides no other pod.
 pub struct DirSource {
     dir: PathBuf,
 }
@@ -61,47 +101,17 @@ impl DirSource {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PodDoc {
-    kind: String,
-    metadata: Meta,
-    #[serde(default)]
-    spec: Spec,
-    #[serde(default)]
-    status: Status,
-}
-
-#[derive(Deserialize)]
-struct Meta {
-    uid: Option<String>,
-    name: String,
-    namespace: Option<String>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Spec {
-    service_account_name: Option<String>,
-    #[serde(default)]
-    host_network: bool,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Status {
-    pod_ip: Option<IpAddr>,
-    #[serde(default)]
-    pod_i_ps: Vec<PodIp>,
-}
-
-#[derive(Deserialize)]
-struct PodIp {
-    ip: IpAddr,
+/// The pods of one manifest: a Pod, or a `List`/`PodList` of them.
+fn pods_of(text: &str) -> Result<Vec<Pod>, String> {
+    let value: serde_json::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let one = |v: serde_json::Value| serde_json::from_value::<Pod>(v).map_err(|e| e.to_string());
+    match value.get("kind").and_then(|k| k.as_str()) {
+        Some("List" | "PodList") => match value.get("items") {
+            Some(serde_json::Value::Array(items)) => items.iter().cloned().map(one).collect(),
+            _ => Ok(Vec::new()),
+        },
+        _ => Ok(vec![one(value)?]),
+    }
 }
 
 impl WorkloadSource for DirSource {
@@ -112,36 +122,10 @@ impl WorkloadSource for DirSource {
             if !path.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json") {
                 continue;
             }
-            let doc = std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_yaml::from_str::<PodDoc>(&t).map_err(|e| e.to_string()));
-            let doc = match doc {
-                Ok(d) if d.kind == "Pod" => d,
-                Ok(d) => {
-                    warn!(file = %path.display(), kind = d.kind, "not a Pod; skipped");
-                    continue;
-                }
-                Err(e) => {
-                    warn!(file = %path.display(), error = e, "not a Pod manifest; skipped");
-                    continue;
-                }
-            };
-            let Some(uid) = doc.metadata.uid else { continue };
-            let mut ips: Vec<IpAddr> = doc.status.pod_i_ps.iter().map(|p| p.ip).collect();
-            if ips.is_empty() {
-                ips.extend(doc.status.pod_ip);
+            match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| pods_of(&t)) {
+                Ok(pods) => out.extend(pods.iter().filter_map(Workload::from_pod)),
+                Err(e) => warn!(file = %path.display(), error = e, "not a Pod manifest; skipped"),
             }
-            out.push(Workload {
-                uid,
-                namespace: doc.metadata.namespace.unwrap_or_else(|| "default".into()),
-                name: doc.metadata.name,
-                // As the API server defaults it.
-                service_account: doc.spec.service_account_name.filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
-                labels: doc.metadata.labels,
-                annotations: doc.metadata.annotations,
-                ips,
-                host_network: doc.spec.host_network,
-            });
         }
         Ok(out)
     }
@@ -170,5 +154,35 @@ pub fn wait_for(source: &dyn WorkloadSource, uid: &str, wait: Duration) -> Resul
             }
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: order\n  namespace: production\n  uid: u1\nspec:\n  nodeName: n1\n  containers: []\nstatus:\n  podIP: 10.0.0.5\n";
+
+    #[test]
+    fn a_pod_is_its_namespace_its_account_and_its_addresses() {
+        let pods = pods_of(POD).expect("a Pod");
+        let w = Workload::from_pod(&pods[0]).expect("a workload");
+        assert_eq!(w.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/production/sa/default", "the API's default account");
+        assert_eq!(w.ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap()], "podIP when podIPs is absent");
+        assert_eq!(w.node_name.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn a_finished_pod_is_no_one_and_a_list_holds_many() {
+        let done = POD.replace("status:\n", "status:\n  phase: Succeeded\n");
+        assert!(Workload::from_pod(&pods_of(&done).unwrap()[0]).is_none(), "its address may be another pod's now");
+        let list = format!(
+            "apiVersion: v1\nkind: List\nitems:\n- {}\n- {}",
+            serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(POD).unwrap()).unwrap(),
+            serde_json::to_string(&serde_yaml::from_str::<serde_json::Value>(&POD.replace("uid: u1", "uid: u2")).unwrap()).unwrap()
+        );
+        let uids: Vec<String> = pods_of(&list).unwrap().iter().filter_map(Workload::from_pod).map(|w| w.uid).collect();
+        assert_eq!(uids, ["u1", "u2"]);
+        assert!(pods_of("apiVersion: v1\nkind: Service\nmetadata:\n  name: x\n").is_err(), "not a Pod");
     }
 }

@@ -15,6 +15,7 @@ use podsteer_authz::peer_auth::{self, Resolved};
 use podsteer_authz::source::Bundle;
 
 use crate::metrics::Metrics;
+use podsteer_identity::spiffe::SpiffeId;
 
 /// The node's policy, as the agent last sent it.
 enum State {
@@ -125,7 +126,15 @@ impl PodPolicy {
     }
 
     /// The verdict for an inbound connection to this pod; counted.
-    pub fn check(&self, policies: &Policies, c: &Conn, pod: &str, m: &Metrics) -> Result<Option<Verdict>, Denial> {
+    /// `identity`: the pod's own (the destination's), for the denied series.
+    pub fn check(
+        &self,
+        policies: &Policies,
+        c: &Conn,
+        pod: &str,
+        identity: Option<&SpiffeId>,
+        m: &Metrics,
+    ) -> Result<Option<Verdict>, Denial> {
         let started = std::time::Instant::now();
         let view = self.view(policies);
         let r = self.judge(&view, c);
@@ -135,7 +144,18 @@ impl PodPolicy {
             Ok(v) => ("allow", v.as_ref().and_then(|v| v.decided_by.as_ref().map(|d| d.policy.clone()))),
             Err(d) => ("deny", d.policy.clone()),
         };
-        m.authz.get_or_create(&crate::metrics::AuthzLabels { pod: pod.into(), decision, policy: policy.unwrap_or_default() }).inc();
+        let policy = policy.unwrap_or_default();
+        if r.is_err() {
+            // Who was refused, by whom: the series a user alerts on.
+            let labels = crate::metrics::DeniedLabels {
+                pod: pod.into(),
+                source_identity: c.source.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                destination_identity: identity.map(|s| s.to_string()).unwrap_or_default(),
+                policy: policy.clone(),
+            };
+            m.authz_denied.get_or_create(&labels).inc();
+        }
+        m.authz.get_or_create(&crate::metrics::AuthzLabels { pod: pod.into(), decision, policy }).inc();
         if let Ok(Some(v)) = &r {
             for a in &v.audited {
                 m.authz_audit.get_or_create(&crate::metrics::AuditLabels { pod: pod.into(), policy: a.policy.clone() }).inc();

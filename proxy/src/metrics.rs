@@ -169,6 +169,16 @@ pub struct AuthzLabels {
     pub policy: String,
 }
 
+/// A denied inbound connection: the pod, both ends' identities (the source's
+/// empty for plaintext) and the deciding policy (empty: the default).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    pub pod: String,
+    pub source_identity: String,
+    pub destination_identity: String,
+    pub policy: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuditLabels {
     pub pod: String,
@@ -218,6 +228,7 @@ pub struct Metrics {
     /// What the dry-run policies would have decided, where it differs.
     pub authz_dry_run: Family<AuthzLabels, Counter>,
     pub authz_audit: Family<AuditLabels, Counter>,
+    pub authz_denied: Family<DeniedLabels, Counter>,
     /// Live connections closed because a new policy denies them.
     pub authz_closed_live: Counter,
     /// Policy sets taken from the agent.
@@ -255,6 +266,7 @@ impl Metrics {
             authz: Family::default(),
             authz_dry_run: Family::default(),
             authz_audit: Family::default(),
+            authz_denied: Family::default(),
             authz_closed_live: Counter::default(),
             policy_updates: Counter::default(),
             authz_eval_ns: Counter::default(),
@@ -284,6 +296,11 @@ impl Metrics {
         registry.register("mesh_peers", "Meshed pod addresses in the mesh view", m.mesh_peers.clone());
         registry.register("trust_roots", "Roots in the mesh's trust bundle", m.trust_roots.clone());
         registry.register("authz_decisions", "Inbound connections judged, by decision and deciding policy", m.authz.clone());
+        registry.register(
+            "authz_denied",
+            "Inbound connections denied, by source and destination identity and deciding policy",
+            m.authz_denied.clone(),
+        );
         registry.register("authz_dry_run", "Where dry-run policies would have decided otherwise", m.authz_dry_run.clone());
         registry.register("authz_audit", "Inbound connections an AUDIT policy matched", m.authz_audit.clone());
         registry.register("policy_updates", "Policy sets taken from the agent", m.policy_updates.clone());

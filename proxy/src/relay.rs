@@ -202,7 +202,7 @@ fn gate(
     }
     let source_ip = client.peer_addr().map(|a| a.ip().to_canonical()).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     let c = podsteer_authz::eval::Conn { source: None, source_ip, dest_ip: dst.ip().to_canonical(), dest_port: dst.port() };
-    pod.policy.check(&pod.hbone.policies, &c, &pod.label, m)?;
+    pod.policy.check(&pod.hbone.policies, &c, &pod.label, pod.tls.as_ref().map(|t| &t.id), m)?;
     Ok(Some(c))
 }
 

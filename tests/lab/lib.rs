@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod apiserver;
 pub mod cluster;
 pub mod cni;
 pub mod containerd;

@@ -17,6 +17,8 @@ pub struct Mesh {
     pub agents: Vec<Agent>,
     /// Each node's workload directory (usually one, shared, as one API server is).
     workloads: Vec<PathBuf>,
+    /// With [`Mesh::start_api`]: the API server the agents watch instead.
+    pub api: Option<crate::apiserver::ApiServer>,
     pub cluster: Cluster,
 }
 
@@ -24,7 +26,7 @@ impl Mesh {
     /// An `n`-node cluster; [`Mesh::start`] runs its agents and proxies.
     pub fn new(n: usize) -> anyhow::Result<Mesh> {
         let cluster = Cluster::new(n, NodeOptions::default())?;
-        Ok(Mesh { proxies: Vec::new(), agents: Vec::new(), workloads: Vec::new(), cluster })
+        Ok(Mesh { proxies: Vec::new(), agents: Vec::new(), workloads: Vec::new(), api: None, cluster })
     }
 
     /// A directory that goes with the lab (node 0's state).
@@ -77,6 +79,25 @@ impl Mesh {
         Ok(())
     }
 
+    /// Every node's agent with `--kubernetes`, watching one lab API server
+    /// (with Istio's CRDs installed if `crds`), and `--node-name` set;
+    /// node `i` is named [`node_name`]`(i)`.
+    pub fn start_api(&mut self, mode: &str, ca: &Path, crds: bool, extra: &[&str]) -> anyhow::Result<()> {
+        let nodes: Vec<&crate::Node> = self.cluster.nodes.iter().collect();
+        let api = crate::apiserver::ApiServer::start(&nodes, crds)?;
+        let c = ca.display().to_string();
+        for (i, node) in self.cluster.nodes.iter().enumerate() {
+            let (kc, name) = (api.kubeconfig(i).display().to_string(), node_name(i));
+            let mut args = vec!["--kubernetes", "--kubeconfig", &kc, "--node-name", &name, "--workload-wait-ms", "5000", "--ca-dir", &c];
+            args.extend_from_slice(extra);
+            let agent = Agent::start_with_proxy(node, mode, &args)?;
+            self.proxies.push(Proxy::start_shared(node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?);
+            self.agents.push(agent);
+        }
+        self.api = Some(api);
+        Ok(())
+    }
+
     /// A pod on node `node`. Meshed: its manifest (with `service_account` and
     /// its addresses, as the API server has them once the pod runs) goes into
     /// every workload directory, and its node's agent enrols it.
@@ -98,6 +119,9 @@ impl Mesh {
         if meshed {
             for dir in &self.workloads {
                 write_manifest_labelled(dir, &pod, service_account, labels)?;
+            }
+            if let Some(api) = &self.api {
+                api.apply(crate::apiserver::pod_object(&pod, service_account, &node_name(node), labels))?;
             }
             self.agents[node].add_pod(&pod, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
@@ -155,6 +179,11 @@ impl Mesh {
     pub fn proxy_log(&self, node: usize) -> String {
         std::fs::read_to_string(&self.proxies[node].log).unwrap_or_default()
     }
+}
+
+/// The name node `i` has in [`Mesh::start_api`]'s cluster.
+pub fn node_name(i: usize) -> String {
+    format!("lab-node-{i}")
 }
 
 pub fn write_manifest(dir: &Path, pod: &Pod, service_account: &str) -> anyhow::Result<()> {

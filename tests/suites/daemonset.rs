@@ -40,9 +40,10 @@ struct Manifest {
 
 fn manifest() -> anyhow::Result<Manifest> {
     let d = docs("daemonset.yaml")?;
-    assert_eq!(d.len(), 5, "Namespace, ServiceAccount, ConfigMap, two DaemonSets");
+    assert_eq!(d.len(), 7, "Namespace, ServiceAccount, ClusterRole and its binding, ConfigMap, two DaemonSets");
     typed::<Namespace>(by_kind(&d, "Namespace"))?;
     typed::<ServiceAccount>(by_kind(&d, "ServiceAccount"))?;
+    typed::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(by_kind(&d, "ClusterRoleBinding"))?;
     let ds = |name: &str| {
         d.iter().find(|x| x["kind"] == "DaemonSet" && x["metadata"]["name"] == name).unwrap_or_else(|| panic!("no DaemonSet {name}"))
     };
@@ -142,6 +143,40 @@ fn the_agent_args_env_and_ports_parse_with_the_agents_own_cli() -> anyhow::Resul
     let pc = ProxyConfig::try_parse_from(argv)?;
     assert_eq!(pc.control.as_ref(), cli.config.proxy_socket.as_ref(), "the proxy dials the socket the agent serves");
     assert_eq!(probe_port(&proxy.readiness_probe), Some((Some("/ready".into()), IntOrString::Int(pc.admin.port() as i32))));
+    Ok(())
+}
+
+/// The agent reads the API (pods, Istio's two policy kinds) and may do
+/// nothing else; only its pod has a token, and it knows its node's name.
+#[test]
+fn the_agent_may_only_read_pods_and_policies_and_the_proxy_not_even_that() -> anyhow::Result<()> {
+    let d = docs("daemonset.yaml")?;
+    let role: k8s_openapi::api::rbac::v1::ClusterRole = typed(by_kind(&d, "ClusterRole"))?;
+    let mut granted: Vec<(String, String, String)> = Vec::new();
+    for r in role.rules.iter().flatten() {
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                granted.extend(r.verbs.iter().map(|v| (g.clone(), res.clone(), v.clone())));
+            }
+        }
+    }
+    granted.sort();
+    let mut want = Vec::new();
+    for (g, res) in [("", "pods"), ("security.istio.io", "authorizationpolicies"), ("security.istio.io", "peerauthentications")] {
+        want.extend(["get", "list", "watch"].map(|v| (g.to_string(), res.to_string(), v.to_string())));
+    }
+    want.sort();
+    assert_eq!(granted, want, "read-only, and only what the watches read");
+    let binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding = typed(by_kind(&d, "ClusterRoleBinding"))?;
+    assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap_or_default());
+    let m = manifest()?;
+    assert_eq!(pod(&m).automount_service_account_token, Some(true), "the agent reads the API");
+    assert_eq!(proxy_pod(&m).automount_service_account_token, Some(false), "the proxy never does");
+    let agent = container(pod(&m), "agent");
+    let cfg = Cli::try_parse_from(agent_argv(&m, agent))?.config;
+    assert!(cfg.kubernetes, "the API is the workload source");
+    let node_name = agent.env.iter().flatten().find(|e| e.name == "PODSTEER_NODE_NAME").and_then(|e| e.value_from.as_ref());
+    assert_eq!(node_name.and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str()), Some("spec.nodeName"));
     Ok(())
 }
 

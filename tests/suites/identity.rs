@@ -69,3 +69,24 @@ fn a_pod_gets_the_identity_its_source_gives_and_waits_for_it_bounded() -> anyhow
     assert_eq!(agent.pods()?, before, "no pod's state changed");
     Ok(())
 }
+
+/// `--kubernetes` with a kubeconfig that cannot be read, or beside
+/// `--workload-dir`: the agent refuses to start, says why, and leaves the
+/// node as it found it (no pins, no state).
+#[test]
+fn a_kubernetes_source_that_cannot_be_configured_refuses_to_start() -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let missing = node.state_dir().join("no-such-kubeconfig");
+    let err = Agent::start_expect_failure(&node, "ebpf", &["--kubernetes", "--kubeconfig", &missing.display().to_string()])?;
+    assert!(err.contains(&format!("reading the kubeconfig {}", missing.display())), "{err}");
+    let garbage = node.state_dir().join("garbage-kubeconfig");
+    std::fs::write(&garbage, "clusters: [")?;
+    let err = Agent::start_expect_failure(&node, "ebpf", &["--kubernetes", "--kubeconfig", &garbage.display().to_string()])?;
+    assert!(err.contains("reading the kubeconfig"), "{err}");
+    let err = Agent::start_expect_failure(&node, "ebpf", &["--kubernetes", "--workload-dir", "/tmp"])?;
+    assert!(err.contains("--workload-dir") && err.contains("--kubernetes"), "{err}");
+    let bpffs = node.state_dir().join("bpffs").join("podsteer");
+    assert!(!bpffs.exists() || std::fs::read_dir(&bpffs)?.next().is_none(), "nothing pinned");
+    assert!(!node.state_dir().join("agent").join("kubernetes").exists(), "no snapshot");
+    Ok(())
+}

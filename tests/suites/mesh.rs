@@ -224,6 +224,15 @@ fn the_receiving_proxy_enforces_authorization_and_recheck_live_connections() -> 
     let allowed = mesh.proxies[1]
         .metric("podsteer_proxy_authz_decisions_total{pod=\"production/payment\",decision=\"allow\",policy=\"production/payment-l4\"}")?;
     assert_eq!(allowed, 2.0);
+    // Each denied connection, by who was refused and by which policy.
+    let denied_from = |source: &str| {
+        mesh.proxies[1].metric(&format!(
+            "podsteer_proxy_authz_denied_total{{pod=\"production/payment\",source_identity=\"{source}\",destination_identity=\"spiffe://cluster.local/ns/production/sa/payment\",policy=\"\"}}"
+        ))
+    };
+    assert_eq!(denied_from("spiffe://cluster.local/ns/production/sa/rogue")?, 2.0);
+    assert_eq!(denied_from("")?, 2.0, "plaintext: no source identity");
+    assert_eq!(denied_from(CLIENT_ID)?, 1.0, "order-service on 9090");
 
     // Two live connections from order-service, one to each family. A policy
     // that denies order-service on IPv6 only closes exactly that one.
@@ -468,5 +477,117 @@ fn podsteer_certs_shows_identities_expiry_and_issuer_never_keys() -> anyhow::Res
     let out = mesh.ctl(0, &["certs"]).output()?;
     assert_eq!(out.status.code(), Some(69));
     assert!(String::from_utf8_lossy(&out.stderr).contains("live only in the running agent's memory"));
+    Ok(())
+}
+
+/// An `AuthorizationPolicy` (or any object) written as YAML, as JSON for the lab's API server.
+fn object(yaml: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_yaml::from_str(yaml)?)
+}
+
+/// `--kubernetes`: the API server is the source of who each pod is, of the
+/// mesh's peers and of the policies. A pod the API places on another node is
+/// not enrolled here; Istio's CRDs missing means no policy (not a closed
+/// door); a policy created, refused as invalid (the last good set stays),
+/// and deleted takes effect through the watch, which survives the server
+/// ending it; with the agent stopped, `explain` works from what the watches
+/// saved, and an agent restarted while the API is down answers from it too.
+#[test]
+fn the_kubernetes_api_gives_identities_peers_and_policies() -> anyhow::Result<()> {
+    let mut mesh = Mesh::new(2)?;
+    let ca_dir = mesh.ca("ca")?;
+    mesh.start_api("ebpf", &ca_dir, false, &[])?;
+    let order = mesh.pod(0, "order", "order-service", true)?;
+    let rogue = mesh.pod(0, "rogue", "rogue", true)?;
+    let payment = mesh.pod_in(1, "production", "payment", "payment", &[("app", "payment")], true)?;
+    let _app = start_server(&payment, None, &["echo", "[::]:8080"])?;
+    mesh.wait_peers(6)?;
+    // Dropped before the mesh: the agents then see the API go away, as in any cluster.
+    let api = mesh.api.take().expect("the API server");
+    let to = addr(payment.ipv4().expect("v4"), 8080);
+
+    // The identity is the API's, and the path HBONE; without Istio's CRDs no policy applies.
+    assert!(run_client(&order, &["request", &to, "64"])?.starts_with("ok"));
+    assert!(run_client(&rogue, &["request", &to, "64"])?.starts_with("ok"), "no policy: allowed");
+    let log = mesh.proxy_log(1);
+    assert!(log.contains(&format!("peer_identity={CLIENT_ID}")), "payment's proxy saw order's identity:\n{log}");
+    let status = mesh.agents[1].status()?;
+    let k = &status["kubernetes"];
+    assert_eq!((k["synced"].as_bool(), k["pods"].as_u64()), (Some(true), Some(3)), "{status}");
+    assert_eq!(k["policies"]["AuthorizationPolicy"]["crd_installed"], false, "{status}");
+    // Installed now: the watches look again within their backoff.
+    api.set_crds(true);
+
+    // A pod the API has on node 1, added on node 0: not this node's to sign.
+    let stray = mesh.cluster.nodes[0].add_pod(PodSpec::new("production", "stray"))?;
+    api.apply(podsteer_lab::apiserver::pod_object(&stray, "payment", &podsteer_lab::mesh::node_name(1), &[]))?;
+    let before = mesh.agents[0].pods()?;
+    let e = mesh.agents[0].add_pod(&stray, &[])?.expect_err("another node's pod");
+    assert!(e.message.contains("is on node lab-node-1 to the workload source, and this is node lab-node-0"), "{e}");
+    assert_eq!(mesh.agents[0].pods()?, before, "nothing enrolled");
+    api.delete("Pod", "production", "stray")?;
+
+    // The CRDs installed and the seed's L4 policy created: rogue is refused, order is not.
+    let updates = |m: &Mesh| m.proxies[1].metric("podsteer_proxy_policy_updates_total");
+    let seen = updates(&mesh)?;
+    api.apply(object(PAYMENT_POLICY)?)?;
+    podsteer_lab::wait::until("payment's proxy to take the API's policy", Duration::from_secs(20), || {
+        (updates(&mesh).ok()? > seen && run_client(&rogue, &["request", &to, "64"]).is_err()).then_some(())
+    })?;
+    assert!(run_client(&order, &["request", &to, "64"])?.starts_with("ok"), "order-service is allowed");
+
+    // An invalid policy is refused by both agents; the last good set stays.
+    let mut bad = object(PAYMENT_POLICY)?;
+    bad["metadata"]["name"] = "typo".into();
+    bad["spec"]["action"] = "PERMIT".into();
+    api.apply(bad)?;
+    for (i, a) in mesh.agents.iter().enumerate() {
+        podsteer_lab::wait::until(&format!("node {i}'s agent to refuse the invalid policy"), Duration::from_secs(10), || {
+            (a.metric("podsteer_agent_policies_refused_total").ok()? >= 1.0).then_some(())
+        })?;
+        let st = a.status()?;
+        assert!(st["policies_refused"].as_str().is_some_and(|r| r.contains("PERMIT")), "{st}");
+    }
+    assert!(run_client(&rogue, &["request", &to, "64"]).is_err(), "still refused");
+    assert!(run_client(&order, &["request", &to, "64"])?.starts_with("ok"), "still allowed");
+
+    // With node 1's agent stopped, explain reads what its watches saved.
+    mesh.agents[1].kill();
+    let e = mesh.explain(1, &rogue.ipv4().expect("v4").to_string(), &to)?;
+    let a = &e["authorization"];
+    assert_eq!((a["decision"].as_str(), a["decided_by"].as_str()), (Some("deny"), Some("default")), "{e}");
+    assert_eq!(a["destination_identity"], "spiffe://cluster.local/ns/production/sa/payment", "{e}");
+    mesh.agents[1].restart()?;
+
+    // Every watch open now is ended by the server (as the API server ends
+    // them) and re-opened; the deletions after that still arrive.
+    let opened = api.watches();
+    podsteer_lab::wait::until("the server to end every open watch", Duration::from_secs(10), || {
+        (api.watches_ended() >= opened).then_some(())
+    })?;
+    api.delete("AuthorizationPolicy", "production", "typo")?;
+    api.delete("AuthorizationPolicy", "production", "payment-l4")?;
+    podsteer_lab::wait::until("rogue to be allowed once the policy is deleted", Duration::from_secs(10), || {
+        run_client(&rogue, &["request", &to, "64"]).ok().filter(|o| o.starts_with("ok"))
+    })?;
+    assert_eq!(api.unauthorized(), 0, "every request carried the kubeconfig's token");
+
+    // A pod deleted from the API leaves the peers of every node.
+    api.delete("Pod", "production", "rogue")?;
+    mesh.wait_peers(4)?;
+
+    // The API down: a restarted agent answers from its snapshot (saved
+    // within a second of a change), and the peers it hands the proxy are
+    // still the mesh's.
+    podsteer_lab::wait::until("node 0's snapshot to catch up", Duration::from_secs(5), || {
+        (mesh.agents[0].status().ok()?["kubernetes"]["saved"] == true).then_some(())
+    })?;
+    mesh.agents[0].kill();
+    drop(api);
+    mesh.agents[0].restart()?;
+    let st = mesh.agents[0].status()?;
+    assert_eq!((st["kubernetes"]["synced"].as_bool(), st["kubernetes"]["from_snapshot"].as_bool()), (Some(false), Some(true)), "{st}");
+    mesh.wait_peers(4)?;
+    assert!(run_client(&order, &["request", &to, "64"])?.starts_with("ok"), "HBONE from the snapshot's peers");
     Ok(())
 }

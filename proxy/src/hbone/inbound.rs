@@ -178,7 +178,7 @@ async fn serve_stream(
             dest_ip: t.ip().to_canonical(),
             dest_port: t.port(),
         };
-        let verdict = pod.policy.check(&pod.hbone.policies, &c, &pod.label, &m);
+        let verdict = pod.policy.check(&pod.hbone.policies, &c, &pod.label, pod.tls.as_ref().map(|t| &t.id), &m);
         (c, verdict)
     });
     let (outcome, up, down) = match (target, judged) {
