@@ -81,4 +81,8 @@ impl WorkloadSource for ApiSource {
     fn lookup(&self, uid: &str) -> Result<Option<Workload>, SourceError> {
         self.pods.lookup(uid)
     }
+
+    fn generation(&self) -> Option<u64> {
+        Some(self.pods.generation())
+    }
 }

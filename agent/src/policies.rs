@@ -119,7 +119,7 @@ impl PolicyFiles {
     pub fn message(&self) -> std::io::Result<(bool, Option<OwnedFd>)> {
         match &self.good {
             None => Ok((true, None)),
-            Some((text, _)) => Ok((false, Some(sealed(text)?))),
+            Some((text, _)) => Ok((false, Some(podsteer_proto::control::sealed_memfd("podsteer-policies", text.as_bytes())?))),
         }
     }
 }
@@ -133,16 +133,4 @@ fn stamps(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect();
     v.sort();
     v
-}
-
-/// A memfd holding `text`, sealed so the proxy reads exactly what was validated.
-fn sealed(text: &str) -> std::io::Result<OwnedFd> {
-    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-    use nix::sys::memfd::{MFdFlags, memfd_create};
-    let fd = memfd_create("podsteer-policies", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
-    let mut f = std::fs::File::from(fd);
-    std::io::Write::write_all(&mut f, text.as_bytes())?;
-    let fd = OwnedFd::from(f);
-    fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL))?;
-    Ok(fd)
 }

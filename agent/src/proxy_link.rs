@@ -69,8 +69,18 @@ impl ProxyConn {
     }
 
     /// The node's mesh view (see [`ToProxy::Mesh`]).
+    /// In the message itself while it fits (what every proxy understands),
+    /// in a sealed memfd beyond that.
     pub fn set_mesh(&self, view: &wire::MeshView) -> Result<(), LinkError> {
-        self.ask(&ToProxy::Mesh(view.clone()), "")
+        let msg = ToProxy::Mesh(view.clone());
+        let json = serde_json::to_vec(view).map_err(|e| LinkError::Wire(wire::WireError::Decode(e.to_string())))?;
+        // Room for the envelope around the view.
+        if json.len() + 64 <= wire::MAX_MESSAGE {
+            return self.ask(&msg, "");
+        }
+        let fd = wire::sealed_memfd("podsteer-mesh", &json).map_err(|e| LinkError::Wire(e.into()))?;
+        wire::send(self.fd.as_fd(), &ToProxy::MeshInMemfd, &[fd.as_fd()])?;
+        self.answer("")
     }
 
     /// The node's policies, in the memfd `text` (none when `closed`).

@@ -241,10 +241,18 @@ const PEER_POLL: Duration = Duration::from_millis(500);
 /// Lists the source's pods and tells the manager when the peers changed,
 /// until the manager is gone. A failed listing keeps the last peers.
 fn watch_peers(source: &dyn crate::workloads::WorkloadSource, config: &crate::config::AgentConfig, tx: &SyncSender<Event>) {
-    let mut last = None;
+    let (mut last, mut seen) = (None, None);
     loop {
+        // A source that says nothing changed is not listed again (a cluster's
+        // pods, cloned every half second, would be most of the agent's work).
+        let generation = source.generation();
+        if generation.is_some() && generation == seen {
+            std::thread::sleep(PEER_POLL);
+            continue;
+        }
         match source.list() {
             Ok(pods) => {
+                seen = generation;
                 let peers = crate::mesh::peers(&pods, config);
                 if last.as_ref() != Some(&peers) {
                     last = Some(peers.clone());

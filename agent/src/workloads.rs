@@ -86,6 +86,12 @@ pub trait WorkloadSource: Send + Sync {
     fn lookup(&self, uid: &str) -> Result<Option<Workload>, SourceError> {
         Ok(self.list()?.into_iter().find(|w| w.uid == uid))
     }
+
+    /// A number that changes whenever [`WorkloadSource::list`] may: a caller
+    /// that saw it before may skip listing. None: always list (files).
+    fn generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// `*.yaml`, `*.yml` and `*.json` files, each one Pod or a `List` of them

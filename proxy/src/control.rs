@@ -80,19 +80,16 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
                 wire::send(conn.as_fd(), &FromProxy::Ack { uid, listeners: vec![] }, &[])?;
             }
             ToProxy::Mesh(view) => {
-                // Answered under the empty uid: the view is the node's, not a pod's.
-                let reply = match state.with_pods(|p| p.hbone().mesh.set(&view)) {
-                    Ok(peers) => {
-                        state.metrics.mesh_peers.set(peers as i64);
-                        state.metrics.trust_roots.set(view.bundle.len() as i64);
-                        info!(peers, trust_domain = %view.trust_domain, roots = view.bundle.len(), "mesh view");
-                        FromProxy::Ack { uid: String::new(), listeners: vec![] }
-                    }
-                    Err(error) => {
-                        warn!(%error, "mesh view refused; the last one stays");
-                        FromProxy::Nack { uid: String::new(), error }
-                    }
+                let reply = take_view(state, Ok(view));
+                wire::send(conn.as_fd(), &reply, &[])?;
+            }
+            ToProxy::MeshInMemfd => {
+                let view = match fds.pop().map(wire::read_memfd) {
+                    Some(Ok(b)) => wire::decode::<wire::MeshView>(&b).map_err(|e| format!("the mesh view in the memfd: {e}")),
+                    Some(Err(e)) => Err(format!("reading the mesh memfd: {e}")),
+                    None => Err("MeshInMemfd carries no memfd".into()),
                 };
+                let reply = take_view(state, view);
                 wire::send(conn.as_fd(), &reply, &[])?;
             }
             ToProxy::Renew { uid, cert } => {
@@ -156,12 +153,24 @@ fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd, kept: Vec<OwnedFd
     state.with_pods(|p| p.add(req, netns)).map_err(|e| format!("{e}: {}", e.source))
 }
 
+/// Takes a mesh view (or says why it cannot); answered under the empty uid:
+/// the view is the node's, not a pod's. A refused view leaves the last one.
+fn take_view(state: &State, view: Result<wire::MeshView, String>) -> FromProxy {
+    match view.and_then(|v| state.with_pods(|p| p.hbone().mesh.set(&v)).map(|peers| (peers, v))) {
+        Ok((peers, view)) => {
+            state.metrics.mesh_peers.set(peers as i64);
+            state.metrics.trust_roots.set(view.bundle.len() as i64);
+            info!(peers, trust_domain = %view.trust_domain, roots = view.bundle.len(), "mesh view");
+            FromProxy::Ack { uid: String::new(), listeners: vec![] }
+        }
+        Err(error) => {
+            warn!(%error, "mesh view refused; the last one stays");
+            FromProxy::Nack { uid: String::new(), error }
+        }
+    }
+}
+
 /// The whole text of a memfd the agent wrote and sealed.
 fn read_memfd(fd: OwnedFd) -> std::io::Result<String> {
-    use std::io::{Read as _, Seek as _};
-    let mut f = std::fs::File::from(fd);
-    f.rewind()?;
-    let mut text = String::new();
-    f.read_to_string(&mut text)?;
-    Ok(text)
+    String::from_utf8(wire::read_memfd(fd)?).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

@@ -270,6 +270,17 @@ fn the_receiving_proxy_enforces_authorization_and_recheck_live_connections() -> 
     let deny_v6 = format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-v6\n  namespace: production\nspec:\n  action: DENY\n  rules:\n  - when:\n    - key: destination.ip\n      values: [\"{v6}\"]\n"
     );
+    // Under load: order-service keeps opening IPv4 connections, which the
+    // new policy still allows, all through the change.
+    let allowed_by_policy = || {
+        mesh.proxies[1]
+            .metric("podsteer_proxy_authz_decisions_total{pod=\"production/payment\",decision=\"allow\",policy=\"production/payment-l4\"}")
+    };
+    let before = allowed_by_policy()?;
+    let running = load(&order, addr(v4, 8080), 3000)?;
+    podsteer_lab::wait::until("the load to be under way", Duration::from_secs(5), || {
+        (allowed_by_policy().ok()? >= before + 10.0).then_some(())
+    })?;
     put_policy(&policies, "no-v6.yaml", &deny_v6)?;
     let changed = std::time::Instant::now();
     // The chat client learns its connection ended on its next exchange.
@@ -285,7 +296,10 @@ fn the_receiving_proxy_enforces_authorization_and_recheck_live_connections() -> 
     assert_eq!(say(&mut in4, &mut out4, "two")?, "two\n", "the IPv4 connection is untouched");
     drop(in4);
     let _ = p4.wait_exit(Duration::from_secs(5));
-    assert_eq!(mesh.proxies[1].metric("podsteer_proxy_authz_closed_live_total")?, 1.0);
+    let line = running.join().map_err(|_| anyhow::anyhow!("load panicked"))??;
+    let (n, failures) = load_result(&line);
+    assert!(n > 50 && failures == 0, "the allowed load went on untouched through the change: {line}");
+    assert_eq!(mesh.proxies[1].metric("podsteer_proxy_authz_closed_live_total")?, 1.0, "only the IPv6 connection was closed");
     Ok(())
 }
 
@@ -480,6 +494,19 @@ fn podsteer_certs_shows_identities_expiry_and_issuer_never_keys() -> anyhow::Res
     Ok(())
 }
 
+/// Two nodes whose agents watch a lab API server (Istio's CRDs not
+/// installed), order-service on node 0, payment (`app: payment`) on node 1
+/// with an echo server on 8080.
+fn api_mesh() -> anyhow::Result<(Mesh, podsteer_lab::Pod, podsteer_lab::Pod, podsteer_lab::process::LabProcess)> {
+    let mut mesh = Mesh::new(2)?;
+    let ca_dir = mesh.ca("ca")?;
+    mesh.start_api("ebpf", &ca_dir, false, &[])?;
+    let order = mesh.pod(0, "order", "order-service", true)?;
+    let payment = mesh.pod_in(1, "production", "payment", "payment", &[("app", "payment")], true)?;
+    let app = start_server(&payment, None, &["echo", "[::]:8080"])?;
+    Ok((mesh, order, payment, app))
+}
+
 /// An `AuthorizationPolicy` (or any object) written as YAML, as JSON for the lab's API server.
 fn object(yaml: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_yaml::from_str(yaml)?)
@@ -494,13 +521,8 @@ fn object(yaml: &str) -> anyhow::Result<serde_json::Value> {
 /// saved, and an agent restarted while the API is down answers from it too.
 #[test]
 fn the_kubernetes_api_gives_identities_peers_and_policies() -> anyhow::Result<()> {
-    let mut mesh = Mesh::new(2)?;
-    let ca_dir = mesh.ca("ca")?;
-    mesh.start_api("ebpf", &ca_dir, false, &[])?;
-    let order = mesh.pod(0, "order", "order-service", true)?;
+    let (mut mesh, order, payment, _app) = api_mesh()?;
     let rogue = mesh.pod(0, "rogue", "rogue", true)?;
-    let payment = mesh.pod_in(1, "production", "payment", "payment", &[("app", "payment")], true)?;
-    let _app = start_server(&payment, None, &["echo", "[::]:8080"])?;
     mesh.wait_peers(6)?;
     // Dropped before the mesh: the agents then see the API go away, as in any cluster.
     let api = mesh.api.take().expect("the API server");
@@ -509,8 +531,9 @@ fn the_kubernetes_api_gives_identities_peers_and_policies() -> anyhow::Result<()
     // The identity is the API's, and the path HBONE; without Istio's CRDs no policy applies.
     assert!(run_client(&order, &["request", &to, "64"])?.starts_with("ok"));
     assert!(run_client(&rogue, &["request", &to, "64"])?.starts_with("ok"), "no policy: allowed");
-    let log = mesh.proxy_log(1);
-    assert!(log.contains(&format!("peer_identity={CLIENT_ID}")), "payment's proxy saw order's identity:\n{log}");
+    podsteer_lab::wait::until("payment's proxy to log order's identity", Duration::from_secs(5), || {
+        mesh.proxy_log(1).contains(&format!("peer_identity={CLIENT_ID}")).then_some(())
+    })?;
     let status = mesh.agents[1].status()?;
     let k = &status["kubernetes"];
     assert_eq!((k["synced"].as_bool(), k["pods"].as_u64()), (Some(true), Some(3)), "{status}");
@@ -589,5 +612,31 @@ fn the_kubernetes_api_gives_identities_peers_and_policies() -> anyhow::Result<()
     assert_eq!((st["kubernetes"]["synced"].as_bool(), st["kubernetes"]["from_snapshot"].as_bool()), (Some(false), Some(true)), "{st}");
     mesh.wait_peers(4)?;
     assert!(run_client(&order, &["request", &to, "64"])?.starts_with("ok"), "HBONE from the snapshot's peers");
+    Ok(())
+}
+
+/// A mesh larger than one control message (2,000 pod addresses elsewhere in
+/// the cluster, about 150 KiB of view): every proxy still gets the whole
+/// view, and HBONE between this node's pods goes on.
+#[test]
+fn a_mesh_view_larger_than_a_control_message_reaches_every_proxy() -> anyhow::Result<()> {
+    let (mesh, order, payment, _app) = api_mesh()?;
+    let api = mesh.api.as_ref().expect("the API server");
+    for i in 0..2000u32 {
+        let (name, ip) = (format!("elsewhere-{i}"), format!("10.99.{}.{}", i / 250, 1 + i % 250));
+        api.apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": "production", "uid": format!("elsewhere-uid-{i}") },
+            "spec": { "serviceAccountName": format!("account-{}", i % 50), "nodeName": "lab-node-far", "containers": [] },
+            "status": { "phase": "Running", "podIPs": [{ "ip": ip }] },
+        }))?;
+    }
+    mesh.wait_peers(2004)?;
+    assert!(mesh.proxy_log(0).contains("mesh view peers=2004"), "{}", mesh.proxy_log(0));
+    assert!(run_client(&order, &["request", &addr(payment.ipv4().expect("v4"), 8080), "64"])?.starts_with("ok"));
+    // The server's proxy logs the stream when it ends, just after the client's reply.
+    podsteer_lab::wait::until("payment's proxy to log order's HBONE stream", Duration::from_secs(5), || {
+        mesh.proxy_log(1).contains(&format!("peer_identity={CLIENT_ID}")).then_some(())
+    })?;
     Ok(())
 }

@@ -26,6 +26,10 @@ pub enum ToProxy {
     /// The mesh as this node sees it: the trust bundle, and which identity
     /// each meshed pod address in the cluster must present. Replaces the last.
     Mesh(MeshView),
+    /// [`ToProxy::Mesh`] for a view too large for one message (a mesh of
+    /// more than about 800 pod addresses): the view as JSON in a sealed memfd
+    /// sent with the message.
+    MeshInMemfd,
     /// A meshed pod's renewed certificate; connections made before keep the old one.
     Renew { uid: String, cert: WorkloadCert },
     /// The node's security policy (`AuthorizationPolicy`, `PeerAuthentication`)
@@ -169,6 +173,28 @@ impl From<nix::Error> for WireError {
     fn from(e: nix::Error) -> Self {
         WireError::Io(e.into())
     }
+}
+
+/// A memfd holding `bytes`, sealed so the receiver reads exactly what was sent.
+pub fn sealed_memfd(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+    let mut f = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut f, bytes)?;
+    let fd = OwnedFd::from(f);
+    fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL))?;
+    Ok(fd)
+}
+
+/// What a memfd from [`sealed_memfd`] holds.
+pub fn read_memfd(fd: OwnedFd) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read as _, Seek as _};
+    let mut f = std::fs::File::from(fd);
+    f.rewind()?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Sends one record with optional fds.

@@ -31,6 +31,15 @@ struct State {
     error: Option<String>,
     /// Changed since last saved.
     dirty: bool,
+    /// Bumped on every change to what `list` returns.
+    generation: u64,
+}
+
+impl State {
+    fn changed(&mut self) {
+        self.dirty = true;
+        self.generation += 1;
+    }
 }
 
 pub struct PodStore {
@@ -77,6 +86,10 @@ impl PodStore {
         }
     }
 
+    pub fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let s = self.read();
         json!({ "synced": s.synced, "from_snapshot": s.from_snapshot, "pods": s.pods.len(), "saved": !s.dirty, "error": s.error })
@@ -87,6 +100,7 @@ impl PodStore {
         info!(pods = pods.len(), "the Kubernetes API listed every pod");
         s.pods = pods;
         (s.synced, s.from_snapshot, s.error, s.dirty) = (true, false, None, true);
+        s.generation += 1;
     }
 
     fn apply(&self, pod: &Pod) {
@@ -95,17 +109,23 @@ impl PodStore {
             Some(w) => {
                 if s.pods.get(&w.uid) != Some(&w) {
                     s.pods.insert(w.uid.clone(), w);
-                    s.dirty = true;
+                    s.changed();
                 }
             }
             // Finished: its addresses are no longer its own.
-            None => s.dirty |= pod.metadata.uid.as_ref().is_some_and(|u| s.pods.remove(u).is_some()),
+            None => {
+                if pod.metadata.uid.as_ref().is_some_and(|u| s.pods.remove(u).is_some()) {
+                    s.changed();
+                }
+            }
         }
     }
 
     fn delete(&self, pod: &Pod) {
         let mut s = self.write();
-        s.dirty |= pod.metadata.uid.as_ref().is_some_and(|u| s.pods.remove(u).is_some());
+        if pod.metadata.uid.as_ref().is_some_and(|u| s.pods.remove(u).is_some()) {
+            s.changed();
+        }
     }
 
     fn failed(&self, error: String) {
