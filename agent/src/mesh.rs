@@ -241,6 +241,9 @@ pub fn peers(pods: &[crate::workloads::Workload], cfg: &crate::config::AgentConf
 pub struct Saved {
     pub workload_dir: Option<std::path::PathBuf>,
     pub policy_dir: Option<std::path::PathBuf>,
+    /// The workload source is the Kubernetes API (the directories above are then its snapshots).
+    #[serde(default)]
+    pub kubernetes: bool,
     /// HBONE between meshed pods (`--ca-dir` was given).
     pub hbone: bool,
     pub trust_domain: String,
@@ -255,6 +258,7 @@ impl Saved {
             // From the API: what its watches last held, saved in the state directory.
             workload_dir: c.workload_dir.clone().or_else(|| c.kubernetes.then(|| crate::apiserver::pods_dir(&c.state_dir))),
             policy_dir: c.policy_dir.clone().or_else(|| c.kubernetes.then(|| crate::apiserver::policies_dir(&c.state_dir))),
+            kubernetes: c.kubernetes,
             hbone: c.ca_dir.is_some(),
             trust_domain: c.trust_domain.clone(),
             root_namespace: c.root_namespace.clone(),

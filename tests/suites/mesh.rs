@@ -538,6 +538,13 @@ fn the_kubernetes_api_gives_identities_peers_and_policies() -> anyhow::Result<()
     let k = &status["kubernetes"];
     assert_eq!((k["synced"].as_bool(), k["pods"].as_u64()), (Some(true), Some(3)), "{status}");
     assert_eq!(k["policies"]["AuthorizationPolicy"]["crd_installed"], false, "{status}");
+    let out = mesh.ctl(1, &["status"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.contains("workloads")
+            && l.contains("kubernetes: 3 pods listed; AuthorizationPolicy (no CRD), PeerAuthentication (no CRD)")),
+        "{text}"
+    );
     // Installed now: the watches look again within their backoff.
     api.set_crds(true);
 
@@ -570,6 +577,9 @@ fn the_kubernetes_api_gives_identities_peers_and_policies() -> anyhow::Result<()
         })?;
         let st = a.status()?;
         assert!(st["policies_refused"].as_str().is_some_and(|r| r.contains("PERMIT")), "{st}");
+        let out = mesh.ctl(i, &["status"]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.lines().any(|l| l.contains("REFUSED, the last good set is in force") && l.contains("PERMIT")), "{text}");
     }
     assert!(run_client(&rogue, &["request", &to, "64"]).is_err(), "still refused");
     assert!(run_client(&order, &["request", &to, "64"])?.starts_with("ok"), "still allowed");

@@ -23,6 +23,12 @@ pub struct Status {
     pub proxy: Health,
     pub pods: usize,
     pub cni: CniEntry,
+    /// Where identities and peers come from: `kubernetes`, `files DIR`, or none.
+    pub workloads: Option<String>,
+    /// With `--kubernetes`, what the API's watches say (live agent only).
+    pub kubernetes: Option<Value>,
+    /// Why the newest security policies are refused, while they are.
+    pub policies_refused: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +104,13 @@ pub fn status(paths: &Paths) -> Result<Status, CtlError> {
             installed: types.contains(&podsteer_proto::cni::PLUGIN_TYPE),
             last: types.last() == Some(&podsteer_proto::cni::PLUGIN_TYPE),
         },
+        workloads: match (saved["mesh"]["kubernetes"].as_bool(), saved["mesh"]["workload_dir"].as_str()) {
+            (Some(true), _) => Some("kubernetes".into()),
+            (_, Some(dir)) => Some(format!("files {dir}")),
+            _ => None,
+        },
+        kubernetes: live.as_ref().ok().map(|v| v["kubernetes"].clone()).filter(|k| !k.is_null()),
+        policies_refused: live.as_ref().ok().and_then(|v| v["policies_refused"].as_str().map(str::to_owned)),
     })
 }
 
@@ -124,6 +137,10 @@ pub fn render_status(s: &Status) -> String {
         vec!["proxy".into(), format!("{} ({})", if s.proxy.up { "ok" } else { "NOT OK" }, s.proxy.detail)],
         vec!["pods".into(), s.pods.to_string()],
     ];
+    rows.push(vec!["workloads".into(), workloads_row(s)]);
+    if let Some(why) = &s.policies_refused {
+        rows.push(vec!["policies".into(), format!("REFUSED, the last good set is in force: {why}")]);
+    }
     rows.push(vec![
         "cni entry".into(),
         format!(
@@ -134,6 +151,33 @@ pub fn render_status(s: &Status) -> String {
         ),
     ]);
     table(&["", ""], &rows).lines().skip(1).collect::<Vec<_>>().join("\n") + "\n"
+}
+
+/// `kubernetes: 3 pods listed; AuthorizationPolicy 1, PeerAuthentication (no CRD)`.
+fn workloads_row(s: &Status) -> String {
+    let Some(source) = &s.workloads else { return "none (pods get no identity)".into() };
+    let Some(k) = &s.kubernetes else { return source.clone() };
+    let pods = match (k["synced"].as_bool(), k["from_snapshot"].as_bool()) {
+        (Some(true), _) => format!("{} pods listed", k["pods"]),
+        (_, Some(true)) => format!("{} pods from the last run's snapshot, not listed yet", k["pods"]),
+        _ => "not listed yet".into(),
+    };
+    let mut out = format!("{source}: {pods}");
+    if let Some(kinds) = k["policies"].as_object() {
+        let each: Vec<String> = kinds
+            .iter()
+            .map(|(kind, v)| match (v["crd_installed"].as_bool(), v["synced"].as_bool()) {
+                (Some(false), _) => format!("{kind} (no CRD)"),
+                (_, Some(true)) => format!("{kind} {}", v["objects"]),
+                _ => format!("{kind} not listed yet"),
+            })
+            .collect();
+        out.push_str(&format!("; {}", each.join(", ")));
+    }
+    if let Some(e) = k["error"].as_str() {
+        out.push_str(&format!("; last error: {e}"));
+    }
+    out
 }
 
 #[derive(Debug, Serialize)]
