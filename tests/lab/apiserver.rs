@@ -38,6 +38,9 @@ struct Store {
     /// (rv, collection, type, object), every change ever.
     events: Vec<(u64, usize, &'static str, Value)>,
     crds: bool,
+    /// A watch from before this resourceVersion is answered 410 Gone (its
+    /// history was compacted away), and must list again.
+    compacted: u64,
 }
 
 struct Shared {
@@ -133,6 +136,20 @@ impl ApiServer {
     /// Installs (or removes) Istio's CRDs: until then their paths answer 404.
     pub fn set_crds(&self, installed: bool) {
         self.shared.store.lock().unwrap_or_else(|e| e.into_inner()).crds = installed;
+    }
+
+    /// Deletes `kind` `namespace/name` and compacts the history past it, as
+    /// etcd does: every open watch ends, no watch sees the deletion, and a
+    /// watch resumed from before it is answered 410 Gone. Only a client that
+    /// lists again learns the object is gone.
+    pub fn delete_unseen(&self, kind: &str, namespace: &str, name: &str) -> anyhow::Result<bool> {
+        let c = collection_of(kind)?;
+        let mut s = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = s.objects.remove(&(c, format!("{namespace}/{name}"))).is_some();
+        s.rv += 1;
+        s.compacted = s.rv;
+        self.shared.changed.notify_all();
+        Ok(gone)
     }
 
     /// How many watches clients have opened so far.
@@ -268,7 +285,14 @@ fn watch(w: &mut TcpStream, shared: &Shared, c: usize, mut since: u64) -> anyhow
     w.flush()?;
     let end = Instant::now() + WATCH_LIFETIME;
     let mut s = shared.store.lock().unwrap_or_else(|e| e.into_inner());
-    while Instant::now() < end && !shared.stop.load(Ordering::Relaxed) {
+    if since < s.compacted {
+        drop(s);
+        let gone = format!("{}\n", json!({ "type": "ERROR", "object": status(410, "Expired", "too old resource version") }));
+        write!(w, "{:x}\r\n{gone}\r\n0\r\n\r\n", gone.len())?;
+        return Ok(());
+    }
+    let compacted = s.compacted;
+    while Instant::now() < end && !shared.stop.load(Ordering::Relaxed) && s.compacted == compacted {
         let fresh: Vec<String> = s
             .events
             .iter()
