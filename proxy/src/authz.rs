@@ -14,7 +14,7 @@ use podsteer_authz::eval::{Conn, Decision, PolicySet, Verdict, Workload};
 use podsteer_authz::peer_auth::{self, Resolved};
 use podsteer_authz::source::Bundle;
 
-use crate::metrics::Metrics;
+use crate::metrics::{AuthzSeries, Metrics};
 use podsteer_identity::spiffe::SpiffeId;
 
 /// The node's policy, as the agent last sent it.
@@ -153,17 +153,17 @@ impl PodPolicy {
                 destination_identity: identity.map(|s| s.to_string()).unwrap_or_default(),
                 policy: policy.clone(),
             };
-            m.authz_denied.get_or_create(&labels).inc();
+            m.count_authz(AuthzSeries::Denied(labels));
         }
-        m.authz.get_or_create(&crate::metrics::AuthzLabels { pod: pod.into(), decision, policy }).inc();
+        m.count_authz(AuthzSeries::Decision(crate::metrics::AuthzLabels { pod: pod.into(), decision, policy }));
         if let Ok(Some(v)) = &r {
             for a in &v.audited {
-                m.authz_audit.get_or_create(&crate::metrics::AuditLabels { pod: pod.into(), policy: a.policy.clone() }).inc();
+                m.count_authz(AuthzSeries::Audit(crate::metrics::AuditLabels { pod: pod.into(), policy: a.policy.clone() }));
             }
             if let Some(dry) = &v.dry_run {
                 let policy = dry.decided_by.as_ref().map(|d| d.policy.clone()).unwrap_or_default();
                 let decision = if dry.decision == Decision::Allow { "allow" } else { "deny" };
-                m.authz_dry_run.get_or_create(&crate::metrics::AuthzLabels { pod: pod.into(), decision, policy }).inc();
+                m.count_authz(AuthzSeries::DryRun(crate::metrics::AuthzLabels { pod: pod.into(), decision, policy }));
             }
         }
         r

@@ -236,7 +236,20 @@ pub struct Metrics {
     /// Time spent judging inbound connections, and how many: the cost per connection.
     pub authz_eval_ns: Counter,
     pub authz_evaluations: Counter,
+    /// Each pod's authorization series, so [`Metrics::forget_pod`] can drop
+    /// them (their labels hold policies and peers no pod record lists).
+    authz_series: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<AuthzSeries>>>,
     pub registry: Registry,
+}
+
+/// One authorization series of a pod: a decision, a dry-run outcome, an
+/// AUDIT match, a denial.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum AuthzSeries {
+    Decision(AuthzLabels),
+    DryRun(AuthzLabels),
+    Audit(AuditLabels),
+    Denied(DeniedLabels),
 }
 
 impl Metrics {
@@ -271,6 +284,7 @@ impl Metrics {
             policy_updates: Counter::default(),
             authz_eval_ns: Counter::default(),
             authz_evaluations: Counter::default(),
+            authz_series: Default::default(),
             registry: Registry::default(),
         };
         registry.register("connections_opened", "Connections accepted", m.opened.clone());
@@ -336,8 +350,37 @@ impl Metrics {
         for kind in ConnectError::ALL {
             self.connect_errors.remove(&ConnectErrorLabels { pod: pod.into(), kind });
         }
+        let authz = self.authz_series.lock().unwrap_or_else(|e| e.into_inner()).remove(pod);
+        for series in authz.into_iter().flatten() {
+            match series {
+                AuthzSeries::Decision(l) => self.authz.remove(&l),
+                AuthzSeries::DryRun(l) => self.authz_dry_run.remove(&l),
+                AuthzSeries::Audit(l) => self.authz_audit.remove(&l),
+                AuthzSeries::Denied(l) => self.authz_denied.remove(&l),
+            };
+        }
         self.buffered.remove(&PodLabels { pod: pod.into() });
         self.reads_held_back.remove(&PodLabels { pod: pod.into() });
+    }
+
+    /// Counts one authorization outcome (and remembers its series for [`Metrics::forget_pod`]).
+    pub fn count_authz(&self, series: AuthzSeries) {
+        let (pod, new) = match &series {
+            AuthzSeries::Decision(l) => (&l.pod, self.authz.get(l).is_none()),
+            AuthzSeries::DryRun(l) => (&l.pod, self.authz_dry_run.get(l).is_none()),
+            AuthzSeries::Audit(l) => (&l.pod, self.authz_audit.get(l).is_none()),
+            AuthzSeries::Denied(l) => (&l.pod, self.authz_denied.get(l).is_none()),
+        };
+        // Only a new series takes the lock: the common case is one read of the family.
+        if new {
+            self.authz_series.lock().unwrap_or_else(|e| e.into_inner()).entry(pod.clone()).or_default().insert(series.clone());
+        }
+        match &series {
+            AuthzSeries::Decision(l) => self.authz.get_or_create(l).inc(),
+            AuthzSeries::DryRun(l) => self.authz_dry_run.get_or_create(l).inc(),
+            AuthzSeries::Audit(l) => self.authz_audit.get_or_create(l).inc(),
+            AuthzSeries::Denied(l) => self.authz_denied.get_or_create(l).inc(),
+        };
     }
 
     /// Counts a connection live from its accept, so a stop cannot exit under

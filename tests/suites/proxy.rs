@@ -529,15 +529,24 @@ fn a_removed_pods_metric_series_are_dropped(mode: &str) -> anyhow::Result<()> {
     let out = run_client(&m.a, &["request", &m.b(8080), "100"])?;
     assert!(out.starts_with("ok 100"), "{out}");
     let lines_before = m.proxy.get("/metrics")?.lines().count();
-    let mut pods = Vec::new();
+    let (mut pods, mut servers) = (Vec::new(), Vec::new());
     for i in 0..PODS {
         let p = m.node.add_pod(PodSpec::new("default", &format!("churn-{i}")))?;
         m.agent.add_pod(&p, &[])?.map_err(|e| anyhow::anyhow!("{e}"))?;
         let out = run_client(&p, &["request", &m.b(8080), "100"])?;
         assert!(out.starts_with("ok 100"), "{out}");
+        // Some take inbound too, which each connection's authorization counts.
+        if i % 10 == 0 {
+            servers.push(start_server(&p, None, &["echo", "[::]:8080"])?);
+            let out = run_client(&m.a, &["request", &addr(p.ipv4().expect("v4"), 8080), "100"])?;
+            assert!(out.starts_with("ok 100"), "{out}");
+        }
         pods.push(p);
     }
-    assert!(series_for(&m, "churn-")?.len() >= PODS * 3, "every pod has series while it lives");
+    let series = series_for(&m, "churn-")?;
+    assert!(series.len() >= PODS * 3, "every pod has series while it lives");
+    assert!(series.iter().any(|l| l.starts_with("podsteer_proxy_authz_decisions_total")), "inbound was judged: {series:?}");
+    drop(servers);
     for p in pods {
         m.agent.call(&podsteer_agent::api::Request::Del { uid: p.uid().into() })?.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
