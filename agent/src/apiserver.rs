@@ -10,7 +10,7 @@
 //! the agent stopped) until the API has listed everything again.
 
 mod client;
-pub(crate) mod pods;
+mod pods;
 mod policies;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::ApiError;
-pub use pods::write_atomic;
 pub use policies::PolicyText;
 
 use crate::workloads::{SourceError, Workload, WorkloadSource};
@@ -36,6 +35,13 @@ pub fn pods_dir(state_dir: &Path) -> PathBuf {
 /// The policies' snapshot directory: the last good set, as the files source reads it.
 pub fn policies_dir(state_dir: &Path) -> PathBuf {
     snapshot_dir(state_dir).join("policies")
+}
+
+/// Writes `dir/name` whole (a reader, or the next run after a crash, sees the
+/// old file or the new one).
+pub fn save_snapshot(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    crate::sys::replace_file(&dir.join(name), bytes, 0o600)
 }
 
 /// A handle on the watches; cheap to clone.
@@ -58,9 +64,11 @@ impl ApiSource {
         Ok(source)
     }
 
-    /// The policies' text when the API has listed both kinds (None before, or without the policy watch).
-    pub fn policy_text(&self) -> Option<PolicyText> {
-        self.policies.as_ref()?.text()
+    /// The policies' text when the API has listed both kinds and it may
+    /// have changed since generation `seen` (None before, unchanged, or
+    /// without the policy watch).
+    pub fn policy_text_since(&self, seen: Option<u64>) -> Option<PolicyText> {
+        self.policies.as_ref()?.text_since(seen)
     }
 
     /// What `podsteer status` shows of the API.

@@ -73,10 +73,7 @@ impl PolicyFiles {
                 source::read_dir(dir).map_err(|e| podsteer_proto::error_chain(&e))
             }
             Feed::Api { source, seen, .. } => {
-                let Some(t) = source.policy_text() else { return false };
-                if *seen == Some(t.generation) {
-                    return false;
-                }
+                let Some(t) = source.policy_text_since(*seen) else { return false };
                 *seen = Some(t.generation);
                 source::parse(&t.text)
                     .map(|b| (t.text, b))
@@ -93,7 +90,7 @@ impl PolicyFiles {
                 let changed = self.good.as_ref().is_none_or(|(t, _)| *t != text);
                 if changed
                     && let Feed::Api { snapshot, .. } = &self.feed
-                    && let Err(e) = crate::apiserver::write_atomic(snapshot, "policies.yaml", text.as_bytes())
+                    && let Err(e) = crate::apiserver::save_snapshot(snapshot, "policies.yaml", text.as_bytes())
                 {
                     warn!(error = %e, "saving the policies' snapshot");
                 }

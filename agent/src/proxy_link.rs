@@ -72,11 +72,10 @@ impl ProxyConn {
     /// In the message itself while it fits (what every proxy understands),
     /// in a sealed memfd beyond that.
     pub fn set_mesh(&self, view: &wire::MeshView) -> Result<(), LinkError> {
-        let msg = ToProxy::Mesh(view.clone());
         let json = serde_json::to_vec(view).map_err(|e| LinkError::Wire(wire::WireError::Decode(e.to_string())))?;
         // Room for the envelope around the view.
         if json.len() + 64 <= wire::MAX_MESSAGE {
-            return self.ask(&msg, "");
+            return self.ask(&ToProxy::Mesh(view.clone()), "");
         }
         let fd = wire::sealed_memfd("podsteer-mesh", &json).map_err(|e| LinkError::Wire(e.into()))?;
         wire::send(self.fd.as_fd(), &ToProxy::MeshInMemfd, &[fd.as_fd()])?;

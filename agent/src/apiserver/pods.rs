@@ -99,8 +99,8 @@ impl PodStore {
         let mut s = self.write();
         info!(pods = pods.len(), "the Kubernetes API listed every pod");
         s.pods = pods;
-        (s.synced, s.from_snapshot, s.error, s.dirty) = (true, false, None, true);
-        s.generation += 1;
+        (s.synced, s.from_snapshot, s.error) = (true, false, None);
+        s.changed();
     }
 
     fn apply(&self, pod: &Pod) {
@@ -146,7 +146,7 @@ impl PodStore {
             s.pods.values().map(pod_json).collect()
         };
         let text = json!({ "apiVersion": "v1", "kind": "List", "items": items }).to_string();
-        if let Err(e) = write_atomic(&self.dir, SNAPSHOT_FILE, text.as_bytes()) {
+        if let Err(e) = super::save_snapshot(&self.dir, SNAPSHOT_FILE, text.as_bytes()) {
             warn!(dir = %self.dir.display(), error = %e, "saving the pods' snapshot");
         }
     }
@@ -167,14 +167,6 @@ fn pod_json(w: &Workload) -> serde_json::Value {
         "spec": { "serviceAccountName": w.service_account, "hostNetwork": w.host_network, "nodeName": w.node_name, "containers": [] },
         "status": { "podIPs": w.ips.iter().map(|ip| json!({ "ip": ip.to_string() })).collect::<Vec<_>>() },
     })
-}
-
-/// `dir/name`, replaced in one rename so a reader sees the old or the new.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, dir.join(name))
 }
 
 /// Runs the watch for as long as the agent does.

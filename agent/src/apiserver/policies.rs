@@ -51,10 +51,11 @@ impl PolicyStore {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The text, once both kinds have been listed.
-    pub fn text(&self) -> Option<PolicyText> {
+    /// The text, once both kinds have been listed, unless its generation is
+    /// still `seen` (the text is built only when it may have changed).
+    pub fn text_since(&self, seen: Option<u64>) -> Option<PolicyText> {
         let s = self.lock();
-        if !s.synced.iter().all(|x| *x) {
+        if !s.synced.iter().all(|x| *x) || seen == Some(s.generation) {
             return None;
         }
         let text = s.objects.values().map(|doc| format!("---\n{doc}")).collect();
@@ -76,13 +77,13 @@ impl PolicyStore {
 
     fn replace(&self, kind: usize, listed: BTreeMap<(usize, String, String), String>, absent: bool) {
         let mut s = self.lock();
-        let before: Vec<_> = s.objects.iter().filter(|(k, _)| k.0 == kind).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let now: Vec<_> = listed.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        s.objects.retain(|k, _| k.0 != kind);
-        s.objects.extend(listed);
-        if before != now || !s.synced[kind] {
+        let (before, mut others): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            std::mem::take(&mut s.objects).into_iter().partition(|(k, _)| k.0 == kind);
+        if before != listed || !s.synced[kind] {
             s.generation += 1;
         }
+        others.extend(listed);
+        s.objects = others;
         (s.synced[kind], s.absent[kind], s.error[kind]) = (true, absent, None);
     }
 
