@@ -125,6 +125,12 @@ pub struct AgentConfig {
     /// bytes are not bounded by the receiver's buffer; see the README).
     #[arg(global = true, long, env = "PODSTEER_SK_MSG")]
     pub sk_msg: bool,
+    /// Where meshed pods' connections to unmeshed destinations go, for pods
+    /// without the `podsteer.io/unmeshed-outbound` annotation: `direct` (the
+    /// proxy would add nothing; the kernel accounts them and the agent writes
+    /// their access lines and metrics) or `proxy`. eBPF mode only.
+    #[arg(global = true, long, env = "PODSTEER_UNMESHED_OUTBOUND", value_enum, default_value = "direct")]
+    pub unmeshed_outbound: crate::policy::Unmeshed,
     /// iptables backend; detected from the node's rules when unset.
     #[arg(global = true, long, env = "PODSTEER_IPTABLES_BACKEND", value_enum)]
     pub iptables_backend: Option<Backend>,
@@ -195,6 +201,7 @@ impl AgentConfig {
                 ProxyModeArg::Sidecar => ProxyMode::Sidecar,
             },
             hbone: self.ca_dir.is_some(),
+            unmeshed: self.unmeshed_outbound,
         }
     }
 

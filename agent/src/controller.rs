@@ -112,6 +112,9 @@ impl Controller {
         });
         std::fs::write(config.state_dir.join(STATUS_FILE), serde_json::to_vec_pretty(&saved)?)?;
         let registry = Registry::open(config.registry_path())?;
+        if choice.mode == Mode::Ebpf {
+            crate::telemetry::start(&config.bpffs, registry.names())?;
+        }
         let proxy = config.proxy_socket.as_ref().map(|_| Arc::new(ProxyLink::default()));
         let node_netns = crate::peer::NetnsId::own().ok();
         let more_node_netns = config
@@ -627,6 +630,13 @@ impl Controller {
             return;
         }
         let view = mesh.view();
+        // Connects to these are proxied (mTLS); to other addresses, direct.
+        if let Redirector::Ebpf(dp) = &mut self.redirector {
+            let ips: Vec<std::net::IpAddr> = view.peers.iter().map(|p| p.ip).collect();
+            if let Err(e) = dp.maps.set_mesh_peers(&ips) {
+                warn!(error = %error_chain(&e), "MESH_PEERS not updated: connects to the changed peers take the old path");
+            }
+        }
         info!(peers = view.peers.len(), "mesh peers changed");
         if let Some(link) = self.proxy.clone() {
             self.send_view(&link, &view);

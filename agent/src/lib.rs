@@ -27,4 +27,5 @@ pub mod return_path;
 pub mod server;
 pub mod state;
 pub mod sys;
+pub mod telemetry;
 pub mod workloads;

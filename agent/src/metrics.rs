@@ -62,7 +62,10 @@ pub struct AgentMetrics {
     pub policies_refused: Counter,
     /// Workload certificates issued, by why: new (a pod's first) or renewal.
     pub certificates: Family<ActionLabel, Counter>,
+    /// Direct connections' series, under the proxy's names (see [`crate::telemetry`]).
+    pub direct: crate::telemetry::DirectSeries,
     registry: Registry,
+    direct_registry: Registry,
 }
 
 impl AgentMetrics {
@@ -81,7 +84,9 @@ impl AgentMetrics {
             conflist_reinsertions: Counter::default(),
             policies_refused: Counter::default(),
             certificates: Family::default(),
+            direct: crate::telemetry::DirectSeries::default(),
             registry: Registry::default(),
+            direct_registry: Registry::default(),
         };
         registry.register("pods", "Pods registered, by interception mode", m.pods.clone());
         registry.register("registrations", "Pod registrations and removals, by result", m.registrations.clone());
@@ -115,12 +120,17 @@ impl AgentMetrics {
             m.policies_refused.clone(),
         );
         registry.register("certificates_issued", "Workload certificates issued, by action (new, renewal)", m.certificates.clone());
-        AgentMetrics { registry, ..m }
+        let direct_registry = m.direct.registry();
+        AgentMetrics { registry, direct_registry, ..m }
     }
 
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // Writing to a String cannot fail.
+        let _ = encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.direct_registry))
+            .and_then(|()| encode_eof(&mut out));
         out
     }
 }

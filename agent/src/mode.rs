@@ -80,6 +80,8 @@ pub fn probe(cgroup_root: Option<&Path>, masked: &[String]) -> (Vec<Feature>, Ve
         ("map:sockhash", map(MapType::SockHash)),
         ("map:lru_hash", map(MapType::LruHash)),
         ("map:percpu_array", map(MapType::PerCpuArray)),
+        ("map:percpu_hash", map(MapType::PerCpuHash)),
+        ("map:ringbuf", map(MapType::RingBuf)),
         ("helper:get_netns_cookie(cgroup_sock_addr)", helper(ProgramType::CgroupSockAddr, BpfHelper::BPF_FUNC_get_netns_cookie)),
         ("helper:get_netns_cookie(sock_ops)", helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_netns_cookie)),
         ("helper:get_netns_cookie(sk_msg)", helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_get_netns_cookie)),

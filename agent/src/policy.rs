@@ -35,6 +35,18 @@ pub enum ProxyMode {
     Sidecar,
 }
 
+/// Where a pod's connections to unmeshed destinations go (eBPF mode; iptables
+/// mode proxies them all).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmeshed {
+    /// Straight to the destination, accounted by the kernel.
+    #[default]
+    Direct,
+    /// Through the proxy, like a meshed destination.
+    Proxy,
+}
+
 /// Node-wide settings every pod policy starts from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDefaults {
@@ -48,6 +60,8 @@ pub struct NodeDefaults {
     /// 15008 by, so tunnels reach the proxy's HBONE listener in the pod.
     #[serde(default)]
     pub hbone: bool,
+    #[serde(default)]
+    pub unmeshed: Unmeshed,
 }
 
 impl Default for NodeDefaults {
@@ -61,6 +75,7 @@ impl Default for NodeDefaults {
             sk_msg: false,
             proxy_mode: ProxyMode::Shared,
             hbone: false,
+            unmeshed: Unmeshed::Direct,
         }
     }
 }
@@ -132,6 +147,9 @@ pub struct Policy {
     pub proxy_uid: u32,
     pub proxy_mode: ProxyMode,
     pub sk_msg: bool,
+    /// Policies saved before this field existed proxied everything.
+    #[serde(default = "proxied_before")]
+    pub unmeshed: Unmeshed,
     pub excluded_outbound_ports: Vec<u16>,
     pub excluded_inbound_ports: Vec<u16>,
     pub excluded_outbound_cidrs: Vec<IpNet>,
@@ -158,6 +176,14 @@ impl Policy {
             "false" => false,
             v => return Err(PolicyError::BadValue { annotation: annotations::SK_MSG, value: v.into(), allowed: "true, false" }),
         };
+        let unmeshed = match get(annotations::UNMESHED_OUTBOUND) {
+            "" => defaults.unmeshed,
+            "direct" => Unmeshed::Direct,
+            "proxy" => Unmeshed::Proxy,
+            v => {
+                return Err(PolicyError::BadValue { annotation: annotations::UNMESHED_OUTBOUND, value: v.into(), allowed: "direct, proxy" });
+            }
+        };
         let mut excluded_inbound_ports = parse_ports(annotations::EXCLUDE_INBOUND_PORTS, get(annotations::EXCLUDE_INBOUND_PORTS))?;
         if defaults.hbone && !excluded_inbound_ports.contains(&podsteer_proto::control::HBONE_PORT) {
             if excluded_inbound_ports.len() == MAX_PORTS {
@@ -173,6 +199,7 @@ impl Policy {
             proxy_uid: defaults.proxy_uid,
             proxy_mode,
             sk_msg,
+            unmeshed,
             excluded_outbound_ports: parse_ports(annotations::EXCLUDE_OUTBOUND_PORTS, get(annotations::EXCLUDE_OUTBOUND_PORTS))?,
             excluded_inbound_ports,
             excluded_outbound_cidrs: parse_cidrs(annotations::EXCLUDE_OUTBOUND_CIDRS, get(annotations::EXCLUDE_OUTBOUND_CIDRS))?,
@@ -196,6 +223,9 @@ impl Policy {
         if self.proxy_mode == ProxyMode::Sidecar {
             p.flags |= flags::SIDECAR;
         }
+        if self.unmeshed == Unmeshed::Proxy {
+            p.flags |= flags::PROXY_UNMESHED;
+        }
         for ip in &self.ips {
             match ip {
                 IpAddr::V4(a) => p.ipv4 = u32::from(*a).to_be(),
@@ -209,6 +239,12 @@ impl Policy {
         }
         p
     }
+}
+
+/// A pod a previous agent version enrolled: it proxied every connection,
+/// and keeps doing so until it is enrolled again.
+fn proxied_before() -> Unmeshed {
+    Unmeshed::Proxy
 }
 
 fn parse_ports(annotation: &'static str, value: &str) -> Result<Vec<u16>, PolicyError> {
@@ -287,6 +323,11 @@ mod tests {
                 PolicyError::OverlappingCidrs { annotation: EXCLUDE_OUTBOUND_CIDRS, a: "10.0.0.0/8".into(), b: "10.1.0.0/16".into() },
             ),
             (
+                "bad unmeshed outbound",
+                &[(UNMESHED_OUTBOUND, "sometimes")],
+                PolicyError::BadValue { annotation: UNMESHED_OUTBOUND, value: "sometimes".into(), allowed: "direct, proxy" },
+            ),
+            (
                 "bad proxy mode",
                 &[(PROXY_MODE, "ambient")],
                 PolicyError::BadValue { annotation: PROXY_MODE, value: "ambient".into(), allowed: "shared, sidecar" },
@@ -317,6 +358,21 @@ mod tests {
         assert!(!k.has(flags::SK_MSG) && !k.has(flags::SIDECAR), "sk_msg is opt-in");
         let opted = Policy::from_annotations(&NodeDefaults::default(), &ann(&[(SK_MSG, "true")]), &ips).unwrap().to_kernel();
         assert!(opted.has(flags::SK_MSG));
+        assert!(!k.has(flags::PROXY_UNMESHED), "unmeshed destinations go direct by default");
+        let all = Policy::from_annotations(&NodeDefaults::default(), &ann(&[(UNMESHED_OUTBOUND, "proxy")]), &ips).unwrap().to_kernel();
+        assert!(all.has(flags::PROXY_UNMESHED));
+        let node = NodeDefaults { unmeshed: Unmeshed::Proxy, ..NodeDefaults::default() };
+        let direct = Policy::from_annotations(&node, &ann(&[(UNMESHED_OUTBOUND, "direct")]), &ips).unwrap().to_kernel();
+        assert!(!direct.has(flags::PROXY_UNMESHED), "the pod's annotation wins over the node's default");
+        assert!(Policy::from_annotations(&node, &BTreeMap::new(), &ips).unwrap().to_kernel().has(flags::PROXY_UNMESHED));
+    }
+
+    #[test]
+    fn a_policy_saved_before_the_unmeshed_choice_keeps_proxying() {
+        let mut v = serde_json::to_value(Policy::from_annotations(&NodeDefaults::default(), &BTreeMap::new(), &[]).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("unmeshed");
+        let p: Policy = serde_json::from_value(v).unwrap();
+        assert_eq!(p.unmeshed, Unmeshed::Proxy);
     }
 
     #[test]

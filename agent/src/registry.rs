@@ -46,20 +46,41 @@ pub struct Registry {
     pods: BTreeMap<String, PodRecord>,
     /// Only the agent's registry writes; `podsteer` reads a snapshot.
     writer: Option<writer::Writer>,
+    /// Cookie -> pod, published after every change for the telemetry thread.
+    names: crate::telemetry::PodNames,
 }
 
 impl Registry {
     /// Reads the saved registry; a missing or unreadable file is empty (repair fills it).
     pub fn load(path: &Path) -> Registry {
         let pods = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Registry { pods, writer: None }
+        Registry { pods, writer: None, names: Default::default() }
     }
 
     /// The agent's registry: loaded, and saved after every change.
     pub fn open(path: PathBuf) -> std::io::Result<Registry> {
         let mut r = Registry::load(&path);
         r.writer = Some(writer::Writer::spawn(path)?);
+        r.publish_names();
         Ok(r)
+    }
+
+    /// Who each netns cookie is, kept current with every change.
+    pub fn names(&self) -> crate::telemetry::PodNames {
+        self.names.clone()
+    }
+
+    fn publish_names(&self) {
+        let all = self.pods.values().map(|p| {
+            (
+                p.netns_cookie,
+                crate::telemetry::PodName {
+                    label: format!("{}/{}", p.namespace, p.name),
+                    identity: p.identity.clone().unwrap_or_default(),
+                },
+            )
+        });
+        self.names.publish(all.collect());
     }
 
     pub fn get(&self, uid: &str) -> Option<&PodRecord> {
@@ -88,6 +109,7 @@ impl Registry {
     /// Hands the writer a snapshot; returns at once.
     pub fn save(&self) {
         let Some(w) = &self.writer else { return };
+        self.publish_names();
         match serde_json::to_vec(&self.pods) {
             Ok(body) => w.submit(body),
             // Plain data always serializes; should it not, the last good file stays.

@@ -127,7 +127,9 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
     // With `RUST_LOG=access=debug`, a line as each connection is taken, before
     // any upstream work: a proxy killed mid-connection still leaves a trace of
     // every connection it took (the completion line below comes at the end).
-    debug!(target: "access", pod = %pod.label, direction = dir.as_str(), client = %client.peer_addr().map(|a| a.to_string()).unwrap_or_default(), "opened");
+    // Read now: once the client has gone (a reset, say) the socket no longer knows it.
+    let client_addr = client.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    debug!(target: "access", pod = %pod.label, direction = dir.as_str(), client = %client_addr, "opened");
     m.active.get_or_create(&labels).inc();
     let started = Instant::now();
     let mut dst = None;
@@ -176,7 +178,7 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
     m.active.get_or_create(&labels).dec();
     m.closed.get_or_create(&ClosedLabels { pod: pod.label.clone(), direction: dir, result: outcome }).inc();
     crate::access::Access {
-        client: client.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        client: client_addr,
         original_dst: dst.map(|a| a.to_string()).unwrap_or_default(),
         peer_identity: peer.map(|p| p.to_string()).unwrap_or_default(),
         policy,

@@ -74,6 +74,12 @@ impl Agent {
             "--node-netns".into(),
             format!("/proc/{}/ns/net", std::process::id()),
         ];
+        // The interception suites test the proxied path, and most of their
+        // destinations are unmeshed pods: they keep those proxied. Suites of
+        // the direct path (and the mesh's) ask for the product's default.
+        if !extra.contains(&"--unmeshed-outbound") {
+            args.extend(["--unmeshed-outbound".into(), "proxy".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let proxy_socket = args.iter().position(|a| a == "--proxy-socket").and_then(|i| args.get(i + 1)).map(PathBuf::from);
         let mut agent = Agent {

@@ -66,7 +66,8 @@ impl Mesh {
     ) -> anyhow::Result<()> {
         for (i, node) in self.cluster.nodes.iter().enumerate() {
             let (w, c) = (workloads[i].display().to_string(), ca[i].map(|c| c.display().to_string()));
-            let mut args = vec!["--workload-dir", &w, "--workload-wait-ms", "5000"];
+            // The mesh runs the product's default: unmeshed destinations go direct.
+            let mut args = vec!["--workload-dir", &w, "--workload-wait-ms", "5000", "--unmeshed-outbound", "direct"];
             if let Some(c) = &c {
                 args.extend(["--ca-dir", c.as_str()]);
             }
@@ -88,7 +89,19 @@ impl Mesh {
         let c = ca.display().to_string();
         for (i, node) in self.cluster.nodes.iter().enumerate() {
             let (kc, name) = (api.kubeconfig(i).display().to_string(), node_name(i));
-            let mut args = vec!["--kubernetes", "--kubeconfig", &kc, "--node-name", &name, "--workload-wait-ms", "5000", "--ca-dir", &c];
+            let mut args = vec![
+                "--kubernetes",
+                "--kubeconfig",
+                &kc,
+                "--node-name",
+                &name,
+                "--workload-wait-ms",
+                "5000",
+                "--ca-dir",
+                &c,
+                "--unmeshed-outbound",
+                "direct",
+            ];
             args.extend_from_slice(extra);
             let agent = Agent::start_with_proxy(node, mode, &args)?;
             self.proxies.push(Proxy::start_shared(node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?);

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use podsteer_common::{Addr, PodPolicy, Verdict};
+use podsteer_common::Verdict;
 use serde::Serialize;
 
 use super::{CtlError, Paths, exit};
@@ -58,13 +58,13 @@ pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlE
     };
     let mut dst = ip_key(destination.ip());
     dst.port = destination.port().to_be();
-    let (policy, decided_by, mode) = match rec.mode {
+    let (policy, decided_by, mode, meshed) = match rec.mode {
         Mode::Ebpf => {
             super::require_pins(&paths.bpffs)?;
             let maps = podsteer_agent::ebpf::maps::Maps::open_pinned(&paths.bpffs)
                 .map_err(|e| CtlError::new(exit::FAILURE, podsteer_agent::controller::error_chain(&e)))?;
             match maps.pods.get(&rec.netns_cookie, 0) {
-                Ok(p) => (p, format!("PODS[{}]", rec.netns_cookie), "ebpf"),
+                Ok(p) => (p, format!("PODS[{}]", rec.netns_cookie), "ebpf", Some(maps.is_meshed(destination.ip()))),
                 Err(_) => {
                     return Ok(Explanation {
                         pod: pod.into(),
@@ -79,13 +79,17 @@ pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlE
                 }
             }
         }
-        Mode::Iptables => (rec.policy.to_kernel(), String::new(), "iptables"),
+        Mode::Iptables => (rec.policy.to_kernel(), String::new(), "iptables", None),
     };
-    let verdict = verdict(&policy, &dst);
+    let verdict = match meshed {
+        Some(meshed) => policy.outbound_decision(&dst, meshed),
+        // iptables mode has no per-destination decision: it proxies what the exemptions leave.
+        None => policy.outbound_verdict(&dst),
+    };
     let decided_by = if mode == "iptables" {
         format!("rule {} in PODSTEER_OUTPUT", rule_comment(verdict))
     } else {
-        format!("{decided_by}: {}", field(verdict))
+        format!("{decided_by}: {}", field(verdict, meshed == Some(true)))
     };
     let lands_on = if verdict == Verdict::Redirect {
         // An IPv4-mapped destination is IPv4 (ip_key unmapped it), as connect6 treats it.
@@ -110,13 +114,11 @@ pub fn explain(paths: &Paths, pod: &str, dest: &str) -> Result<Explanation, CtlE
     })
 }
 
-fn verdict(p: &PodPolicy, dst: &Addr) -> Verdict {
-    p.outbound_verdict(dst)
-}
-
-fn field(v: Verdict) -> &'static str {
+fn field(v: Verdict, meshed: bool) -> &'static str {
     match v {
-        Verdict::Redirect => "outbound_port",
+        Verdict::Redirect if meshed => "outbound_port (the destination is meshed: POD_BY_IP or MESH_PEERS)",
+        Verdict::Redirect => "outbound_port (flags: proxy unmeshed destinations too)",
+        Verdict::Direct => "neither POD_BY_IP nor MESH_PEERS has the destination, and flags do not ask for the proxy",
         Verdict::OutboundOff => "flags",
         Verdict::Local => "ipv4/ipv6 (own address) or loopback",
         Verdict::LinkLocal => "(fe80::/10, in the program)",

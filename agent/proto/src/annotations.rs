@@ -12,3 +12,7 @@ pub const EXCLUDE_OUTBOUND_CIDRS: &str = "podsteer.io/exclude-outbound-cidrs";
 /// `shared` (the node's proxy) or `sidecar` (a proxy in the pod).
 pub const PROXY_MODE: &str = "podsteer.io/proxy-mode";
 pub const SK_MSG: &str = "podsteer.io/sk-msg";
+/// Where a connection to an unmeshed destination goes: `direct` (the node's
+/// default: the proxy would add nothing, the kernel accounts it) or `proxy`
+/// (every connection through the proxy, for its access log and behaviour).
+pub const UNMESHED_OUTBOUND: &str = "podsteer.io/unmeshed-outbound";

@@ -46,6 +46,8 @@ pub enum EbpfError {
         #[source]
         source: std::io::Error,
     },
+    #[error("counting the possible CPUs")]
+    Cpus(#[source] std::io::Error),
     #[error("opening cgroup {path}")]
     Cgroup {
         path: String,
@@ -134,6 +136,7 @@ impl EbpfDataPath {
 
         let sk_lookup: &mut SkLookup = program(&mut bpf, prog::SK_LOOKUP)?;
         sk_lookup.load().map_err(prog_err(prog::SK_LOOKUP))?;
+        watch_resets(&mut bpf, &pins);
         let origin = if adopted == CGROUP_PROGRAMS.len() { Origin::Adopted } else { Origin::Attached };
         let mut dp = EbpfDataPath { bpf, maps, pins, origin, stale_pods: Vec::new() };
         dp.stale_pods = dp.adopt_pod_links()?;
@@ -212,6 +215,32 @@ impl EbpfDataPath {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// Attaches the reset watch (tp_btf on tcp_receive_reset) and pins it in
+/// place of a previous agent's: the new one is attached before the old pin
+/// goes, so no reset is missed across a restart. Without it (no kernel BTF)
+/// the agent runs on, and a direct connection a server resets reads as the
+/// app's own abort (`client_disconnected`).
+fn watch_resets(bpf: &mut Ebpf, pins: &PinDir) {
+    let mut attach = || -> Result<(), Box<dyn std::error::Error>> {
+        let btf = aya::Btf::from_sys_fs()?;
+        let p: &mut aya::programs::BtfTracePoint = program(bpf, prog::RESET_SEEN)?;
+        p.load("tcp_receive_reset", &btf)?;
+        let id = p.attach()?;
+        let link: aya::programs::links::FdLink = p.take_link(id)?.into();
+        let path = pins.link(prog::RESET_SEEN);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        // Dropping the pinned handle closes our fd; the pin keeps the link.
+        drop(link.pin(&path)?);
+        Ok(())
+    };
+    if let Err(e) = attach() {
+        warn!(error = %e, "reset watch not attached: a server's reset of a direct connection will read as client_disconnected");
     }
 }
 

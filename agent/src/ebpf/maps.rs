@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use aya::Ebpf;
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, SockHash};
-use podsteer_common::{Addr, Counter, PodPolicy, SockKey, SockPairKey, map_names as names};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash};
+use podsteer_common::{Addr, Counter, PodPolicy, PodTraffic, SockKey, SockPairKey, map_names as names};
 
 use super::loader::EbpfError;
 use super::pins::PinDir;
@@ -22,6 +22,10 @@ pub struct Maps {
     pub passthrough: aya::maps::HashMap<MapData, SockPairKey, u8>,
     pub inbound_listeners: SockHash<MapData, SockKey>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Meshed pods on other nodes: connects to them are proxied.
+    pub mesh_peers: HashMap<MapData, Addr, u8>,
+    /// Each enrolled pod's direct-connection totals (read by [`crate::telemetry`]).
+    pub direct_traffic: PerCpuHashMap<MapData, u64, PodTraffic>,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
@@ -62,6 +66,8 @@ impl Maps {
             passthrough: typed!(src, names::PASSTHROUGH),
             inbound_listeners: typed!(src, names::INBOUND_LISTENERS),
             counters: typed!(src, names::COUNTERS),
+            mesh_peers: typed!(src, names::MESH_PEERS),
+            direct_traffic: typed!(src, names::DIRECT_TRAFFIC),
         })
     }
 
@@ -84,7 +90,33 @@ impl Maps {
         for ip in ips {
             self.pod_by_ip.insert(ip_key(*ip), cookie, 0).map_err(map_err(names::POD_BY_IP))?;
         }
+        // Kept if there (an agent that restarts keeps counting from its totals).
+        if self.direct_traffic.get(&cookie, 0).is_err() {
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
+            let zero = PerCpuValues::try_from(vec![PodTraffic::default(); cpus]).map_err(EbpfError::Cpus)?;
+            self.direct_traffic.insert(cookie, zero, 0).map_err(map_err(names::DIRECT_TRAFFIC))?;
+        }
         self.pods.insert(cookie, *policy, 0).map_err(map_err(names::PODS))
+    }
+
+    /// Makes MESH_PEERS hold exactly `ips`: what is new is added, what is gone removed.
+    pub fn set_mesh_peers(&mut self, ips: &[IpAddr]) -> Result<(), EbpfError> {
+        let want: std::collections::HashSet<Addr> = ips.iter().map(|ip| ip_key(*ip)).collect();
+        let have: Vec<Addr> = self.mesh_peers.keys().filter_map(Result::ok).collect();
+        for gone in have.iter().filter(|a| !want.contains(a)) {
+            ignore_missing(self.mesh_peers.remove(gone)).map_err(map_err(names::MESH_PEERS))?;
+        }
+        let have: std::collections::HashSet<Addr> = have.into_iter().collect();
+        for new in want.iter().filter(|a| !have.contains(a)) {
+            self.mesh_peers.insert(*new, 1, 0).map_err(map_err(names::MESH_PEERS))?;
+        }
+        Ok(())
+    }
+
+    /// Whether connects to `ip` are proxied as a meshed destination.
+    pub fn is_meshed(&self, ip: IpAddr) -> bool {
+        let key = ip_key(ip);
+        self.pod_by_ip.get(&key, 0).is_ok() || self.mesh_peers.get(&key, 0).is_ok()
     }
 
     /// Unregisters a pod: PODS first, so the programs stop acting on it at once.
@@ -101,6 +133,7 @@ impl Maps {
         for family in [podsteer_common::AF_INET, podsteer_common::AF_INET6] {
             ignore_missing(self.inbound_listeners.remove(&listener_key(cookie, family))).map_err(map_err(names::INBOUND_LISTENERS))?;
         }
+        ignore_missing(self.direct_traffic.remove(&cookie)).map_err(map_err(names::DIRECT_TRAFFIC))?;
         Ok(())
     }
 

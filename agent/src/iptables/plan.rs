@@ -135,6 +135,9 @@ fn outbound_rules(v: Verdict, policy: &Policy, family: Family) -> Vec<(&'static 
         Verdict::Redirect => vec![("redirect-outbound", "-p tcp".into(), format!("REDIRECT --to-ports {}", policy.outbound_port))],
         // Outbound off: the install leaves out the jump, not a rule.
         Verdict::OutboundOff => Vec::new(),
+        // iptables mode has no set of meshed destinations: it proxies every
+        // connection the exemptions above leave (see the README's path table).
+        Verdict::Direct => Vec::new(),
     }
 }
 

@@ -6,9 +6,15 @@
 
 pub mod policy;
 pub mod sock;
+pub mod telemetry;
 
 pub use policy::{Cidr, PodPolicy, Verdict};
 pub use sock::{Addr, SockKey, SockPairKey};
+pub use telemetry::{ConnRecord, ConnResult, DirectConn, PodTraffic};
+
+/// Bytes of the ring buffer of direct-connection records (a power of two):
+/// at ~100 bytes a record, about 10,000 closes between two reads by the agent.
+pub const CONN_EVENTS_BYTES: u32 = 1 << 20;
 
 /// Default port of each pod's outbound listener (Istio's choice, kept for familiarity).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -35,8 +41,29 @@ pub mod map_names {
     pub const PASSTHROUGH: &str = "PASSTHROUGH";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: &[&str] =
-        &[PODS, POD_BY_IP, SOCK_ORIG_DST, ORIG_BY_PAIR, SOCK_PAIRS, SOCK_NO_BYPASS, PASSTHROUGH, INBOUND_LISTENERS, COUNTERS];
+    /// Meshed pods on other nodes (pod IP, port 0): connects to them are proxied.
+    pub const MESH_PEERS: &str = "MESH_PEERS";
+    /// Socket storage: a direct connection's start and what its state changes showed.
+    pub const DIRECT_CONNS: &str = "DIRECT_CONNS";
+    /// Per pod (netns cookie), per CPU: its direct connections' totals.
+    pub const DIRECT_TRAFFIC: &str = "DIRECT_TRAFFIC";
+    /// Ring buffer: one record per closed direct connection.
+    pub const CONN_EVENTS: &str = "CONN_EVENTS";
+    pub const ALL: &[&str] = &[
+        PODS,
+        POD_BY_IP,
+        SOCK_ORIG_DST,
+        ORIG_BY_PAIR,
+        SOCK_PAIRS,
+        SOCK_NO_BYPASS,
+        PASSTHROUGH,
+        INBOUND_LISTENERS,
+        COUNTERS,
+        MESH_PEERS,
+        DIRECT_CONNS,
+        DIRECT_TRAFFIC,
+        CONN_EVENTS,
+    ];
     /// Maps earlier versions pinned that this one no longer has (LRU maps that
     /// became socket storage or took a wider key): their pins are removed at
     /// start, so an upgraded node does not keep them.
@@ -51,6 +78,8 @@ pub mod program_names {
     pub const SOCKOPS: &str = "podsteer_sockops";
     pub const SK_MSG: &str = "podsteer_sk_msg";
     pub const SK_LOOKUP: &str = "podsteer_sk_lookup";
+    /// tp_btf on tcp_receive_reset: tells a server's reset from the app's own.
+    pub const RESET_SEEN: &str = "podsteer_reset_seen";
 }
 
 /// Slots of the per-CPU COUNTERS array.
@@ -68,10 +97,15 @@ pub enum Counter {
     /// Inbound connections to a meshed pod refused because its proxy had no
     /// listener there (proxy down or restarting): fail closed, never to the app.
     InboundRefused = 8,
+    /// Outbound connects left direct: the destination is not meshed.
+    DirectConnects = 9,
+    /// Direct-connection records dropped because the ring buffer was full
+    /// (the per-pod totals still count those connections).
+    RecordsLost = 10,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 11] = [
         Counter::OutboundRedirects,
         Counter::OrigDstHits,
         Counter::OrigDstMisses,
@@ -81,6 +115,8 @@ impl Counter {
         Counter::SkipProxySocket,
         Counter::SkipExcluded,
         Counter::InboundRefused,
+        Counter::DirectConnects,
+        Counter::RecordsLost,
     ];
     /// Slots in the pinned COUNTERS map: more than are used, so a counter added
     /// later fits the map an older agent pinned, and an upgrade need not re-pin it.
@@ -97,6 +133,8 @@ impl Counter {
             Counter::SkipProxySocket => "skipped_proxy_sockets",
             Counter::SkipExcluded => "skipped_excluded",
             Counter::InboundRefused => "inbound_refused",
+            Counter::DirectConnects => "direct_connects",
+            Counter::RecordsLost => "records_lost",
         }
     }
 }

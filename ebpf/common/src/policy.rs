@@ -44,6 +44,9 @@ pub mod flags {
     pub const SK_MSG: u32 = 1 << 2;
     /// The proxy runs inside the pod as `proxy_uid` (sidecar mode).
     pub const SIDECAR: u32 = 1 << 3;
+    /// Proxy connections to unmeshed destinations too (the pod asked for
+    /// every connection through the proxy); without it they go direct.
+    pub const PROXY_UNMESHED: u32 = 1 << 4;
 }
 
 /// What the programs need to know about one meshed pod. Keyed by netns cookie.
@@ -79,6 +82,10 @@ pub enum Verdict {
     LinkLocal,
     ExcludedPort,
     ExcludedCidr,
+    /// The destination is not meshed and the pod did not ask for every
+    /// connection through the proxy: the proxy would add nothing, so the
+    /// connection goes direct and the kernel accounts it.
+    Direct,
 }
 
 impl Verdict {
@@ -98,6 +105,8 @@ impl Verdict {
             Verdict::LinkLocal => &["link-local"],
             Verdict::ExcludedPort => &["excluded-outbound-port"],
             Verdict::ExcludedCidr => &["excluded-outbound-cidr"],
+            // iptables mode has no per-destination decision: it proxies these.
+            Verdict::Direct => &[],
         }
     }
 
@@ -109,6 +118,7 @@ impl Verdict {
             Verdict::LinkLocal => "IPv6 link-local destination: its interface scope cannot be carried through the proxy",
             Verdict::ExcludedPort => "destination port is excluded",
             Verdict::ExcludedCidr => "destination is in an excluded CIDR",
+            Verdict::Direct => "destination is not meshed: the proxy would add nothing, so it goes direct (the kernel accounts it)",
         }
     }
 }
@@ -151,6 +161,17 @@ impl PodPolicy {
             return Verdict::ExcludedCidr;
         }
         Verdict::Redirect
+    }
+
+    /// The eBPF data path's decision: [`PodPolicy::outbound_verdict`], then
+    /// whether the proxy adds anything. It does for a meshed destination
+    /// (`dst_meshed`: a meshed pod's address; mTLS and the far side's
+    /// authorization) and for a pod that asked for every connection.
+    pub fn outbound_decision(&self, dst: &crate::Addr, dst_meshed: bool) -> Verdict {
+        match self.outbound_verdict(dst) {
+            Verdict::Redirect if !dst_meshed && !self.has(flags::PROXY_UNMESHED) => Verdict::Direct,
+            v => v,
+        }
     }
 
     pub fn excludes_outbound_port(&self, port: u16) -> bool {

@@ -1,14 +1,15 @@
 //! cgroup connect4/connect6: a meshed app's TCP connect() goes to its proxy.
 
 use aya_ebpf::bindings::bpf_sock_addr;
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use aya_ebpf::helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie};
 use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 use podsteer_common::policy::flags;
-use podsteer_common::{Addr, Counter, Verdict};
+use podsteer_common::{Addr, Counter, DirectConn, Verdict};
 
 use crate::ctx::{field, rd, rd6};
-use crate::maps::{SOCK_ORIG_DST, count, policy};
+use crate::maps::{DIRECT_CONNS, SOCK_ORIG_DST, count, is_meshed, policy};
 
 const SOCK_STREAM: u32 = 1;
 /// Tells the kernel to go on with the (possibly rewritten) connect.
@@ -47,16 +48,26 @@ fn redirect(ctx: &SockAddrContext, v6: bool) {
     // A dual-stack socket's `::ffff:a.b.c.d` is decided, recorded and answered
     // (SO_ORIGINAL_DST on the proxy's IPv4 listener) as the IPv4 address it is.
     let dst = if v6 { Addr::v6_unmapped(rd6(field!((*sa).user_ip6)), port_be) } else { Addr::v4(rd(field!((*sa).user_ip4)), port_be) };
-    match pol.outbound_verdict(&dst) {
+    // SAFETY: `sk` is a valid socket pointer in connect hooks.
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    match pol.outbound_decision(&dst, is_meshed(&dst)) {
         Verdict::Redirect => {}
+        Verdict::Direct => {
+            // Accounted from here: sockops follows the socket's states to its close.
+            // SAFETY: the helper takes no arguments.
+            let conn = DirectConn { started_ns: unsafe { bpf_ktime_get_ns() }, ..DirectConn::default() };
+            // SAFETY: a live socket from the context, checked non-null.
+            if !sk.is_null() && unsafe { DIRECT_CONNS.set(sk, &conn) } {
+                count(Counter::DirectConnects);
+            }
+            return;
+        }
         Verdict::ExcludedPort | Verdict::ExcludedCidr => {
             count(Counter::SkipExcluded);
             return;
         }
         Verdict::OutboundOff | Verdict::Local | Verdict::LinkLocal => return,
     }
-    // SAFETY: `sk` is a valid socket pointer in connect hooks.
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
     // SAFETY: a live socket from the context.
     if sk.is_null() || !unsafe { SOCK_ORIG_DST.set(sk, &dst) } {
         // Rare: no record, no redirect, since the proxy could not tell where to go.

@@ -7,6 +7,11 @@
 //! 3. `getsockopt`: answers SO_ORIGINAL_DST for the proxy's accepted socket.
 //! 4. `sk_msg`: sends data between local pairs straight to the peer socket.
 //! 5. `sk_lookup`: steers inbound connections to a pod's proxy listener, no NAT.
+//!
+//! A connect the proxy would add nothing to (an unmeshed destination) goes
+//! direct instead: `connect` marks it, `sockops` follows its states and
+//! accounts it at close (per-pod totals, one ring-buffer record), and `reset`
+//! tells a server's reset from the app's own.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // `field!` is used inside unsafe blocks too.
@@ -20,6 +25,8 @@ mod ctx;
 mod getsockopt;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod reset;
 #[cfg(target_arch = "bpf")]
 mod sk_lookup;
 #[cfg(target_arch = "bpf")]

@@ -3,8 +3,8 @@
 use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_sock};
 use aya_ebpf::helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get};
 use aya_ebpf::macros::{btf_map, map};
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, SockHash};
-use podsteer_common::{Addr, Counter, PodPolicy, SockKey, SockPairKey};
+use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash};
+use podsteer_common::{Addr, CONN_EVENTS_BYTES, ConnRecord, Counter, DirectConn, PodPolicy, PodTraffic, SockKey, SockPairKey};
 
 /// Meshed pods: netns cookie -> policy. Absent netns are never touched.
 #[map(name = "PODS")]
@@ -48,6 +48,50 @@ pub static PASSTHROUGH: LruHashMap<SockPairKey, u8> = LruHashMap::pinned(65536, 
 /// (netns, family) -> the proxy's inbound listener in that pod.
 #[map(name = "INBOUND_LISTENERS")]
 pub static INBOUND_LISTENERS: SockHash<SockKey> = SockHash::pinned(8192, 0);
+
+/// Meshed pods on other nodes, by address (port 0), from the mesh view: a
+/// connect to one is proxied (mTLS, the far side's authorization). Meshed
+/// pods on this node are POD_BY_IP's.
+#[map(name = "MESH_PEERS")]
+pub static MESH_PEERS: HashMap<Addr, u8> = HashMap::pinned(65536, 0);
+
+/// A direct connection's start and what its state changes showed; lives
+/// exactly as long as the socket.
+#[btf_map(name = "DIRECT_CONNS")]
+pub static DIRECT_CONNS: SkStorage<DirectConn> = SkStorage::new();
+
+/// Per pod, per CPU: its direct connections' totals. The agent creates and
+/// removes a pod's entry with the pod; the programs only add to it.
+#[map(name = "DIRECT_TRAFFIC")]
+pub static DIRECT_TRAFFIC: PerCpuHashMap<u64, PodTraffic> = PerCpuHashMap::pinned(4096, 0);
+
+/// One record per closed direct connection; a full buffer drops the record
+/// (counted in RecordsLost), never the connection.
+#[map(name = "CONN_EVENTS")]
+pub static CONN_EVENTS: RingBuf = RingBuf::pinned(CONN_EVENTS_BYTES, 0);
+
+#[inline(always)]
+pub fn record(r: &ConnRecord) {
+    match CONN_EVENTS.reserve::<ConnRecord>(0) {
+        Some(mut slot) => {
+            slot.write(*r);
+            slot.submit(0);
+        }
+        None => count(Counter::RecordsLost),
+    }
+}
+
+#[inline(always)]
+pub fn traffic(netns: u64) -> Option<*mut PodTraffic> {
+    DIRECT_TRAFFIC.get_ptr_mut(netns)
+}
+
+#[inline(always)]
+pub fn is_meshed(dst: &Addr) -> bool {
+    let ip_only = Addr { port: 0, ..*dst };
+    // SAFETY: presence checks only.
+    unsafe { POD_BY_IP.get(&ip_only).is_some() || MESH_PEERS.get(&ip_only).is_some() }
+}
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::SLOTS, 0);

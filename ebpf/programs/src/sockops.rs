@@ -6,13 +6,14 @@ use aya_ebpf::bindings::{
     BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops,
 };
 use aya_ebpf::helpers::bpf_get_netns_cookie;
+use aya_ebpf::helpers::generated::bpf_ktime_get_ns;
 use aya_ebpf::macros::sock_ops;
 use aya_ebpf::programs::SockOpsContext;
 use podsteer_common::policy::flags;
-use podsteer_common::{Addr, SockPairKey};
+use podsteer_common::{Addr, ConnRecord, DirectConn, SockPairKey};
 
 use crate::ctx::{addr, field, rd};
-use crate::maps::{ORIG_BY_PAIR, PASSTHROUGH, POD_BY_IP, SOCK_ORIG_DST, SOCK_PAIRS, policy};
+use crate::maps::{DIRECT_CONNS, ORIG_BY_PAIR, PASSTHROUGH, POD_BY_IP, SOCK_ORIG_DST, SOCK_PAIRS, policy, record, traffic};
 
 const TCP_CLOSE: u32 = 7;
 
@@ -44,14 +45,37 @@ fn on_event(ctx: &SockOpsContext) {
     let remote = addr(family, field!((*ops).remote_ip4), field!((*ops).remote_ip6), remote_port);
     let pair = SockPairKey::new(netns, local, remote);
 
+    // SAFETY: `sk` is a valid (or null) socket pointer in sock_ops.
+    let sk = unsafe { (*ops).__bindgen_anon_2.sk };
+    // SAFETY: a live socket from the context, checked non-null.
+    let direct = if sk.is_null() { None } else { unsafe { DIRECT_CONNS.get(sk) } };
     if op == BPF_SOCK_OPS_STATE_CB {
-        // args[1] is the new state; the sockets leave SOCK_PAIRS, and their
-        // socket storage goes, by themselves.
+        // args[0] is the old state, args[1] the new; the sockets leave
+        // SOCK_PAIRS, and their socket storage goes, by themselves.
         // SAFETY: reading the args array of the context.
         let new_state = unsafe { rd(field!((*ops).__bindgen_anon_1.args[1])) };
+        if let Some(conn) = direct {
+            // SAFETY: as above.
+            let old_state = unsafe { rd(field!((*ops).__bindgen_anon_1.args[0])) };
+            // SAFETY: this socket's own storage, sized DirectConn.
+            if direct_state(ctx, netns, unsafe { &mut *conn }, old_state, new_state, local, remote) {
+                // Accounted once; a socket that connects again starts afresh.
+                // SAFETY: the live socket the storage belongs to.
+                unsafe { DIRECT_CONNS.delete(sk) };
+            }
+        }
         if new_state == TCP_CLOSE {
             let _ = ORIG_BY_PAIR.remove(&pair);
             let _ = PASSTHROUGH.remove(&pair);
+        }
+        return;
+    }
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB && direct.is_some() {
+        // A direct connection: follow its states to the close, and count it open.
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        if let Some(t) = traffic(netns) {
+            // SAFETY: this CPU's value; no other writer on this CPU.
+            unsafe { (*t).opened += 1 };
         }
         return;
     }
@@ -70,8 +94,6 @@ fn on_event(ctx: &SockOpsContext) {
         return;
     }
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        // SAFETY: `sk` is a valid (or null) socket pointer in sock_ops.
-        let sk = unsafe { (*ops).__bindgen_anon_2.sk };
         // SAFETY: a live socket from the context, checked non-null.
         if !sk.is_null()
             && let Some(orig) = unsafe { SOCK_ORIG_DST.get(sk) }
@@ -104,4 +126,36 @@ fn on_event(ctx: &SockOpsContext) {
             Err(e) => aya_log_ebpf::warn!(ctx, "SOCK_PAIRS update failed ({}); pair stays on TCP", e),
         }
     }
+}
+
+/// One state change of a direct connection; at its close, the totals and a
+/// record, and true.
+#[inline(always)]
+fn direct_state(ctx: &SockOpsContext, netns: u64, conn: &mut DirectConn, old: u32, new: u32, local: Addr, remote: Addr) -> bool {
+    let Some(result) = conn.on_state(old, new) else { return false };
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    let (from_client, to_client) = conn.payload(rd(field!((*ops).bytes_acked)), rd(field!((*ops).bytes_received)));
+    // SAFETY: the helper takes no arguments.
+    let ended_ns = unsafe { bpf_ktime_get_ns() };
+    if let Some(t) = traffic(netns) {
+        // SAFETY: this CPU's value; no other writer on this CPU.
+        unsafe {
+            (*t).closed[(result as u32 & 3) as usize] += 1;
+            (*t).bytes_from_client += from_client;
+            (*t).bytes_to_client += to_client;
+            (*t).duration_ns += ended_ns.saturating_sub(conn.started_ns);
+        }
+    }
+    record(&ConnRecord {
+        netns,
+        started_ns: conn.started_ns,
+        ended_ns,
+        bytes_from_client: from_client,
+        bytes_to_client: to_client,
+        client: local,
+        destination: remote,
+        result: result as u32,
+        _pad: 0,
+    });
+    true
 }

@@ -20,9 +20,10 @@
 //!                                 "D": say "ready", then remember how the connection ended.
 //!                                 anything else: answer what the last "B" or "D" remembered
 //!                                 (empty while that connection is still open).
-//! `halfclose ADDR client|server`  exercise one direction of half-close, print "ok ...".
-//! `reset ADDR client|server`      one side resets (against halfclose-server); print what
+//! `halfclose ADDR client|server [--local]`  exercise one direction of half-close, print "ok ...".
+//! `reset ADDR client|server [--local]`      one side resets (against halfclose-server); print what
 //!                                 the other side saw: "... reset" or "... eof".
+//!                                 `--local` ends the line with " local=<the connection's address>".
 //! `expect-reset ADDR [--quiet]`   connect, send (or stay quiet), report how the proxy ended it.
 //! `expect-dropped ADDR MILLIS`    connect; print "dropped" if no answer came within MILLIS.
 //! `concurrent ADDR N`             N connections open at once, each echoing a message.
@@ -30,6 +31,8 @@
 //! `loop-ports ADDR`               connect/echo/close until killed, a line per connection:
 //!                                 "ok <local port> <peer address>" or "failed <error>".
 //! `echo-peers ADDR`               as echo, printing "peer <address>" as each connection comes.
+//! `try ADDR`                      connect and read to the end; print "refused", or how it
+//!                                 ended ("reset", "eof"): a closed port, direct or proxied.
 //! `chat ADDR`                     one long-lived connection to an echo server: each stdin
 //!                                 line is sent and its echo printed.
 //! `agent-call SOCKET JSON [FD]`   send one request to the agent from wherever this runs
@@ -75,14 +78,17 @@ fn main() -> anyhow::Result<()> {
         ["bulk", addr, bytes] => bulk(addr, bytes.parse()?),
         ["bulk-for", addr, streams, millis] => bulk_for(addr, streams.parse()?, Duration::from_millis(millis.parse()?)),
         ["halfclose-server", addr] => halfclose_server(addr),
-        ["halfclose", addr, side] => halfclose(addr, side),
-        ["reset", addr, side] => reset(addr, side),
+        ["halfclose", addr, side] => halfclose(addr, side, false),
+        ["halfclose", addr, side, "--local"] => halfclose(addr, side, true),
+        ["reset", addr, side] => reset(addr, side, false),
+        ["reset", addr, side, "--local"] => reset(addr, side, true),
         ["expect-reset", addr] => expect_reset(addr, false),
         ["expect-reset", addr, "--quiet"] => expect_reset(addr, true),
         ["expect-dropped", addr, millis] => expect_dropped(addr, Duration::from_millis(millis.parse()?)),
         ["concurrent", addr, n] => concurrent(addr, n.parse()?),
         ["loop", addr, millis] => connect_loop(addr, millis.parse()?),
         ["chat", addr] => chat(addr),
+        ["try", addr] => try_connect(addr),
         ["rogue-hello", socket] => rogue_hello(socket),
         ["big-getsockopt"] => big_getsockopt(),
         ["hold", addr, n] => hold(addr, n.parse()?),
@@ -637,13 +643,16 @@ fn how_it_ended(c: &TcpStream) -> String {
     }
 }
 
-fn reset(addr: &str, side: &str) -> anyhow::Result<()> {
+fn reset(addr: &str, side: &str, show_local: bool) -> anyhow::Result<()> {
     let mut c = TcpStream::connect(addr)?;
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // With --local, each line ends with the connection's own address (a
+    // test then finds that connection's access line by it).
+    let local = if show_local { format!(" local={}", c.local_addr()?) } else { String::new() };
     match side {
         "server" => {
             c.write_all(b"S")?;
-            println!("ok server reset: the client saw {}", how_it_ended(&c));
+            println!("ok server reset: the client saw {}{local}", how_it_ended(&c));
         }
         "client" => {
             c.write_all(b"D")?;
@@ -652,16 +661,19 @@ fn reset(addr: &str, side: &str) -> anyhow::Result<()> {
             anyhow::ensure!(&ready == b"ready\n", "{ready:?}");
             reset_on_close(&c)?;
             drop(c);
-            println!("ok client reset: the server saw {}", poll_remembered(addr)?);
+            println!("ok client reset: the server saw {}{local}", poll_remembered(addr)?);
         }
         _ => anyhow::bail!("side is client or server"),
     }
     Ok(())
 }
 
-fn halfclose(addr: &str, side: &str) -> anyhow::Result<()> {
+fn halfclose(addr: &str, side: &str, show_local: bool) -> anyhow::Result<()> {
     let mut c = TcpStream::connect(addr)?;
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // With --local, each line ends with the connection's own address (a
+    // test then finds that connection's access line by it).
+    let local = if show_local { format!(" local={}", c.local_addr()?) } else { String::new() };
     match side {
         "client" => {
             c.write_all(b"A")?;
@@ -669,7 +681,7 @@ fn halfclose(addr: &str, side: &str) -> anyhow::Result<()> {
             c.shutdown(std::net::Shutdown::Write)?;
             let s = read_to_end_retrying(&c)?;
             anyhow::ensure!(s == "got 1000\n", "after our FIN the server still answered: {s:?}");
-            println!("ok client half-close: {}", s.trim());
+            println!("ok client half-close: {}{local}", s.trim());
         }
         "server" => {
             c.write_all(b"B")?;
@@ -680,7 +692,7 @@ fn halfclose(addr: &str, side: &str) -> anyhow::Result<()> {
             drop(c);
             let n: u64 = poll_remembered(addr)?.parse()?;
             anyhow::ensure!(n == 777, "server got {n} bytes after its FIN, want 777");
-            println!("ok server half-close: server read {n} after its FIN");
+            println!("ok server half-close: server read {n} after its FIN{local}");
         }
         _ => anyhow::bail!("side is client or server"),
     }
@@ -785,6 +797,18 @@ fn connect_loop(addr: &str, millis: u64) -> anyhow::Result<()> {
         }
     }
     println!("ok n={n} failures={failures} first_error={first_error:?}");
+    Ok(())
+}
+
+fn try_connect(addr: &str) -> anyhow::Result<()> {
+    match TcpStream::connect(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => println!("refused"),
+        Err(e) => anyhow::bail!("connect: {e}"),
+        Ok(c) => {
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            println!("{}", how_it_ended(&c));
+        }
+    }
     Ok(())
 }
 
