@@ -625,18 +625,20 @@ impl Controller {
 
     /// The mesh's peers as the workload source lists them now.
     pub fn set_mesh_peers(&mut self, peers: Vec<podsteer_proto::control::MeshPeer>) {
+        // Connects to these are proxied (with --ca-dir, over mTLS); to other
+        // addresses, direct. Without a CA the source still says who is meshed.
+        if let Redirector::Ebpf(dp) = &mut self.redirector {
+            let ips: Vec<std::net::IpAddr> = peers.iter().map(|p| p.ip).collect();
+            match dp.maps.set_mesh_peers(&ips) {
+                Ok(()) => info!(peers = ips.len(), "meshed destinations updated"),
+                Err(e) => warn!(error = %error_chain(&e), "MESH_PEERS not updated: connects to the changed peers take the old path"),
+            }
+        }
         let Some(mesh) = &mut self.mesh else { return };
         if !mesh.set_peers(peers) {
             return;
         }
         let view = mesh.view();
-        // Connects to these are proxied (mTLS); to other addresses, direct.
-        if let Redirector::Ebpf(dp) = &mut self.redirector {
-            let ips: Vec<std::net::IpAddr> = view.peers.iter().map(|p| p.ip).collect();
-            if let Err(e) = dp.maps.set_mesh_peers(&ips) {
-                warn!(error = %error_chain(&e), "MESH_PEERS not updated: connects to the changed peers take the old path");
-            }
-        }
         info!(peers = view.peers.len(), "mesh peers changed");
         if let Some(link) = self.proxy.clone() {
             self.send_view(&link, &view);
@@ -659,7 +661,7 @@ impl Controller {
 
     /// For the peer watcher: the source, and the config its filter reads.
     pub fn mesh_source(&self) -> Option<(Arc<dyn crate::workloads::WorkloadSource>, AgentConfig)> {
-        self.mesh.as_ref()?;
+        // Every source lists meshed destinations; only a CA makes them HBONE peers.
         Some((self.workloads.clone()?, self.config.clone()))
     }
 

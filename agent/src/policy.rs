@@ -181,7 +181,11 @@ impl Policy {
             "direct" => Unmeshed::Direct,
             "proxy" => Unmeshed::Proxy,
             v => {
-                return Err(PolicyError::BadValue { annotation: annotations::UNMESHED_OUTBOUND, value: v.into(), allowed: "direct, proxy" });
+                return Err(PolicyError::BadValue {
+                    annotation: annotations::UNMESHED_OUTBOUND,
+                    value: v.into(),
+                    allowed: "direct, proxy",
+                });
             }
         };
         let mut excluded_inbound_ports = parse_ports(annotations::EXCLUDE_INBOUND_PORTS, get(annotations::EXCLUDE_INBOUND_PORTS))?;

@@ -165,6 +165,11 @@ impl Report {
             None,
             Some(0.60),
         );
+        // A meshed pod to an unmeshed server, the default: no proxy on the path.
+        let d = "podsteer+ebpf direct out";
+        ratio_goal("meshed pod to an unmeshed server (direct path): p50 RR <= 1.1x direct", d, "rr1_p50_us", Some(1.1), None);
+        ratio_goal("meshed pod to an unmeshed server (direct path): connection rate >= 0.9x direct", d, "conn_per_s", None, Some(0.9));
+        ratio_goal("meshed pod to an unmeshed server (direct path): bulk >= 0.95x direct", d, "bulk1_gbit", None, Some(0.95));
         for variant in ["out", "mesh"] {
             // The default eBPF path against iptables, both through the shared proxy.
             let (e, i) = (self.get(&format!("podsteer+ebpf {variant}")), self.get(&format!("podsteer+iptables {variant}")));
@@ -310,6 +315,23 @@ impl Report {
             out += &format!("{:<w$}", s.name);
             for (k, _) in cols {
                 out += &format!("{:>11}", fmt(s.figures[k]));
+            }
+            out += "\n";
+        }
+        // What each path adds to direct, in microseconds, next to the ratios.
+        let lat: Vec<&(&str, &str)> = cols.iter().filter(|(k, _)| k.ends_with("_us")).collect();
+        out += "\nadded to direct, us (latency columns)\n";
+        out += &format!("{:<w$}", "scenario");
+        for (_, h) in &lat {
+            out += &format!("{h:>11}");
+        }
+        out += "\n";
+        let direct = self.get("direct");
+        for s in &self.summaries {
+            out += &format!("{:<w$}", s.name);
+            for (k, _) in &lat {
+                let added = direct.map(|d| s.figures[k] - d.figures[k]).filter(|v| v.is_finite());
+                out += &format!("{:>11}", added.map(|v| format!("{v:+.2}")).unwrap_or_else(|| "-".into()));
             }
             out += "\n";
         }

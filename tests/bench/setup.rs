@@ -43,6 +43,18 @@ pub struct Lab {
     pub scenarios: Vec<Scenario>,
 }
 
+/// Every bench pod reuses TIME_WAIT ports for new connections (per netns).
+/// The connection-rate runs close from the client, so each leaves a TIME_WAIT
+/// on the client's side for a minute; past ~10,000 of them to one destination,
+/// connect()'s search for a free port dominates (seen here: direct fell from
+/// 8,900 to 650 conn/s over three one-second runs, and read as slower than the
+/// proxied path). A client at such rates sets this, and it is every path's
+/// own client side (the app's, the proxy's upstream, haproxy's) that it frees.
+fn reuse_time_wait(pod: &Pod) -> anyhow::Result<()> {
+    podsteer_lab::netns::run_in(pod.netns().fd(), "tcp_tw_reuse", || std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1"))??;
+    Ok(())
+}
+
 fn loadgen_server(pod: &Pod) -> anyhow::Result<LabProcess> {
     podsteer_lab::workload::start_server_with(pod, None, bin("podsteer-loadgen"), &["serve", &format!("[::]:{SERVER_PORT}")])
 }
@@ -120,6 +132,7 @@ impl Setup {
             [("client", 0, true), ("server-local", 0, true), ("server", 1, true), ("plain-client", 0, false), ("plain-server", 1, false)]
         {
             let pod = mesh.pod_in(node, "bench", name, name, &[("app", name)], meshed)?;
+            reuse_time_wait(&pod)?;
             if name.contains("server") {
                 processes.push(loadgen_server(&pod)?);
             }
@@ -135,6 +148,7 @@ impl Setup {
 
     fn pod(&mut self, name: &'static str, meshed: bool, annotations: &[(&str, &str)]) -> anyhow::Result<()> {
         let pod = self.node.add_pod(PodSpec::new("bench", name))?;
+        reuse_time_wait(&pod)?;
         if meshed {
             let agent = self.agent.as_ref().expect("meshed pods need an agent");
             agent.add_pod(&pod, annotations)?.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -193,18 +207,38 @@ impl Lab {
         add("podsteer+iptables out", "iptables + podsteer", "outbound-only", 2, "client", "server-plain");
         add("podsteer+iptables mesh", "iptables + podsteer", "full mesh", 2, "client", "server-meshed");
 
-        // 3: eBPF with the shared podsteer-proxy: sk_msg off (the default) and on (opt-in).
-        let on = [("podsteer.io/sk-msg", "true")];
-        let mut ebpf = Setup::new(Some(("ebpf", &[])), Some(&[]))?;
-        ebpf.pod("client-nosk", true, &[])?;
+        // 3: eBPF with the shared podsteer-proxy: sk_msg off (the default) and on
+        // (opt-in). The node runs the default for unmeshed destinations (direct);
+        // the "out" clients opt into the proxy for every connection, and
+        // `client-direct` (nothing asked) reaches the unmeshed server direct.
+        let on = [("podsteer.io/sk-msg", "true"), ("podsteer.io/unmeshed-outbound", "proxy")];
+        let forced = [("podsteer.io/unmeshed-outbound", "proxy")];
+        let mut ebpf = Setup::new(Some(("ebpf", &["--unmeshed-outbound", "direct"])), Some(&[]))?;
+        ebpf.pod("client-nosk", true, &forced)?;
         ebpf.pod("server-meshed-nosk", true, &[])?;
         ebpf.pod("client", true, &on)?;
-        ebpf.pod("server-meshed", true, &on)?;
+        ebpf.pod("server-meshed", true, &on[..1])?;
         ebpf.pod("server-plain", false, &[])?;
+        ebpf.pod("client-direct", true, &[])?;
         // Unmeshed, as any client of a meshed pod may be: the silent-connection flood's source.
         ebpf.pod("attacker", false, &[])?;
         setups.push(ebpf);
-        add("podsteer+ebpf out", "eBPF + podsteer (default: sk_msg off)", "outbound-only", 3, "client-nosk", "server-plain");
+        add(
+            "podsteer+ebpf direct out",
+            "eBPF, meshed pod to an unmeshed server (default: direct)",
+            "outbound-only",
+            3,
+            "client-direct",
+            "server-plain",
+        );
+        add(
+            "podsteer+ebpf out",
+            "eBPF + podsteer, proxy forced for unmeshed (sk_msg off)",
+            "outbound-only",
+            3,
+            "client-nosk",
+            "server-plain",
+        );
         add("podsteer+ebpf mesh", "eBPF + podsteer (default: sk_msg off)", "full mesh", 3, "client-nosk", "server-meshed-nosk");
         add("podsteer+ebpf+skmsg out", "eBPF + podsteer, sk_msg opted in", "outbound-only", 3, "client", "server-plain");
         add("podsteer+ebpf+skmsg mesh", "eBPF + podsteer, sk_msg opted in", "full mesh", 3, "client", "server-meshed");
