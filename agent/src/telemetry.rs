@@ -10,7 +10,7 @@ mod records;
 mod series;
 
 pub use names::{PodName, PodNames};
-pub use series::DirectSeries;
+pub use series::{DirectSeries, sum};
 
 use std::os::fd::AsFd as _;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! `podsteer maps`: every redirect map, decoded.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use podsteer_common::policy::flags;
 use podsteer_common::{AF_INET, Addr, Cidr, PodPolicy};
@@ -12,7 +12,17 @@ use super::{CtlError, Paths, exit};
 use podsteer_agent::ebpf::maps::Maps;
 
 /// Names accepted by `--map`.
-pub const MAP_NAMES: &[&str] = &["pods", "pod_ips", "original_destinations", "sock_pairs", "passthrough", "inbound_listeners", "counters"];
+pub const MAP_NAMES: &[&str] = &[
+    "pods",
+    "pod_ips",
+    "mesh_peers",
+    "original_destinations",
+    "sock_pairs",
+    "passthrough",
+    "inbound_listeners",
+    "direct_traffic",
+    "counters",
+];
 
 #[derive(Debug, Default, Serialize)]
 pub struct Dump {
@@ -21,6 +31,9 @@ pub struct Dump {
     pub pods: Option<Vec<PodEntry>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_ips: Option<Vec<PodIp>>,
+    /// Meshed pods on other nodes: connects to them are proxied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_peers: Option<Vec<IpAddr>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub original_destinations: Option<Vec<OrigEntry>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -30,7 +43,21 @@ pub struct Dump {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inbound_listeners: Option<Vec<Listener>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct_traffic: Option<Vec<Traffic>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub counters: Option<BTreeMap<String, u64>>,
+}
+
+/// A pod's direct connections (no proxy), summed over CPUs.
+#[derive(Debug, Serialize)]
+pub struct Traffic {
+    pub netns_cookie: u64,
+    pub pod: Option<String>,
+    pub opened: u64,
+    /// By result, as the proxy names them.
+    pub closed: BTreeMap<&'static str, u64>,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,21 +109,7 @@ pub struct Listener {
     pub family: &'static str,
 }
 
-pub fn ip(a: &Addr) -> IpAddr {
-    if a.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::from(u32::from_be(a.ip[0])))
-    } else {
-        let mut o = [0u8; 16];
-        for (i, w) in a.ip.iter().enumerate() {
-            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(o))
-    }
-}
-
-pub fn sock(a: &Addr) -> SocketAddr {
-    SocketAddr::new(ip(a), u16::from_be(a.port))
-}
+pub use podsteer_agent::ebpf::maps::{ip_of as ip, socket_addr_of as sock};
 
 fn cidr(c: &Cidr) -> String {
     let a = Addr { ip: c.ip, port: 0, family: c.family };
@@ -104,7 +117,13 @@ fn cidr(c: &Cidr) -> String {
 }
 
 fn pod_entry(cookie: u64, p: &PodPolicy, name: Option<String>) -> PodEntry {
-    let named = [(flags::OUTBOUND, "outbound"), (flags::INBOUND, "inbound"), (flags::SK_MSG, "sk_msg"), (flags::SIDECAR, "sidecar")];
+    let named = [
+        (flags::OUTBOUND, "outbound"),
+        (flags::INBOUND, "inbound"),
+        (flags::SK_MSG, "sk_msg"),
+        (flags::SIDECAR, "sidecar"),
+        (flags::PROXY_UNMESHED, "proxy_unmeshed"),
+    ];
     PodEntry {
         netns_cookie: cookie,
         pod: name,
@@ -156,6 +175,29 @@ pub fn dump(paths: &Paths, only: Option<&str>, pod: Option<&str>) -> Result<Dump
                 .filter_map(Result::ok)
                 .filter(|(_, c)| keep(*c))
                 .map(|(a, c)| PodIp { ip: ip(&a), netns_cookie: c, pod: name(c) })
+                .collect(),
+        );
+    }
+    if wants("mesh_peers") {
+        d.mesh_peers = Some(maps.mesh_peers.keys().filter_map(Result::ok).map(|a| ip(&a)).collect());
+    }
+    if wants("direct_traffic") {
+        d.direct_traffic = Some(
+            maps.direct_traffic
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(c, _)| keep(*c))
+                .map(|(c, per_cpu)| {
+                    let t = podsteer_agent::telemetry::sum(&per_cpu);
+                    Traffic {
+                        netns_cookie: c,
+                        pod: name(c),
+                        opened: t.opened,
+                        closed: podsteer_common::ConnResult::ALL.iter().map(|r| (r.as_str(), t.closed[*r as usize])).collect(),
+                        bytes_from_client: t.bytes_from_client,
+                        bytes_to_client: t.bytes_to_client,
+                    }
+                })
                 .collect(),
         );
     }
@@ -269,6 +311,29 @@ pub fn render(d: &Dump) -> String {
         out += &table(
             &["COOKIE", "POD", "FAMILY"],
             &l.iter().map(|e| vec![e.netns_cookie.to_string(), or_dash(&e.pod), e.family.to_owned()]).collect::<Vec<_>>(),
+        );
+    }
+    if let Some(m) = &d.mesh_peers {
+        out += "\nMESH_PEERS (meshed pods on other nodes: proxied)\n";
+        out += &table(&["IP"], &m.iter().map(|i| vec![i.to_string()]).collect::<Vec<_>>());
+    }
+    if let Some(t) = &d.direct_traffic {
+        out += "\nDIRECT_TRAFFIC (connections to unmeshed destinations, no proxy)\n";
+        out += &table(
+            &["COOKIE", "POD", "OPENED", "CLOSED", "BYTES OUT", "BYTES IN"],
+            &t.iter()
+                .map(|e| {
+                    let closed: Vec<String> = e.closed.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k}={n}")).collect();
+                    vec![
+                        e.netns_cookie.to_string(),
+                        or_dash(&e.pod),
+                        e.opened.to_string(),
+                        closed.join(","),
+                        e.bytes_from_client.to_string(),
+                        e.bytes_to_client.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
         );
     }
     if let Some(c) = &d.counters {

@@ -182,6 +182,24 @@ pub fn ip_key(ip: IpAddr) -> Addr {
     }
 }
 
+/// The address a map holds, as std's (the inverse of [`ip_key`]).
+pub fn ip_of(a: &Addr) -> IpAddr {
+    if a.family == podsteer_common::AF_INET {
+        IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(a.ip[0])))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in a.ip.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(std::net::Ipv6Addr::from(o))
+    }
+}
+
+/// An endpoint a map or record holds (port in network order), as std's.
+pub fn socket_addr_of(a: &Addr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(ip_of(a), u16::from_be(a.port))
+}
+
 /// Removal is idempotent: a key already gone is success (hash maps say
 /// KeyNotFound, sock maps pass the kernel's ENOENT through).
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

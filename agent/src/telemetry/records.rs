@@ -1,9 +1,9 @@
 //! One closed direct connection: from its ring-buffer record to the access
 //! line the proxy would have written for it.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use podsteer_common::{ConnRecord, ConnResult};
 
-use podsteer_common::{Addr, ConnRecord, ConnResult};
+use crate::ebpf::maps::socket_addr_of;
 
 use super::PodNames;
 
@@ -14,20 +14,6 @@ pub fn decode(bytes: &[u8]) -> Option<ConnRecord> {
     // SAFETY: the size is checked and ConnRecord is plain repr(C) data; the
     // ring buffer's bytes need not be aligned, so read unaligned.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ConnRecord>()) })
-}
-
-pub fn socket_addr(a: &Addr) -> SocketAddr {
-    let port = u16::from_be(a.port);
-    let ip = if a.family == podsteer_common::AF_INET {
-        IpAddr::V4(Ipv4Addr::from(u32::from_be(a.ip[0])))
-    } else {
-        let mut o = [0u8; 16];
-        for (i, w) in a.ip.iter().enumerate() {
-            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(o))
-    };
-    SocketAddr::new(ip, port)
 }
 
 /// The proxy's access line (`podsteer_proxy::access`), field for field, with
@@ -41,8 +27,8 @@ pub fn log(r: &ConnRecord, names: &PodNames) {
         pod = %pod.label,
         direction = "outbound",
         path = "direct",
-        client = %socket_addr(&r.client),
-        original_dst = %socket_addr(&r.destination),
+        client = %socket_addr_of(&r.client),
+        original_dst = %socket_addr_of(&r.destination),
         peer_identity = "",
         identity = %pod.identity,
         policy = "",
@@ -57,14 +43,6 @@ pub fn log(r: &ConnRecord, names: &PodNames) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses_read_back_as_written() {
-        let v4 = Addr::v4(u32::from(Ipv4Addr::new(10, 244, 1, 7)).to_be(), 8080u16.to_be());
-        assert_eq!(socket_addr(&v4), "10.244.1.7:8080".parse().unwrap());
-        let v6 = Addr::v6(crate::policy::ip6_words("fd00:10:244::9".parse().unwrap()), 443u16.to_be());
-        assert_eq!(socket_addr(&v6), "[fd00:10:244::9]:443".parse().unwrap());
-    }
 
     #[test]
     fn a_record_of_the_wrong_size_is_refused() {

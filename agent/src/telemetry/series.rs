@@ -81,7 +81,8 @@ pub struct TotalsReader {
     seen: HashMap<u64, (String, PodTraffic)>,
 }
 
-fn sum(values: &[PodTraffic]) -> PodTraffic {
+/// One pod's totals over every CPU.
+pub fn sum(values: &[PodTraffic]) -> PodTraffic {
     let mut t = PodTraffic::default();
     for v in values {
         t.opened += v.opened;
