@@ -22,7 +22,7 @@ struct Scene {
     forced: Pod,
     server: Pod,
     agent: Agent,
-    node: Node,
+    _node: Node,
 }
 
 impl Scene {
@@ -37,7 +37,7 @@ impl Scene {
         agent.add_pod(&forced, &[FORCED])?.map_err(|e| anyhow::anyhow!("{e}"))?;
         let apps =
             vec![start_server(&server, None, &["echo", "[::]:8080"])?, start_server(&server, None, &["halfclose-server", "[::]:9000"])?];
-        Ok(Scene { _apps: apps, proxy, direct, forced, server, agent, node })
+        Ok(Scene { _apps: apps, proxy, direct, forced, server, agent, _node: node })
     }
 
     fn to(&self, port: u16) -> String {
@@ -212,7 +212,6 @@ fn a_destination_that_becomes_meshed_is_proxied_from_then_on() -> anyhow::Result
         (s.agent_metric("connections_closed_total", "direct", ",result=\"ok\"").ok()? == 2.0).then_some(())
     })?;
     assert_eq!(s.proxy_opened("direct")?, 1.0);
-    let _ = &s.node;
     Ok(())
 }
 
