@@ -46,6 +46,8 @@ pub struct Controller {
     policies: Option<crate::policies::PolicyFiles>,
     /// `--kubernetes`: the API's watches (the workload source and, maybe, the policies').
     api: Option<crate::apiserver::ApiSource>,
+    /// Moves when the policies change; with the mesh's own, what a sidecar polls by.
+    policy_generation: u64,
 }
 
 #[derive(Serialize)]
@@ -166,6 +168,7 @@ impl Controller {
             workloads,
             mesh,
             policies,
+            policy_generation: 0,
             api,
         };
         c.remove_stale_state();
@@ -595,11 +598,13 @@ impl Controller {
     /// Once per tick of the manager: CA files that changed, certificates due
     /// for renewal, each sent to the proxy. Failures keep what is valid.
     pub fn mesh_tick(&mut self) {
-        if self.policies.as_mut().is_some_and(|p| p.poll())
-            && let Some(link) = self.proxy.clone()
-            && let Err(e) = link.with_proxy(Duration::ZERO, |p| self.send_policies(p))
-        {
-            warn!(error = %error_chain(&e), "the proxy did not take the new policies");
+        if self.policies.as_mut().is_some_and(|p| p.poll()) {
+            self.policy_generation += 1;
+            if let Some(link) = self.proxy.clone()
+                && let Err(e) = link.with_proxy(Duration::ZERO, |p| self.send_policies(p))
+            {
+                warn!(error = %error_chain(&e), "the proxy did not take the new policies");
+            }
         }
         let Some(mesh) = &mut self.mesh else { return };
         let reloaded = match mesh.reload() {
@@ -747,6 +752,41 @@ impl Controller {
                 warn!(error = %error_chain(&e), "drain");
             }
         }
+    }
+
+    /// A sidecar's part of the mesh: what the shared proxy is told for its
+    /// pods (the certificate, the view, the policies), asked for by the
+    /// sidecar itself, which polls with the generation it holds. Only for a
+    /// pod the sidecar serves: a shared-mode pod's key stays with the proxy.
+    pub fn sidecar_mesh(&mut self, uid: &str, seen: Option<u64>) -> Response {
+        use podsteer_proto::control::{SidecarMaterial, SidecarMesh, SidecarPolicies};
+        let plaintext = |why: &str| Response::ok(SidecarMesh::Plaintext { why: why.into() });
+        let Some(rec) = self.registry.get(uid) else {
+            return Response::err(ErrorKind::NotFound, format!("pod {uid} is not registered"));
+        };
+        let Some(mesh) = &mut self.mesh else { return plaintext("the node has no CA (--ca-dir): no HBONE") };
+        if rec.policy.proxy_mode != ProxyMode::Sidecar {
+            return Response::err(ErrorKind::Forbidden, format!("pod {uid} is served by the shared proxy, which holds its certificate"));
+        }
+        let (Some(identity), namespace, name, labels) = (rec.identity.clone(), rec.namespace.clone(), rec.name.clone(), rec.labels.clone())
+        else {
+            return plaintext("the workload source gave the pod no identity");
+        };
+        let cert = match mesh.cert_for(uid, &identity) {
+            Ok(c) => c,
+            Err(e) => return Response::err(ErrorKind::Internal, error_chain(&e)),
+        };
+        let generation = mesh.generation() + self.policy_generation;
+        if seen == Some(generation) {
+            return Response::ok(SidecarMesh::Unchanged { generation });
+        }
+        let policies = self.policies.as_ref().map(|p| SidecarPolicies {
+            root_namespace: p.root_namespace.clone(),
+            closed: p.text().is_none(),
+            text: p.text().unwrap_or_default().into(),
+        });
+        let material = SidecarMaterial { cert, view: mesh.view(), namespace, name, labels, policies };
+        Response::ok(SidecarMesh::Meshed { generation, material: Box::new(material) })
     }
 
     pub fn register_listener(&mut self, uid: &str, family: u16, fd: Option<BorrowedFd<'_>>) -> Response {

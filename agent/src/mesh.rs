@@ -45,6 +45,9 @@ pub struct Mesh {
     stamp: Vec<Option<SystemTime>>,
     certs: HashMap<String, Held>,
     peers: Vec<MeshPeer>,
+    /// Moves whenever a certificate, the bundle or the peers change: a
+    /// sidecar that asks with the one it has is told only that.
+    generation: u64,
 }
 
 /// Retries of a failed renewal start here and double to the cap.
@@ -63,6 +66,7 @@ impl Mesh {
             stamp: stamps(dir),
             certs: HashMap::new(),
             peers: Vec::new(),
+            generation: 0,
         })
     }
 
@@ -74,6 +78,7 @@ impl Mesh {
         let id = SpiffeId::parse(identity)?;
         let leaf = self.issuer.issue(&id, SystemTime::now()).map_err(|e| MeshError::Issue(Box::new(e)))?;
         issued("new");
+        self.generation += 1;
         let held = held(id, &leaf);
         let cert = held.cert.clone();
         self.certs.insert(uid.into(), held);
@@ -84,6 +89,11 @@ impl Mesh {
         self.certs.remove(uid);
     }
 
+    /// See the field.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn view(&self) -> MeshView {
         MeshView { trust_domain: self.trust_domain.clone(), bundle: self.bundle.clone(), peers: self.peers.clone() }
     }
@@ -92,6 +102,7 @@ impl Mesh {
     pub fn set_peers(&mut self, peers: Vec<MeshPeer>) -> bool {
         let changed = peers != self.peers;
         self.peers = peers;
+        self.generation += u64::from(changed);
         changed
     }
 
@@ -107,6 +118,7 @@ impl Mesh {
                     h.backoff = backoff;
                     h.backoff.succeeded();
                     issued("renewal");
+                    self.generation += 1;
                     out.push((uid.clone(), h.cert.clone()));
                 }
                 Err(e) => {
@@ -132,6 +144,7 @@ impl Mesh {
         let (issuer, bundle) = read_ca(&self.dir, &self.trust_domain, self.lifetime)?;
         self.issuer = issuer;
         self.bundle = bundle;
+        self.generation += 1;
         for h in self.certs.values_mut() {
             h.renew_at = h.not_before;
         }
@@ -220,7 +233,7 @@ fn held(id: SpiffeId, leaf: &Leaf) -> Held {
 
 /// Which of the source's pods are mesh peers, as the proxy needs them: a
 /// pod with addresses, not on the host's network, meshed by the same rule
-/// as this node's own pods, and served by a shared proxy (a sidecar takes no HBONE).
+/// as this node's own pods (shared proxy or sidecar: both take HBONE).
 pub fn peers(pods: &[crate::workloads::Workload], cfg: &crate::config::AgentConfig) -> Vec<MeshPeer> {
     let saved = Saved::of(cfg);
     let mut out: Vec<MeshPeer> = pods
@@ -269,8 +282,6 @@ impl Saved {
 
     /// Whether the source lists `w` as a mesh peer (see [`peers`]).
     pub fn is_peer(&self, w: &crate::workloads::Workload) -> bool {
-        !w.host_network
-            && crate::policy::skip_reason(&self.exclude_namespaces, self.injection, &w.namespace, &w.annotations).is_none()
-            && w.annotations.get(podsteer_proto::annotations::PROXY_MODE).is_none_or(|m| m != "sidecar")
+        !w.host_network && crate::policy::skip_reason(&self.exclude_namespaces, self.injection, &w.namespace, &w.annotations).is_none()
     }
 }

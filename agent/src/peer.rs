@@ -9,7 +9,7 @@
 //! | caller | may send |
 //! | --- | --- |
 //! | node: root in the agent's netns (or one named by `--node-netns`): the CNI plugin, the CLI | everything |
-//! | a registered pod's netns (a sidecar, or anything else in that pod) | `RegisterListener` for its own pod only |
+//! | a registered pod's netns (a sidecar, or anything else in that pod) | `RegisterListener` and `SidecarMesh` for its own pod only |
 //! | root in any other netns (an unmeshed pod that mounts the socket, a pod mid-ADD) | nothing |
 //! | anyone else (not root) | nothing |
 
@@ -121,7 +121,16 @@ pub fn authorize(caller: &Caller, req: &Request) -> Result<(), String> {
         (Caller::Pod(own), Request::RegisterListener { uid, .. }) => {
             Err(format!("a process in pod {own} may register listeners only for its own pod, not {uid}"))
         }
-        (Caller::Pod(own), other) => Err(format!("a process in pod {own} may only register its own listeners, not send {}", other.name())),
+        // Its own pod's certificate and the mesh: what its sidecar needs for
+        // HBONE (the controller gives it only to a sidecar-mode pod).
+        (Caller::Pod(own), Request::SidecarMesh { uid, .. }) if uid == own => Ok(()),
+        (Caller::Pod(own), Request::SidecarMesh { uid, .. }) => {
+            Err(format!("a process in pod {own} may ask only for its own pod's mesh material, not {uid}'s"))
+        }
+        (Caller::Pod(own), other) => Err(format!(
+            "a process in pod {own} may only register its own listeners and read its own mesh material, not send {}",
+            other.name()
+        )),
         (Caller::Unprivileged { uid }, _) => Err(format!("uid {uid} is not root")),
         (Caller::Elsewhere { pid }, _) => Err(format!("pid {pid} is in neither the node's network namespace nor a registered pod's")),
     }
@@ -135,9 +144,12 @@ mod tests {
     fn a_pod_may_only_register_its_own_listeners() {
         let pod = Caller::Pod("uid-a".into());
         let reg = |uid: &str| Request::RegisterListener { uid: uid.into(), family: 2 };
+        let mesh = |uid: &str| Request::SidecarMesh { uid: uid.into(), seen: None };
         assert!(authorize(&pod, &reg("uid-a")).is_ok());
+        assert!(authorize(&pod, &mesh("uid-a")).is_ok());
         let cases = [
             ("another pod's listener", reg("uid-b")),
+            ("another pod's certificate", mesh("uid-b")),
             ("gc", Request::Gc { keep: vec![] }),
             ("del", Request::Del { uid: "uid-b".into() }),
             ("del of itself", Request::Del { uid: "uid-a".into() }),

@@ -114,10 +114,15 @@ impl PolicyFiles {
     /// The message for the proxy: the text in a sealed memfd, or "closed"
     /// when there has never been a good bundle.
     pub fn message(&self) -> std::io::Result<(bool, Option<OwnedFd>)> {
-        match &self.good {
+        match self.text() {
             None => Ok((true, None)),
-            Some((text, _)) => Ok((false, Some(podsteer_proto::control::sealed_memfd("podsteer-policies", text.as_bytes())?))),
+            Some(text) => Ok((false, Some(podsteer_proto::control::sealed_memfd("podsteer-policies", text.as_bytes())?))),
         }
+    }
+
+    /// The last good text; none when there has never been one (closed).
+    pub fn text(&self) -> Option<&str> {
+        self.good.as_ref().map(|(t, _)| t.as_str())
     }
 }
 

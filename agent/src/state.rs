@@ -345,6 +345,7 @@ impl Manager {
             Request::Pods => Response::ok(c.pods()),
             Request::RegisterListener { uid, family } => c.register_listener(&uid, family, fd),
             Request::Gc { keep } => c.gc(&keep),
+            Request::SidecarMesh { uid, seen } => c.sidecar_mesh(&uid, seen),
         }
     }
 

@@ -93,11 +93,8 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
                 wire::send(conn.as_fd(), &reply, &[])?;
             }
             ToProxy::Renew { uid, cert } => {
-                let reply = match state.with_pods(|p| p.renew(&uid, &cert)) {
-                    Ok(()) => {
-                        info!(%uid, identity = %cert.identity, not_after = cert.not_after, "certificate renewed");
-                        FromProxy::Ack { uid, listeners: vec![] }
-                    }
+                let reply = match crate::updates::take_cert(state, &uid, &cert) {
+                    Ok(()) => FromProxy::Ack { uid, listeners: vec![] },
                     Err(error) => FromProxy::Nack { uid, error },
                 };
                 wire::send(conn.as_fd(), &reply, &[])?;
@@ -109,17 +106,9 @@ fn session(conn: &OwnedFd, state: &State) -> Result<(), WireError> {
                     None if closed => Ok(String::new()),
                     None => Err("Policies carries no memfd".into()),
                 };
-                let reply = match text.and_then(|t| state.with_pods(|p| p.hbone().policies.set(&root_namespace, closed, &t))) {
-                    Ok((authz, peer)) => {
-                        let live_closed = state.with_pods(|p| p.recheck());
-                        state.metrics.policy_updates.inc();
-                        info!(authorization = authz, peer_authentication = peer, closed, live_closed, "policies");
-                        FromProxy::Ack { uid: String::new(), listeners: vec![] }
-                    }
-                    Err(error) => {
-                        warn!(%error, "policies refused; the last ones stay");
-                        FromProxy::Nack { uid: String::new(), error }
-                    }
+                let reply = match text.and_then(|t| crate::updates::take_policies(state, &root_namespace, closed, &t)) {
+                    Ok(()) => FromProxy::Ack { uid: String::new(), listeners: vec![] },
+                    Err(error) => FromProxy::Nack { uid: String::new(), error },
                 };
                 wire::send(conn.as_fd(), &reply, &[])?;
             }
@@ -156,17 +145,9 @@ fn add_pod(state: &State, spec: wire::PodSpec, netns: OwnedFd, kept: Vec<OwnedFd
 /// Takes a mesh view (or says why it cannot); answered under the empty uid:
 /// the view is the node's, not a pod's. A refused view leaves the last one.
 fn take_view(state: &State, view: Result<wire::MeshView, String>) -> FromProxy {
-    match view.and_then(|v| state.with_pods(|p| p.hbone().mesh.set(&v)).map(|peers| (peers, v))) {
-        Ok((peers, view)) => {
-            state.metrics.mesh_peers.set(peers as i64);
-            state.metrics.trust_roots.set(view.bundle.len() as i64);
-            info!(peers, trust_domain = %view.trust_domain, roots = view.bundle.len(), "mesh view");
-            FromProxy::Ack { uid: String::new(), listeners: vec![] }
-        }
-        Err(error) => {
-            warn!(%error, "mesh view refused; the last one stays");
-            FromProxy::Nack { uid: String::new(), error }
-        }
+    match view.and_then(|v| crate::updates::take_view(state, &v)) {
+        Ok(_) => FromProxy::Ack { uid: String::new(), listeners: vec![] },
+        Err(error) => FromProxy::Nack { uid: String::new(), error },
     }
 }
 

@@ -17,6 +17,8 @@ pub mod metrics;
 pub mod pods;
 pub mod privileges;
 pub mod relay;
+pub mod sidecar_mesh;
 pub mod socket;
 pub mod splice;
 pub mod state;
+pub mod updates;

@@ -67,7 +67,10 @@ impl Mesh {
         for (i, node) in self.cluster.nodes.iter().enumerate() {
             let (w, c) = (workloads[i].display().to_string(), ca[i].map(|c| c.display().to_string()));
             // The mesh runs the product's default: unmeshed destinations go direct.
-            let mut args = vec!["--workload-dir", &w, "--workload-wait-ms", "5000", "--unmeshed-outbound", "direct"];
+            // Every node serves a sidecar socket too, for [`Mesh::sidecar_pod`].
+            let sidecars = sidecar_socket(node).display().to_string();
+            let mut args =
+                vec!["--workload-dir", &w, "--workload-wait-ms", "5000", "--unmeshed-outbound", "direct", "--sidecar-socket", &sidecars];
             if let Some(c) = &c {
                 args.extend(["--ca-dir", c.as_str()]);
             }
@@ -141,6 +144,27 @@ impl Mesh {
         Ok(pod)
     }
 
+    /// A meshed pod on node `node` served by its own sidecar (as the
+    /// injector makes one: proxy UID 1337, the node's sidecar socket), which
+    /// gets the pod's identity from the agent. The sidecar's admin endpoint
+    /// is on 127.0.0.1:15021 in the pod.
+    pub fn sidecar_pod(&self, node: usize, name: &str, service_account: &str, labels: &[(&str, &str)]) -> anyhow::Result<(Pod, Proxy)> {
+        let n = &self.cluster.nodes[node];
+        let pod = n.add_pod(PodSpec::new("production", name))?;
+        for dir in &self.workloads {
+            write_manifest_labelled(dir, &pod, service_account, labels)?;
+        }
+        self.agents[node].add_pod(&pod, &[("podsteer.io/proxy-mode", "sidecar")])?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let socket = sidecar_socket(n).display().to_string();
+        let sidecar = Proxy::start_sidecar(n, &pod, 15021, &["--agent-socket", &socket, "--pod-uid", pod.uid()])?;
+        Ok((pod, sidecar))
+    }
+
+    /// Node `node`'s sidecar socket.
+    pub fn sidecar_socket(&self, node: usize) -> PathBuf {
+        sidecar_socket(&self.cluster.nodes[node])
+    }
+
     /// Until every proxy's mesh view holds `n` pod addresses.
     pub fn wait_peers(&self, n: usize) -> anyhow::Result<()> {
         for (i, p) in self.proxies.iter().enumerate() {
@@ -192,6 +216,10 @@ impl Mesh {
     pub fn proxy_log(&self, node: usize) -> String {
         std::fs::read_to_string(&self.proxies[node].log).unwrap_or_default()
     }
+}
+
+fn sidecar_socket(node: &crate::Node) -> PathBuf {
+    node.state_dir().join("sidecar").join("agent.sock")
 }
 
 /// The name node `i` has in [`Mesh::start_api`]'s cluster.

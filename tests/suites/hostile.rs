@@ -233,9 +233,9 @@ fn an_add_claiming_addresses_its_netns_lacks_is_refused() -> anyhow::Result<()> 
 /// The sidecar socket (`--sidecar-socket`) is world-connectable so that
 /// injected sidecars, which run as the proxy UID from their start, can reach
 /// it. Being able to connect must buy nothing else: it answers only the proxy
-/// UID (or root) in a registered pod, only RegisterListener, only for that
-/// pod; the node itself is refused there (it has the agent socket), and the
-/// agent socket stays root's.
+/// UID (or root) in a registered pod, only RegisterListener and SidecarMesh,
+/// only for that pod; the node itself is refused there (it has the agent
+/// socket), and the agent socket stays root's.
 #[test]
 fn the_sidecar_socket_answers_only_a_pods_own_proxy_uid() -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
@@ -270,6 +270,7 @@ fn the_sidecar_socket_answers_only_a_pods_own_proxy_uid() -> anyhow::Result<()> 
             Request::RegisterListener { uid: b.uid().into(), family: 2 },
             Some("listen4"),
         ),
+        ("the proxy UID asking for another pod's certificate", &a, 1337, Request::SidecarMesh { uid: b.uid().into(), seen: None }, None),
         ("the proxy UID unmeshing the node", &a, 1337, Request::Gc { keep: vec![] }, None),
         ("the proxy UID removing its own pod", &a, 1337, Request::Del { uid: a.uid().into() }, None),
         ("the proxy UID listing pods", &a, 1337, Request::Pods, None),

@@ -53,6 +53,15 @@ pub enum Request {
     Gc {
         keep: Vec<String>,
     },
+    /// A sidecar's part of the mesh (answered with a
+    /// [`crate::control::SidecarMesh`]): its own pod's certificate, the
+    /// mesh view and the node's policies; only a generation when nothing
+    /// changed since `seen`.
+    SidecarMesh {
+        uid: String,
+        #[serde(default)]
+        seen: Option<u64>,
+    },
 }
 
 impl Request {
@@ -66,6 +75,7 @@ impl Request {
             Request::Pods => "pods",
             Request::RegisterListener { .. } => "register_listener",
             Request::Gc { .. } => "gc",
+            Request::SidecarMesh { .. } => "sidecar_mesh",
         }
     }
 }

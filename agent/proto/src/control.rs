@@ -57,7 +57,8 @@ pub struct MeshPeer {
 }
 
 /// A pod's own certificate: the chain (leaf first) and its PKCS#8 key, base64
-/// DER. Only ever sent over the agent's root-only control socket.
+/// DER. Only ever sent over the agent's root-only control socket, and to a
+/// sidecar for its own pod over the sidecar socket (see [`SidecarMesh`]).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadCert {
     pub identity: String,
@@ -71,6 +72,46 @@ impl std::fmt::Debug for WorkloadCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkloadCert").field("identity", &self.identity).field("not_after", &self.not_after).finish_non_exhaustive()
     }
+}
+
+/// What the agent tells a sidecar of the mesh, over the sidecar socket (the
+/// shared proxy hears the same over its control socket, in several messages).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum SidecarMesh {
+    /// No HBONE for this pod: the sidecar relays plaintext, as without a CA.
+    Plaintext {
+        why: String,
+    },
+    /// Nothing changed since the generation the sidecar asked with.
+    Unchanged {
+        generation: u64,
+    },
+    Meshed {
+        generation: u64,
+        material: Box<SidecarMaterial>,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SidecarMaterial {
+    /// The pod's own certificate and key.
+    pub cert: WorkloadCert,
+    pub view: MeshView,
+    /// Who the pod is to the policies and the metrics: its names and labels, from the workload source.
+    pub namespace: String,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The node's policies; none when the agent has no policy source.
+    pub policies: Option<SidecarPolicies>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SidecarPolicies {
+    pub root_namespace: String,
+    /// No good set since the agent started: refuse inbound (see `ToProxy::Policies`).
+    pub closed: bool,
+    pub text: String,
 }
 
 /// The port each meshed pod's proxy takes HBONE on, as in ztunnel.

@@ -10,7 +10,7 @@ use podsteer_proxy::inpod::netns::PodNetns;
 use podsteer_proxy::metrics::Metrics;
 use podsteer_proxy::pods::{PodRequest, Pods};
 use podsteer_proxy::state::State;
-use podsteer_proxy::{admin, control};
+use podsteer_proxy::{admin, control, sidecar_mesh};
 use tracing::info;
 
 fn main() -> anyhow::Result<()> {
@@ -21,13 +21,13 @@ fn main() -> anyhow::Result<()> {
     // A sidecar drops to its UID first, while it is the only thread: the
     // capabilities it keeps (see `privileges`) are then every thread's. Its
     // registrations with the agent go on streams it connected as root, one
-    // per inbound listener.
+    // per inbound listener, and so does its first ask for its mesh identity.
     let mut agent_streams = Vec::new();
     if cfg.sidecar
         && let Some(uid) = cfg.run_as_uid
     {
         if let (Some(sock), Some(_)) = (&cfg.agent_socket, &cfg.pod_uid) {
-            for _ in 0..2 {
+            for _ in 0..3 {
                 agent_streams.push(podsteer_proto::api::connect(sock).context("connecting to the agent socket")?);
             }
         }
@@ -52,22 +52,37 @@ fn main() -> anyhow::Result<()> {
     info!(%admin, "admin endpoint");
 
     if cfg.sidecar {
+        // Meshed: the pod's certificate, the view and the policies come
+        // before any listener opens. Without an agent socket: plaintext.
+        let meshed = match (&cfg.agent_socket, &cfg.pod_uid) {
+            (Some(sock), Some(uid)) => {
+                let stream = match agent_streams.pop() {
+                    Some(s) => s,
+                    None => podsteer_proto::api::connect(sock)?,
+                };
+                sidecar_mesh::first(stream, sock.clone(), uid, &state).context("asking the agent for the pod's mesh identity")?
+            }
+            _ => None,
+        };
+        // A meshed sidecar's metrics and logs name its pod, as the shared proxy's do.
+        let (label, tls, namespace, labels, feed) = match meshed {
+            Some(m) => (format!("{}/{}", m.namespace, m.name), Some(m.tls), m.namespace, m.labels, Some(m.feed)),
+            None => ("self".into(), None, String::new(), Default::default(), None),
+        };
         // With an agent socket this is eBPF mode, where sk_msg may feed the
         // pod's sockets: no splice(2) until the agent says it does not.
         let req = PodRequest {
             uid: "self".into(),
-            label: "self".into(),
+            label,
             outbound_port: cfg.outbound_port,
             inbound_port: cfg.inbound_port,
             splice_allowed: cfg.agent_socket.is_none(),
             // Decided below, once the sidecar's privileges are settled.
             keep_client_address: false,
             kept: Vec::new(),
-            // A sidecar is not given an identity or policies yet: HBONE and
-            // authorization are the shared proxy's.
-            tls: None,
-            namespace: String::new(),
-            labels: Default::default(),
+            tls,
+            namespace,
+            labels,
         };
         let listeners = state.with_pods(|p| p.add(req, PodNetns::Current)).context("opening sidecar listeners")?;
         if let (Some(sock), Some(uid)) = (&cfg.agent_socket, &cfg.pod_uid) {
@@ -90,6 +105,10 @@ fn main() -> anyhow::Result<()> {
         // and the agent gave the pod the way back.
         let keep = podsteer_proxy::socket::return_path_ready();
         state.with_pods(|p| p.keep_client_address("self", keep));
+        if let Some(feed) = feed {
+            let st = state.clone();
+            std::thread::Builder::new().name("mesh-feed".into()).spawn(move || sidecar_mesh::poll(feed, st))?;
+        }
         state.serving.store(true, std::sync::atomic::Ordering::Relaxed);
         info!(keep_client_address = keep, "sidecar listeners open");
     }
