@@ -148,8 +148,48 @@ pub fn enter_pod(netns: BorrowedFd<'_>) -> Result<PodNetnsInfo, SysError> {
                     .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
             })
             .collect();
+        loopback_up()?;
         Ok(PodNetnsInfo { cookie: cookie_here()?, addresses })
     })?
+}
+
+/// Sets the pod's `lo` up, as the runtime's loopback plugin does. containerd
+/// attaches a pod's networks (loopback among them) concurrently, so this
+/// chain can run while `lo` is still down, and with it 127.0.0.1 and ::1,
+/// where the proxy's outbound listeners go. Idempotent: the plugin, coming
+/// later, finds it up.
+fn loopback_up() -> Result<(), SysError> {
+    let sock = unbound_socket()?;
+    // SAFETY: an all-zero ifreq is valid; the name is "lo" and NUL-terminated.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write the ifreq given.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } != 0 {
+        return Err(syscall("ioctl(SIOCGIFFLAGS, lo)"));
+    }
+    // SAFETY: the flags member is the one SIOCGIFFLAGS filled in.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(());
+    }
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const req) } != 0 {
+        return Err(syscall("ioctl(SIOCSIFFLAGS, lo up)"));
+    }
+    tracing::info!("the pod's lo was down (its loopback attachment had not run yet): set it up");
+    Ok(())
+}
+
+/// A socket made in the current netns and bound to nothing: it needs no
+/// address, so it works before `lo` is up.
+fn unbound_socket() -> Result<OwnedFd, SysError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .or_else(|_| socket(AddressFamily::Inet6, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None))
+        .map_err(|e| SysError::Syscall { call: "socket", source: e.into() })
 }
 
 fn sockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> Result<i32, String> {
@@ -193,10 +233,8 @@ fn socket_netns_cookie(fd: BorrowedFd<'_>) -> Result<u64, SysError> {
 }
 
 fn cookie_here() -> Result<u64, SysError> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"));
-    let sock = sock.map_err(|source| SysError::Syscall { call: "socket", source })?;
     use std::os::fd::AsFd as _;
-    socket_netns_cookie(sock.as_fd())
+    socket_netns_cookie(unbound_socket()?.as_fd())
 }
 
 /// Attach types from the kernel's uapi (stable ABI).

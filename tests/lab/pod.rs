@@ -21,11 +21,21 @@ pub struct PodSpec {
     pub name: String,
     pub namespace: String,
     pub annotations: BTreeMap<String, String>,
+    /// Whether the loopback plugin brings `lo` up before the pod's chain runs.
+    /// containerd attaches a pod's networks concurrently, so the chain may
+    /// run with `lo` still down: [`PodSpec::without_loopback`] is that case.
+    pub loopback: bool,
 }
 
 impl PodSpec {
     pub fn new(namespace: &str, name: &str) -> Self {
-        PodSpec { name: name.into(), namespace: namespace.into(), annotations: BTreeMap::new() }
+        PodSpec { name: name.into(), namespace: namespace.into(), annotations: BTreeMap::new(), loopback: true }
+    }
+
+    /// `lo` left down, as the chain can find it under containerd.
+    pub fn without_loopback(mut self) -> Self {
+        self.loopback = false;
+        self
     }
 
     pub fn annotate(mut self, key: &str, value: &str) -> Self {
@@ -53,7 +63,8 @@ impl Pod {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), n);
         let container_id = format!("{:016x}{:048x}", std::process::id(), n);
-        let netns = NetNs::create(&node.id.netns_name(&spec.name))?;
+        let name = node.id.netns_name(&spec.name);
+        let netns = if spec.loopback { NetNs::create(&name)? } else { NetNs::create_with_loopback_down(&name)? };
         let cgroup = CgroupDir::create(node.pods_cgroup.path().join(format!("pod{uid}")))?;
 
         let mut runtime_config = Map::new();
@@ -73,7 +84,9 @@ impl Pod {
             runtime_config,
         };
         let lo = Attachment { ifname: "lo".into(), ..attachment.clone() };
-        node.loopback.add(&lo)?;
+        if spec.loopback {
+            node.loopback.add(&lo)?;
+        }
         let result = match node.runtime.add(&attachment) {
             Ok(r) => r,
             Err(e) => {

@@ -56,6 +56,32 @@ impl Mesh {
     }
 }
 
+/// containerd attaches a pod's networks concurrently, so the chain can run
+/// while the pod's `lo` is still down (seen in CI: "socket: Cannot assign
+/// requested address" from the agent, and 127.0.0.1, where the proxy's
+/// outbound listeners go, not there yet). The ADD sets `lo` up and the pod
+/// is proxied from its first connection.
+fn a_pod_whose_loopback_is_not_up_yet_is_enrolled_and_proxied(mode: &str) -> anyhow::Result<()> {
+    let node = Node::new(NodeOptions::default())?;
+    let agent = Agent::start_with_proxy(&node, mode, &[])?;
+    let proxy = Proxy::start_shared(&node, agent.proxy_socket.as_deref().expect("proxy socket"), 15020, &[])?;
+    let server = node.add_pod(PodSpec::new("default", "server"))?;
+    let _app = start_server(&server, None, &["echo", "[::]:8080"])?;
+    let early = node.add_pod(PodSpec::new("default", "early").without_loopback())?;
+    let lo =
+        || -> anyhow::Result<String> { Ok(String::from_utf8(early.command("ip")?.args(["-o", "link", "show", "lo"]).output()?.stdout)?) };
+    assert!(!lo()?.contains(",UP"), "the lab left lo down: {}", lo()?);
+    let rec = agent.add_pod(&early, &[])?.map_err(|e| anyhow::anyhow!("{mode}: {e}"))?;
+    assert_eq!(rec["proxy_ready"], true, "{mode}: {rec}");
+    assert!(lo()?.contains(",UP"), "{mode}: the ADD set lo up: {}", lo()?);
+    let out = run_client(&early, &["request", &addr(server.ipv4().expect("v4"), 8080), "1000"])?;
+    assert!(out.starts_with("ok 1000"), "{mode}: {out}");
+    let opened = proxy.metric("podsteer_proxy_connections_opened_total{pod=\"default/early\",direction=\"outbound\"}")?;
+    assert_eq!(opened, 1.0, "{mode}: through the proxy");
+    Ok(())
+}
+both_modes!(a_pod_whose_loopback_is_not_up_yet_is_enrolled_and_proxied);
+
 fn relays_every_byte_through_outbound_and_inbound(mode: &str) -> anyhow::Result<()> {
     relays_every_byte(mode, &[])
 }

@@ -20,7 +20,15 @@ pub struct NetNs {
 }
 
 impl NetNs {
+    /// A new netns with `lo` up.
     pub fn create(name: &str) -> anyhow::Result<Self> {
+        let ns = NetNs::create_with_loopback_down(name)?;
+        ns.run(set_loopback_up)??;
+        Ok(ns)
+    }
+
+    /// A new netns as the kernel makes it: `lo` down.
+    pub fn create_with_loopback_down(name: &str) -> anyhow::Result<Self> {
         fs::create_dir_all(NETNS_DIR).context("creating /run/netns")?;
         let path = Path::new(NETNS_DIR).join(name);
         File::options()
@@ -43,9 +51,7 @@ impl NetNs {
             return Err(e);
         }
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let ns = NetNs { name: name.to_owned(), path, file };
-        ns.run(set_loopback_up)??;
-        Ok(ns)
+        Ok(NetNs { name: name.to_owned(), path, file })
     }
 
     pub fn name(&self) -> &str {
