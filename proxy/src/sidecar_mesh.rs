@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use podsteer_proto::api::{ErrorKind, Request, call_on, connect};
-use podsteer_proto::control::{SidecarMaterial, SidecarMesh, WorkloadCert};
+use podsteer_proto::control::{MeshView, SidecarMaterial, SidecarMesh, SidecarPolicies, WorkloadCert};
 use tracing::{info, warn};
 
 use crate::hbone::mesh::PodTls;
@@ -41,7 +41,34 @@ pub struct Feed {
     socket: PathBuf,
     uid: String,
     generation: u64,
+    /// What was last taken: an answer that moved only one part (another
+    /// pod's renewal moves the node's generation too) re-applies nothing else,
+    /// so live connections are not re-judged for an unchanged policy set.
     cert: WorkloadCert,
+    view: Option<MeshView>,
+    policies: Option<SidecarPolicies>,
+}
+
+impl Feed {
+    /// Takes the parts of `m` that differ from what is held; each is
+    /// refused whole if bad (see [`crate::updates`]).
+    fn take(&mut self, state: &State, m: &SidecarMaterial) -> Result<(), String> {
+        if self.view.as_ref() != Some(&m.view) {
+            crate::updates::take_view(state, &m.view)?;
+            self.view = Some(m.view.clone());
+        }
+        if self.policies != m.policies {
+            if let Some(p) = &m.policies {
+                crate::updates::take_policies(state, &p.root_namespace, p.closed, &p.text)?;
+            }
+            self.policies = m.policies.clone();
+        }
+        if self.cert != m.cert {
+            crate::updates::take_cert(state, "self", &m.cert).map_err(|e| format!("renewed certificate refused: {e}"))?;
+            self.cert = m.cert.clone();
+        }
+        Ok(())
+    }
 }
 
 /// The first ask, on a stream connected before the sidecar dropped its
@@ -58,9 +85,10 @@ pub fn first(stream: UnixStream, socket: PathBuf, uid: &str, state: &State) -> a
         Answer::Meshed(generation, m) => (generation, m),
     };
     let tls = PodTls::new(&m.cert).map_err(|e| anyhow::anyhow!("the pod's certificate: {e}"))?;
-    take(state, &m).map_err(|e| anyhow::anyhow!(e))?;
+    // The certificate is the listeners' from the start (`tls`), not a renewal.
+    let mut feed = Feed { socket, uid: uid.into(), generation, cert: m.cert.clone(), view: None, policies: None };
+    feed.take(state, &m).map_err(|e| anyhow::anyhow!(e))?;
     info!(identity = %m.cert.identity, not_after = m.cert.not_after, "meshed: HBONE with the pod's own identity");
-    let feed = Feed { socket, uid: uid.into(), generation, cert: m.cert };
     Ok(Some(Meshed { tls, namespace: m.namespace, name: m.name, labels: m.labels, feed }))
 }
 
@@ -72,11 +100,11 @@ pub fn poll(mut feed: Feed, state: Arc<State>) {
         let answer = connect(&feed.socket).map_err(anyhow::Error::from).and_then(|s| ask(s, &feed.uid, Some(feed.generation)));
         match answer {
             Ok(Answer::Unchanged) => {}
-            Ok(Answer::Meshed(generation, m)) => {
-                if take(&state, &m).is_ok() && take_cert(&state, &mut feed, &m.cert) {
-                    feed.generation = generation;
-                }
-            }
+            // Not all taken: the generation stays, so the next poll brings it all again.
+            Ok(Answer::Meshed(generation, m)) => match feed.take(&state, &m) {
+                Ok(()) => feed.generation = generation,
+                Err(error) => warn!(%error, "the agent's update refused; what is held stays"),
+            },
             Ok(Answer::Plaintext(why)) => {
                 warn!(why, "the agent no longer gives this pod HBONE; the certificate held is used until it expires")
             }
@@ -89,32 +117,6 @@ pub fn poll(mut feed: Feed, state: Arc<State>) {
         }
         if std::mem::take(&mut unreachable) {
             info!("the agent answers again");
-        }
-    }
-}
-
-/// The view and the policies, each refused whole if bad (see [`crate::updates`]).
-fn take(state: &State, m: &SidecarMaterial) -> Result<(), String> {
-    crate::updates::take_view(state, &m.view)?;
-    if let Some(p) = &m.policies {
-        crate::updates::take_policies(state, &p.root_namespace, p.closed, &p.text)?;
-    }
-    Ok(())
-}
-
-/// A certificate that differs from the one held; whether it is held now.
-fn take_cert(state: &State, feed: &mut Feed, cert: &WorkloadCert) -> bool {
-    if *cert == feed.cert {
-        return true;
-    }
-    match crate::updates::take_cert(state, "self", cert) {
-        Ok(()) => {
-            feed.cert = cert.clone();
-            true
-        }
-        Err(error) => {
-            warn!(%error, "renewed certificate refused; the one held stays");
-            false
         }
     }
 }
