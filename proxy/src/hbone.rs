@@ -9,10 +9,12 @@
 //! - [`inbound`]: the 15008 listener in each meshed pod's netns, which checks
 //!   the peer, connects to the app and only then answers the CONNECT;
 //! - [`stream`]: the relay between a TCP connection and an HTTP/2 stream.
+//! - [`read_ahead`]: batched socket reads under TLS, for bulk tunnels.
 
 pub mod inbound;
 pub mod mesh;
 pub mod pool;
+pub mod read_ahead;
 pub mod stream;
 
 pub use podsteer_proto::control::HBONE_PORT;
@@ -77,7 +79,9 @@ pub async fn outbound(
     labels: &ConnLabels,
 ) -> (Outcome, u64, u64) {
     let key = pool::Key { pod: pod.uid.clone(), dst_id: route.peer.clone(), dst: SocketAddr::new(dst.ip(), HBONE_PORT) };
-    let tunnel = match pod.hbone.pool.open(key, dst, (&route.tls, &route.trust), pod, s, m).await {
+    // Boxed: a transient state, and the task is as large as its largest state
+    // for the connection's whole life.
+    let tunnel = match Box::pin(pod.hbone.pool.open(key, dst, (&route.tls, &route.trust), pod, s, m)).await {
         Ok(t) => t,
         Err(e) => {
             warn!(error = %podsteer_proto::error_chain(&e), %dst, peer = %route.peer, "no HBONE tunnel; connection reset");

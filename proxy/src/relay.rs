@@ -161,7 +161,10 @@ async fn serve_counted(client: TcpStream, dir: Direction, pod: &Arc<PodCtx>, s: 
                         // plaintext connection's task should not carry it.
                         Box::pin(crate::hbone::outbound(&client, d, route, pod, s, m, &labels)).await
                     }
-                    None => match connect(d, client.peer_addr().ok(), pod, s, m, dir).await {
+                    // Boxed, as each transient await of a connection's task
+                    // is: the task's size is its largest state's, kept for
+                    // the connection's whole life.
+                    None => match Box::pin(connect(d, client.peer_addr().ok(), pod, s, m, dir)).await {
                         Err(_) => {
                             reset(&client);
                             (Outcome::ConnectFailed, 0, 0)
@@ -485,7 +488,7 @@ impl Half {
     /// when either side would block.
     fn step(&mut self, from: &TcpStream, to: &TcpStream, budget: &Budget) -> Result<Option<usize>, Broke> {
         SCRATCH.with_borrow_mut(|buf| -> Result<Option<usize>, Broke> {
-            let n = match read_now(from.try_read(buf))? {
+            let n = match read_now(socket::read_draining(from, buf))? {
                 Some(n) if n > 0 => n,
                 eof_or_nothing => return Ok(eof_or_nothing),
             };

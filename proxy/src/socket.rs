@@ -90,6 +90,28 @@ pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     nix::sys::socket::recv(fd.as_raw_fd(), buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
 }
 
+/// One read from a proxied socket that, when it comes up short (the socket
+/// is drained), tells tokio so: the next wait goes to epoll instead of a read
+/// that would return EAGAIN, one syscall less per message. Tokio's own
+/// `poll_read` does the same; `try_read` does not. Readiness that arrived
+/// after the wait began is kept (tokio compares ticks), and so is a FIN.
+pub fn read_draining(tcp: &tokio::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::MsgFlags;
+    let mut short = None;
+    let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+        let n = nix::sys::socket::recv(tcp.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, short) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (read, _) => read,
+    }
+}
+
 /// How a failed connect is counted.
 pub fn connect_error_kind(e: &io::Error) -> crate::metrics::ConnectError {
     use crate::metrics::ConnectError;
@@ -98,5 +120,77 @@ pub fn connect_error_kind(e: &io::Error) -> crate::metrics::ConnectError {
         io::ErrorKind::TimedOut => ConnectError::Timeout,
         io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => ConnectError::Unreachable,
         _ => ConnectError::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    fn ready_now(tcp: &TcpStream) -> bool {
+        matches!(tcp.poll_read_ready(&mut Context::from_waker(Waker::noop())), Poll::Ready(_))
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let dialled = TcpStream::connect(l.local_addr().expect("address")).await.expect("connect");
+        (dialled, l.accept().await.expect("accept").0)
+    }
+
+    async fn readable(tcp: &TcpStream) {
+        tokio::time::timeout(Duration::from_secs(5), tcp.readable()).await.expect("readable within 5 s").expect("readable");
+    }
+
+    #[tokio::test]
+    async fn a_short_read_leaves_the_next_wait_to_epoll_and_loses_nothing() {
+        let (mut peer, tcp) = pair().await;
+        let mut buf = [0u8; 64];
+        // What try_read leaves: still "ready", so the next step is a read that returns EAGAIN.
+        peer.write_all(b"hello").await.expect("write");
+        readable(&tcp).await;
+        assert_eq!(tcp.try_read(&mut buf).expect("read"), 5);
+        assert!(ready_now(&tcp), "try_read keeps readiness after a short read");
+        assert_eq!(tcp.try_read(&mut buf).expect_err("drained").kind(), io::ErrorKind::WouldBlock);
+        // A short read through read_draining: readiness is cleared at once.
+        peer.write_all(b"world").await.expect("write");
+        readable(&tcp).await;
+        assert_eq!(read_draining(&tcp, &mut buf).expect("read"), 5);
+        assert_eq!(&buf[..5], b"world");
+        assert!(!ready_now(&tcp), "a short read clears readiness");
+        // Bytes that come later wake the next wait, and a FIN still reads as the end.
+        peer.write_all(b"again").await.expect("write");
+        readable(&tcp).await;
+        assert_eq!(read_draining(&tcp, &mut buf).expect("read"), 5);
+        peer.shutdown().await.expect("FIN");
+        readable(&tcp).await;
+        assert_eq!(read_draining(&tcp, &mut buf).expect("end of stream"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_read_keeps_readiness_for_what_is_still_queued() {
+        let (mut peer, tcp) = pair().await;
+        peer.write_all(&[7u8; 100]).await.expect("write");
+        readable(&tcp).await;
+        // Wait until all 100 bytes are queued, so the first read is full and not short.
+        let mut probe = [0u8; 100];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while peek(std::os::fd::AsFd::as_fd(&tcp), &mut probe).unwrap_or(0) < 100 {
+                tcp.readable().await.expect("readable");
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("100 bytes queued within 5 s");
+        let mut buf = [0u8; 60];
+        assert_eq!(read_draining(&tcp, &mut buf).expect("read"), 60);
+        assert!(ready_now(&tcp), "a full read may have left bytes: readiness stays");
+        assert_eq!(read_draining(&tcp, &mut buf).expect("read"), 40);
+        assert!(!ready_now(&tcp));
     }
 }

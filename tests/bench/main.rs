@@ -28,6 +28,9 @@ pub struct Opts {
     /// CNI ADDs to time, overriding the plan (for investigating the tail).
     #[arg(long)]
     pub cni_adds: Option<usize>,
+    /// Idle connections held for the memory figure, overriding the plan.
+    #[arg(long)]
+    pub idle_conns: Option<usize>,
     /// Where results.json and latency.svg go.
     #[arg(long, default_value = "bench")]
     pub out: PathBuf,
@@ -81,6 +84,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = opts.cni_adds {
         plan.cni_adds = n;
+    }
+    if let Some(n) = opts.idle_conns {
+        plan.idle_conns = n;
     }
     let mut lab = setup::Lab::new()?;
     if let Some(only) = &opts.only {

@@ -77,7 +77,12 @@ async fn serve_conn_counted(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, 
         Ok(c) => c,
         Err(e) => return warn!(error = %e, "HBONE server configuration"),
     };
-    let tls_stream = match tokio::time::timeout(s.connect_timeout, tokio_rustls::TlsAcceptor::from(config).accept(tcp)).await {
+    let tls_stream = match tokio::time::timeout(
+        s.connect_timeout,
+        tokio_rustls::TlsAcceptor::from(config).accept(super::read_ahead::ReadAhead::new(tcp)),
+    )
+    .await
+    {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             m.hbone_refused.inc();
@@ -104,6 +109,7 @@ async fn serve_conn_counted(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, 
         Err(e) => return debug!(error = %e, "HBONE HTTP/2 preface"),
     };
     debug!(%peer, "HBONE connection accepted");
+    let peer = Arc::new(peer);
     let mut stopping = pod.stopping.clone();
     let mut shutting = false;
     loop {
@@ -147,7 +153,8 @@ async fn serve_conn_counted(tcp: TcpStream, pod: Arc<PodCtx>, s: Arc<Settings>, 
 
 /// Who a stream came from: the identity its TLS connection proved, and the address.
 struct Peer {
-    id: SpiffeId,
+    /// Shared by every stream of the connection.
+    id: Arc<SpiffeId>,
     addr: SocketAddr,
     /// The pod address the tunnel reached.
     local: SocketAddr,
@@ -168,12 +175,16 @@ async fn serve_stream(
     m.opened.get_or_create(&labels).inc();
     m.active.get_or_create(&labels).inc();
     let started = Instant::now();
-    let target = target(&req, &peer, &pod);
+    let (head, body) = req.into_parts();
+    let target = target(&head, &peer, &pod);
+    // Its headers are read: freed now, not held (with the HPACK buffer their
+    // values point into) for the life of a stream that may idle for hours.
+    drop(head);
     let target_text = target.as_ref().map(|t| t.to_string()).unwrap_or_default();
     let (mut policy, mut reason) = (None, String::new());
     let judged = target.as_ref().ok().map(|t| {
         let c = podsteer_authz::eval::Conn {
-            source: Some(peer.id.clone()),
+            source: Some(SpiffeId::clone(&peer.id)),
             source_ip: peer.addr.ip().to_canonical(),
             dest_ip: t.ip().to_canonical(),
             dest_port: t.port(),
@@ -193,7 +204,9 @@ async fn serve_stream(
             (policy, reason) = (denial.policy, denial.reason);
             (Outcome::PolicyDenied, 0, 0)
         }
-        (Ok(t), judged) => match crate::relay::connect(t, Some(peer.addr), &pod, &s, &m, dir).await {
+        // Boxed: a transient state, and the task is as large as its largest
+        // state for the stream's whole life.
+        (Ok(t), judged) => match Box::pin(crate::relay::connect(t, Some(peer.addr), &pod, &s, &m, dir)).await {
             Err(e) => {
                 debug!(error = %e, target = %t, "app unreachable");
                 answer(respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -205,7 +218,7 @@ async fn serve_stream(
                     None => (Outcome::ClientDisconnected, 0, 0),
                     Some(send) => {
                         let state = pod.conns.open_checked(dir, judged.map(|(c, _)| c));
-                        let (o, app_to_client, client_to_app) = super::stream::relay(&app, send, req.into_body(), false, &state).await;
+                        let (o, app_to_client, client_to_app) = super::stream::relay(&app, send, body, false, &state).await;
                         m.bytes_from_client.get_or_create(&labels).inc_by(client_to_app);
                         m.bytes_to_client.get_or_create(&labels).inc_by(app_to_client);
                         (o, client_to_app, app_to_client)
@@ -232,12 +245,12 @@ async fn serve_stream(
 }
 
 /// The app address a CONNECT asks for, if it is one this tunnel may reach.
-fn target(req: &Request<RecvStream>, peer: &Peer, pod: &PodCtx) -> Result<SocketAddr, (StatusCode, &'static str)> {
-    if req.method() != Method::CONNECT {
+fn target(req: &http::request::Parts, peer: &Peer, pod: &PodCtx) -> Result<SocketAddr, (StatusCode, &'static str)> {
+    if req.method != Method::CONNECT {
         return Err((StatusCode::METHOD_NOT_ALLOWED, "not a CONNECT"));
     }
     let t: SocketAddr =
-        req.uri().authority().and_then(|a| a.as_str().parse().ok()).ok_or((StatusCode::BAD_REQUEST, ":authority is not an IP:port"))?;
+        req.uri.authority().and_then(|a| a.as_str().parse().ok()).ok_or((StatusCode::BAD_REQUEST, ":authority is not an IP:port"))?;
     if t.ip().to_canonical() != peer.local.ip().to_canonical() {
         return Err((StatusCode::BAD_REQUEST, "the target is not the address this tunnel reached"));
     }

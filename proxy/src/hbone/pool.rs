@@ -165,7 +165,7 @@ impl Pool {
         let config =
             trust.client_config(tls.cert.clone(), key.dst_id.clone()).map_err(|e| TunnelError::Tls(dst, std::io::Error::other(e)))?;
         let name = rustls_pki_types::ServerName::IpAddress(dst.ip().into());
-        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+        let handshake = tokio_rustls::TlsConnector::from(config).connect(name, super::read_ahead::ReadAhead::new(tcp));
         let tls_stream = match tokio::time::timeout(s.connect_timeout, handshake).await {
             Ok(r) => r.map_err(|e| TunnelError::Tls(dst, e))?,
             Err(_) => return Err(TunnelError::Tls(dst, std::io::ErrorKind::TimedOut.into())),
